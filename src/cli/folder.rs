@@ -1,0 +1,135 @@
+//! `ferry folder add|list|remove`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde_json::json;
+
+use super::output;
+use crate::folder::{self, FolderError, FolderId, FolderType, NewFolder};
+use crate::home::Home;
+use crate::index::Folder;
+
+/// `ferry folder …`
+#[derive(Debug, Subcommand)]
+pub enum FolderCommand {
+    /// Start syncing a directory.
+    Add {
+        /// The directory.
+        path: PathBuf,
+        /// The folder id shared with peers (default: random).
+        #[arg(long)]
+        id: Option<String>,
+        /// A human name (default: the directory name).
+        #[arg(long)]
+        label: Option<String>,
+        /// send-receive, send-only or receive-only.
+        #[arg(long = "type", default_value = "send-receive", value_parser = parse_type)]
+        folder_type: FolderType,
+    },
+    /// List folders.
+    List {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop syncing a folder and forget its index; never touches its files.
+    Remove {
+        /// The folder id.
+        id: String,
+    },
+}
+
+fn parse_type(s: &str) -> Result<FolderType, String> {
+    s.parse().map_err(|e: FolderError| e.to_string())
+}
+
+/// The health of a folder as shown by `folder list` and `status`.
+pub(super) fn state(f: &Folder) -> (&'static str, Option<String>) {
+    if let Err(e) = folder::check_root(f) {
+        return ("error", Some(e.to_string()));
+    }
+    match (&f.error, f.last_scan_at) {
+        (Some(e), _) => ("error", Some(e.clone())),
+        (None, None) => ("unscanned", None),
+        (None, Some(_)) => ("idle", None),
+    }
+}
+
+pub(super) fn run(home: &Home, cmd: FolderCommand) -> anyhow::Result<i32> {
+    let mut index = home.index()?;
+    match cmd {
+        FolderCommand::Add {
+            path,
+            id,
+            label,
+            folder_type,
+        } => {
+            let id = id.as_deref().map(FolderId::new).transpose()?;
+            let f = folder::add(
+                &mut index,
+                NewFolder {
+                    path: path.clone(),
+                    id,
+                    label,
+                    folder_type,
+                },
+            )
+            .with_context(|| format!("cannot add {}", path.display()))?;
+            println!(
+                "Added folder {} ({}) at {} [{}]",
+                f.id,
+                f.label,
+                f.path.display(),
+                f.folder_type
+            );
+            println!("Run `ferry scan {}` to index it.", f.id);
+        }
+        FolderCommand::List { json } => {
+            let folders = index.folders()?;
+            if json {
+                let v: Vec<_> = folders
+                    .iter()
+                    .map(|f| {
+                        let (state, error) = state(f);
+                        json!({
+                            "id": f.id.as_str(), "label": f.label, "path": f.path,
+                            "type": f.folder_type.as_str(), "state": state, "error": error,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if folders.is_empty() {
+                println!("No folders yet: add one with `ferry folder add PATH`.");
+            } else {
+                let rows: Vec<Vec<String>> = folders
+                    .iter()
+                    .map(|f| {
+                        vec![
+                            f.id.to_string(),
+                            f.label.clone(),
+                            f.folder_type.to_string(),
+                            state(f).0.to_owned(),
+                            f.path.display().to_string(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["ID", "LABEL", "TYPE", "STATE", "PATH"], &rows);
+            }
+        }
+        FolderCommand::Remove { id } => {
+            let fid = FolderId::new(&id)?;
+            let f = index
+                .folder(&fid)?
+                .ok_or_else(|| FolderError::Unknown(id.clone()))?;
+            index.remove_folder(&fid)?;
+            println!(
+                "Removed folder {}; its files at {} were not touched.",
+                f.id,
+                f.path.display()
+            );
+        }
+    }
+    Ok(super::EXIT_OK)
+}

@@ -1,0 +1,123 @@
+//! The command line: argument definitions, dispatch, and error reporting. One
+//! file per user action; each prints human output or, with `--json`, JSON.
+
+mod folder;
+mod init;
+mod ls;
+mod output;
+mod scan;
+mod status;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::home::{self, Home};
+
+/// Exit code for success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code for an error (usage errors exit with 2, from clap).
+pub const EXIT_ERROR: i32 = 1;
+
+/// ferry: encrypted peer-to-peer folder sync.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The device home (key, config, index). Default: the platform data
+    /// directory, e.g. ~/.local/share/ferry.
+    #[arg(long, global = true, env = "FERRY_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
+    pub log_level: String,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the device home: a new device key, a commented config, the index.
+    Init {
+        /// The name other devices see (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Print this device's id.
+    Id,
+    /// Add, list or remove synced folders.
+    #[command(subcommand)]
+    Folder(folder::FolderCommand),
+    /// Walk folders and record what changed in the index.
+    Scan {
+        /// Only this folder (default: all).
+        folder: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every folder's state and totals.
+    Status {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List what the index holds for the files of a folder.
+    Ls {
+        /// The folder id.
+        folder: String,
+        /// Only this path and what is below it.
+        path: Option<String>,
+        /// Include deleted files (tombstones).
+        #[arg(long)]
+        deleted: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    init_logging(&cli.log_level);
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            EXIT_ERROR
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let root = home::resolve(cli.home)?;
+    match cli.command {
+        Command::Init { name } => init::run(&root, name.as_deref()),
+        Command::Id => {
+            println!("{}", Home::open(&root)?.device_id());
+            Ok(EXIT_OK)
+        }
+        Command::Folder(cmd) => folder::run(&Home::open(&root)?, cmd),
+        Command::Scan { folder, json } => scan::run(&Home::open(&root)?, folder.as_deref(), json),
+        Command::Status { json } => status::run(&Home::open(&root)?, json),
+        Command::Ls {
+            folder,
+            path,
+            deleted,
+            json,
+        } => ls::run(&Home::open(&root)?, &folder, path.as_deref(), deleted, json),
+    }
+}

@@ -1,0 +1,213 @@
+//! The device's TOML configuration: its typed form, defaults, and the commented
+//! file `ferry init` writes.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything in `config.toml`. Unknown keys are refused, so a typo is reported
+/// instead of silently ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[device]`
+    pub device: DeviceConfig,
+    /// `[database]`
+    pub database: DatabaseConfig,
+    /// `[scan]`
+    pub scan: ScanConfig,
+}
+
+/// `[device]`: how this device presents itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceConfig {
+    /// The name other devices see.
+    pub name: String,
+}
+
+/// `[database]`: the SQLite index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// How long to wait for another process's write to finish, in milliseconds.
+    pub busy_timeout_ms: u64,
+}
+
+/// `[scan]`: finding local changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScanConfig {
+    /// Files hashed at the same time; large files also use a second core each.
+    pub hash_threads: usize,
+    /// Index changes committed per transaction.
+    pub batch_files: usize,
+    /// How often to hash again a file that keeps changing while it is hashed.
+    pub changing_retries: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            device: DeviceConfig::default(),
+            database: DatabaseConfig::default(),
+            scan: ScanConfig::default(),
+        }
+    }
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self {
+            name: default_device_name(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            busy_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for ScanConfig {
+    fn default() -> Self {
+        Self {
+            hash_threads: 2,
+            batch_files: 1_000,
+            changing_retries: 3,
+        }
+    }
+}
+
+/// The machine's host name, or "ferry-device" when it has none.
+pub fn default_device_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "ferry-device".to_owned())
+}
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not TOML, a wrong type, or an unknown key (the message gives the line).
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value outside what is allowed.
+    #[error("{key} = {value} is not allowed: {allowed}")]
+    Invalid {
+        /// The dotted key.
+        key: &'static str,
+        /// The value found.
+        value: String,
+        /// What is allowed instead.
+        allowed: &'static str,
+    },
+}
+
+impl Config {
+    /// Parses and validates a config file's text.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, value: String, allowed| {
+            Err(ConfigError::Invalid {
+                key,
+                value,
+                allowed,
+            })
+        };
+        if self.device.name.trim().is_empty() || self.device.name.len() > 64 {
+            return invalid(
+                "device.name",
+                format!("{:?}", self.device.name),
+                "1 to 64 characters",
+            );
+        }
+        if !(1..=64).contains(&self.scan.hash_threads) {
+            return invalid(
+                "scan.hash_threads",
+                self.scan.hash_threads.to_string(),
+                "1 to 64",
+            );
+        }
+        if !(1..=100_000).contains(&self.scan.batch_files) {
+            return invalid(
+                "scan.batch_files",
+                self.scan.batch_files.to_string(),
+                "1 to 100000",
+            );
+        }
+        if self.database.busy_timeout_ms > 600_000 {
+            return invalid(
+                "database.busy_timeout_ms",
+                self.database.busy_timeout_ms.to_string(),
+                "0 to 600000",
+            );
+        }
+        Ok(())
+    }
+
+    /// The file `ferry init` writes: every setting with its default and a comment.
+    pub fn to_commented_toml(&self) -> String {
+        let name = toml::Value::String(self.device.name.clone());
+        format!(
+            r#"# ferry configuration. Every setting is written out with its default;
+# edit a value and restart the agent for it to take effect.
+
+[device]
+# The name other devices see for this one.
+name = {name}
+
+[database]
+# How long a command waits for another ferry process's write to the index
+# before giving up with "database is locked", in milliseconds.
+busy_timeout_ms = {busy}
+
+[scan]
+# Files hashed at the same time. Files larger than 2 MiB also use a second core
+# each, so 2 keeps a two-core machine busy.
+hash_threads = {threads}
+# Index changes committed per SQLite transaction during a scan.
+batch_files = {batch}
+# How often a file that changes while it is being hashed is tried again before
+# the scan leaves it for the next one.
+changing_retries = {retries}
+"#,
+            busy = self.database.busy_timeout_ms,
+            threads = self.scan.hash_threads,
+            batch = self.scan.batch_files,
+            retries = self.scan.changing_retries,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_commented_file_parses_back_to_the_same_config() {
+        let mut c = Config::default();
+        c.device.name = "laptop \"one\"".into();
+        assert_eq!(Config::from_toml_str(&c.to_commented_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_refused_with_the_key() {
+        let err = Config::from_toml_str("[scan]\nhash_thread = 2\n").unwrap_err();
+        assert!(err.to_string().contains("hash_thread"), "{err}");
+        let err = Config::from_toml_str("[scan]\nhash_threads = 0\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "scan.hash_threads = 0 is not allowed: 1 to 64"
+        );
+    }
+}

@@ -1,0 +1,271 @@
+//! The device home: the directory holding this device's secret key, config and
+//! index. Several homes can live side by side on one machine (one per device).
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use iroh_base::SecretKey;
+
+use crate::config::{Config, ConfigError};
+use crate::device::DeviceId;
+use crate::index::{Index, IndexError};
+
+const KEY_FILE: &str = "device.key";
+const CONFIG_FILE: &str = "config.toml";
+const DB_FILE: &str = "index.db";
+
+/// Why a home could not be created or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    /// No home at that path.
+    #[error("no ferry home at {0} (run `ferry init` first, or pass --home)")]
+    NotInitialised(PathBuf),
+    /// No `--home`, no `FERRY_HOME`, and no platform data directory.
+    #[error("cannot tell where the ferry home is: set FERRY_HOME or pass --home")]
+    NoDefault,
+    /// The key file is not 64 hex characters.
+    #[error("{0} is not a ferry device key (expected 64 hex characters)")]
+    BadKey(PathBuf),
+    /// The key file can be read by others.
+    #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
+    KeyPermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
+    /// The config does not parse or validate.
+    #[error("{path}: {source}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        source: ConfigError,
+    },
+    /// The index could not be opened.
+    #[error("{path}: {source}")]
+    Index {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong.
+        source: IndexError,
+    },
+    /// A filesystem error.
+    #[error("{path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// What.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
+    move |source| HomeError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where the home is: `--home`/`FERRY_HOME` if given, else the platform data
+/// directory (`$XDG_DATA_HOME/ferry` on Linux).
+pub fn resolve(explicit: Option<PathBuf>) -> Result<PathBuf, HomeError> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    directories::ProjectDirs::from("", "", "ferry")
+        .map(|d| d.data_dir().to_owned())
+        .ok_or(HomeError::NoDefault)
+}
+
+/// What `ferry init` did.
+#[derive(Debug)]
+pub enum InitOutcome {
+    /// A new home was created.
+    Created(Home),
+    /// A home was already there; nothing was changed.
+    AlreadyInitialised(Home),
+}
+
+/// An opened device home.
+#[derive(Debug, Clone)]
+pub struct Home {
+    root: PathBuf,
+    secret: SecretKey,
+    config: Config,
+}
+
+impl Home {
+    /// Creates a home at `root` with a fresh key, a commented config and an empty
+    /// index. An existing home is left exactly as it is.
+    pub fn init(root: &Path, name: Option<&str>) -> Result<InitOutcome, HomeError> {
+        if root.join(KEY_FILE).exists() {
+            return Ok(InitOutcome::AlreadyInitialised(Home::open(root)?));
+        }
+        fs::create_dir_all(root).map_err(io_err(root))?;
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io_err(root))?;
+
+        let mut config = Config::default();
+        if let Some(n) = name {
+            config.device.name = n.to_owned();
+        }
+        let config_text = config.to_commented_toml();
+        // Validate before writing anything that would make the home look initialised.
+        Config::from_toml_str(&config_text).map_err(|source| HomeError::Config {
+            path: root.join(CONFIG_FILE),
+            source,
+        })?;
+        let config_path = root.join(CONFIG_FILE);
+        if !config_path.exists() {
+            write_atomic(&config_path, config_text.as_bytes(), 0o600)?;
+        }
+
+        let secret = SecretKey::generate();
+        let hex = blake3::Hash::from_bytes(secret.to_bytes()).to_hex();
+        // The key goes last: its presence is what marks a complete home.
+        write_atomic(&root.join(KEY_FILE), format!("{hex}\n").as_bytes(), 0o600)?;
+
+        let home = Home::open(root)?;
+        Ok(InitOutcome::Created(home))
+    }
+
+    /// Opens an existing home, reading its key and config and making sure the
+    /// index opens and knows this device.
+    pub fn open(root: &Path) -> Result<Home, HomeError> {
+        let key_path = root.join(KEY_FILE);
+        let meta = match fs::metadata(&key_path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(HomeError::NotInitialised(root.to_owned()));
+            }
+            Err(e) => return Err(io_err(&key_path)(e)),
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(HomeError::KeyPermissions {
+                path: key_path,
+                mode,
+            });
+        }
+        let text = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let bytes =
+            blake3::Hash::from_hex(text.trim()).map_err(|_| HomeError::BadKey(key_path.clone()))?;
+        let secret = SecretKey::from_bytes(bytes.as_bytes());
+
+        let config_path = root.join(CONFIG_FILE);
+        let config = match fs::read_to_string(&config_path) {
+            Ok(t) => Config::from_toml_str(&t).map_err(|source| HomeError::Config {
+                path: config_path.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) => return Err(io_err(&config_path)(e)),
+        };
+        let home = Home {
+            root: root.to_owned(),
+            secret,
+            config,
+        };
+        let index = home.index()?;
+        index
+            .set_local_device(home.device_id(), &home.config.device.name)
+            .map_err(|source| HomeError::Index {
+                path: index.path().to_owned(),
+                source,
+            })?;
+        Ok(home)
+    }
+
+    /// The home directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The device's secret key.
+    pub fn secret_key(&self) -> &SecretKey {
+        &self.secret
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> DeviceId {
+        DeviceId::new(self.secret.public())
+    }
+
+    /// The parsed config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The config file's path.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join(CONFIG_FILE)
+    }
+
+    /// Opens the index database.
+    pub fn index(&self) -> Result<Index, HomeError> {
+        let path = self.root.join(DB_FILE);
+        Index::open(
+            &path,
+            Duration::from_millis(self.config.database.busy_timeout_ms),
+        )
+        .map_err(|source| HomeError::Index { path, source })
+    }
+}
+
+/// Writes `bytes` to a temp file beside `path` with `mode`, fsyncs it, and
+/// renames it into place, so `path` is either absent or complete.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HomeError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(bytes).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_creates_a_private_key_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("home");
+        let InitOutcome::Created(a) = Home::init(&root, Some("alpha")).unwrap() else {
+            panic!("expected a new home");
+        };
+        let mode = fs::metadata(root.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let key_before = fs::read(root.join(KEY_FILE)).unwrap();
+        let InitOutcome::AlreadyInitialised(b) = Home::init(&root, Some("beta")).unwrap() else {
+            panic!("expected the existing home");
+        };
+        assert_eq!(a.device_id(), b.device_id());
+        assert_eq!(b.config().device.name, "alpha");
+        assert_eq!(fs::read(root.join(KEY_FILE)).unwrap(), key_before);
+    }
+
+    #[test]
+    fn a_missing_home_is_reported_as_not_initialised() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Home::open(&dir.path().join("nope")).unwrap_err();
+        assert!(matches!(err, HomeError::NotInitialised(_)), "{err}");
+    }
+}

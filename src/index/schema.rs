@@ -1,0 +1,83 @@
+//! The database schema, in numbered migrations applied in order on open.
+//!
+//! This is the one place the schema is written down. `PRAGMA user_version` holds
+//! the number of migrations applied; `PRAGMA application_id` is [`APPLICATION_ID`]
+//! so that ferry never mistakes another program's SQLite file for its own. A
+//! migration is never edited once released: change the schema by appending one,
+//! and extend the test that opens a database of the previous version.
+//!
+//! Conventions:
+//! - times are Unix seconds (`*_at`) or nanoseconds (`mtime_ns`), as INTEGER;
+//! - paths inside folders are `RelPath` strings (`/`-separated, validated);
+//! - hashes are 32-byte BLOBs (blake3); `inode` and `dev` are u64 stored bit for
+//!   bit as INTEGER;
+//! - `version` columns are version vectors encoded as 16 bytes per entry
+//!   (device short id, counter; both big-endian u64), sorted by device;
+//! - `kind` is 0 file, 1 directory, 2 symlink;
+//! - `files.sequence` is the folder's local sequence number at the file's last
+//!   change, so "everything changed since N" is an index range scan.
+
+/// `PRAGMA application_id` of a ferry index: "FRRY".
+pub const APPLICATION_ID: i32 = 0x4652_5259;
+
+/// The migrations; `MIGRATIONS[n]` takes a database from version `n` to `n + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: devices, folders, files and their chunks.
+    r#"
+CREATE TABLE devices (
+    id           INTEGER PRIMARY KEY,
+    device_id    TEXT    NOT NULL UNIQUE,
+    short_id     INTEGER NOT NULL,
+    name         TEXT    NOT NULL,
+    is_local     INTEGER NOT NULL DEFAULT 0 CHECK (is_local IN (0, 1)),
+    addresses    TEXT    NOT NULL DEFAULT '[]',
+    added_at     INTEGER NOT NULL,
+    last_seen_at INTEGER
+);
+CREATE UNIQUE INDEX devices_one_local ON devices(is_local) WHERE is_local = 1;
+
+CREATE TABLE folders (
+    id           INTEGER PRIMARY KEY,
+    folder_id    TEXT    NOT NULL UNIQUE,
+    label        TEXT    NOT NULL,
+    path         TEXT    NOT NULL UNIQUE,
+    folder_type  TEXT    NOT NULL
+                 CHECK (folder_type IN ('send-receive', 'send-only', 'receive-only')),
+    sequence     INTEGER NOT NULL DEFAULT 0,
+    error        TEXT,
+    last_scan_at INTEGER,
+    created_at   INTEGER NOT NULL
+);
+
+CREATE TABLE files (
+    id             INTEGER PRIMARY KEY,
+    folder         INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+    path           TEXT    NOT NULL,
+    kind           INTEGER NOT NULL CHECK (kind IN (0, 1, 2)),
+    size           INTEGER NOT NULL,
+    mtime_ns       INTEGER NOT NULL,
+    permissions    INTEGER NOT NULL,
+    inode          INTEGER NOT NULL DEFAULT 0,
+    dev            INTEGER NOT NULL DEFAULT 0,
+    hash           BLOB,
+    symlink_target TEXT,
+    deleted        INTEGER NOT NULL DEFAULT 0 CHECK (deleted IN (0, 1)),
+    sequence       INTEGER NOT NULL,
+    version        BLOB    NOT NULL,
+    modified_by    INTEGER NOT NULL,
+    UNIQUE (folder, path)
+);
+CREATE INDEX files_by_sequence ON files(folder, sequence);
+CREATE INDEX files_by_hash ON files(hash) WHERE hash IS NOT NULL;
+
+CREATE TABLE chunks (
+    file   INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    idx    INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    size   INTEGER NOT NULL,
+    hash   BLOB    NOT NULL,
+    PRIMARY KEY (file, idx)
+) WITHOUT ROWID;
+CREATE INDEX chunks_by_hash ON chunks(hash);
+"#,
+];

@@ -1,0 +1,15 @@
+//! ferry: encrypted peer-to-peer folder sync.
+//!
+//! The library holds everything testable; the `ferry` binary is a thin shell over
+//! [`cli`]. Modules are named after the part of the domain they own.
+
+pub mod chunking;
+pub mod cli;
+pub mod config;
+pub mod device;
+pub mod folder;
+pub mod home;
+pub mod index;
+pub mod relpath;
+pub mod scan;
+pub mod version_vector;

@@ -1,0 +1,562 @@
+//! Finds local changes in a folder by walking it and records them in the index.
+//!
+//! A file whose size, mtime, inode and device match the index is not read again.
+//! Changed files are hashed on `hash_threads` workers; a file that changes while
+//! it is being hashed (its stat differs before and after) is tried again and,
+//! if it keeps changing, left for a later scan rather than recorded with a hash
+//! that matches no state it was ever in. Entries under a directory that could not
+//! be read, and ignored entries, are never recorded as deleted.
+
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::time::Duration;
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use serde::Serialize;
+
+use crate::chunking::{ChunkParams, DEFAULT_PARAMS, chunk_reader};
+use crate::config::ScanConfig;
+use crate::device::ShortId;
+use crate::folder::{FolderError, check_root};
+use crate::index::{Change, FileKind, FileMeta, Folder, Index, IndexError, Known, LocalChange};
+use crate::relpath::{RelPath, RelPathError};
+
+/// The ignore file at a folder root (gitignore syntax).
+pub const IGNORE_FILE: &str = ".ferryignore";
+
+/// How a scan runs.
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    /// Chunk sizes.
+    pub params: ChunkParams,
+    /// Files hashed at once.
+    pub hash_threads: usize,
+    /// Changes per index transaction.
+    pub batch_files: usize,
+    /// Extra attempts for a file that changes while hashed.
+    pub changing_retries: u32,
+}
+
+impl From<&ScanConfig> for ScanOptions {
+    fn from(c: &ScanConfig) -> Self {
+        Self {
+            params: DEFAULT_PARAMS,
+            hash_threads: c.hash_threads.max(1),
+            batch_files: c.batch_files.max(1),
+            changing_retries: c.changing_retries,
+        }
+    }
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        Self::from(&ScanConfig::default())
+    }
+}
+
+/// Receives progress while a scan runs (called from hashing threads too).
+pub trait ScanProgress: Sync {
+    /// The walk is done: this many files and bytes need hashing.
+    fn hash_plan(&self, _files: u64, _bytes: u64) {}
+    /// A file was read and hashed (before the check that it did not change).
+    fn hashed(&self, _path: &Path, _bytes: u64) {}
+}
+
+/// Progress that goes nowhere.
+pub struct NoProgress;
+impl ScanProgress for NoProgress {}
+
+/// A path the scan could not handle; the rest of the scan went on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ScanIssue {
+    /// The path, relative to the folder root where it could be made one.
+    pub path: String,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// What a scan found and recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ScanReport {
+    /// Entries walked.
+    pub entries: u64,
+    /// Paths recorded for the first time (or again after a delete).
+    pub new: u64,
+    /// Paths whose content or metadata changed.
+    pub changed: u64,
+    /// Paths recorded as deleted.
+    pub deleted: u64,
+    /// Files read and hashed.
+    pub hashed_files: u64,
+    /// Bytes read and hashed.
+    pub hashed_bytes: u64,
+    /// Files that kept changing while hashed; left for the next scan.
+    pub changing: Vec<String>,
+    /// Paths that could not be scanned.
+    pub issues: Vec<ScanIssue>,
+}
+
+/// Why a scan stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The folder root or marker is missing.
+    #[error(transparent)]
+    Folder(#[from] FolderError),
+    /// The `.ferryignore` file is unreadable or has a bad pattern.
+    #[error("{path}: {message}")]
+    Ignore {
+        /// The ignore file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The index refused a change.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+fn stat_meta(m: &Metadata, kind: FileKind) -> FileMeta {
+    FileMeta {
+        kind,
+        size: if kind == FileKind::Dir { 0 } else { m.len() },
+        mtime_ns: m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec(),
+        permissions: if kind == FileKind::Symlink {
+            0
+        } else {
+            m.mode() & 0o7777
+        },
+        inode: m.ino(),
+        dev: m.dev(),
+    }
+}
+
+fn kind_of(m: &Metadata) -> Option<FileKind> {
+    let t = m.file_type();
+    if t.is_symlink() {
+        Some(FileKind::Symlink)
+    } else if t.is_dir() {
+        Some(FileKind::Dir)
+    } else if t.is_file() {
+        Some(FileKind::File)
+    } else {
+        None
+    }
+}
+
+fn load_ignores(root: &Path) -> Result<Gitignore, ScanError> {
+    let path = root.join(IGNORE_FILE);
+    let mut builder = GitignoreBuilder::new(root);
+    if path.exists() {
+        if let Some(e) = builder.add(&path) {
+            return Err(ScanError::Ignore {
+                path,
+                message: e.to_string(),
+            });
+        }
+    }
+    builder.build().map_err(|e| ScanError::Ignore {
+        path,
+        message: e.to_string(),
+    })
+}
+
+struct HashJob {
+    path: RelPath,
+    size: u64,
+    known: Option<Known>,
+}
+
+enum HashOutcome {
+    Done { change: LocalChange, is_new: bool },
+    Changing(RelPath),
+    Gone(RelPath),
+    Failed(RelPath, std::io::Error),
+}
+
+/// Scans `folder`, records what changed, and returns a report.
+pub fn scan(
+    index: &mut Index,
+    folder: &Folder,
+    me: ShortId,
+    opts: &ScanOptions,
+    progress: &dyn ScanProgress,
+) -> Result<ScanReport, ScanError> {
+    if let Err(e) = check_root(folder) {
+        index.set_scan_result(folder.row, Some(&e.to_string()))?;
+        return Err(e.into());
+    }
+    let root = folder.path.as_path();
+    let ignores = match load_ignores(root) {
+        Ok(i) => i,
+        Err(e) => {
+            index.set_scan_result(folder.row, Some(&e.to_string()))?;
+            return Err(e);
+        }
+    };
+    let mut known = index.scan_snapshot(folder.row)?;
+    let mut report = ScanReport::default();
+    let mut batch = Batch {
+        index,
+        folder: folder.row,
+        me,
+        pending: Vec::new(),
+        limit: opts.batch_files,
+    };
+    let mut jobs = Vec::new();
+    let mut unreadable: Vec<RelPath> = Vec::new();
+
+    let mut stack: Vec<Option<RelPath>> = vec![None];
+    while let Some(dir) = stack.pop() {
+        let abs = dir
+            .as_ref()
+            .map_or_else(|| root.to_owned(), |d| d.to_fs(root));
+        let entries = match fs::read_dir(&abs) {
+            Ok(e) => e,
+            Err(e) => {
+                report
+                    .issues
+                    .push(issue(dir.as_ref(), &abs, &e.to_string()));
+                if let Some(d) = dir {
+                    unreadable.push(d);
+                }
+                continue;
+            }
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    report
+                        .issues
+                        .push(issue(dir.as_ref(), &abs, &e.to_string()));
+                    if let Some(d) = &dir {
+                        unreadable.push(d.clone());
+                    }
+                    continue;
+                }
+            };
+            let rel = match RelPath::join(dir.as_ref(), &entry.file_name()) {
+                Ok(r) => r,
+                Err(RelPathError::Reserved(_)) => continue,
+                Err(e) => {
+                    report.issues.push(ScanIssue {
+                        path: entry.path().display().to_string(),
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) => {
+                    // Vanished between readdir and stat: the next scan settles it.
+                    known.remove(rel.as_str());
+                    report.issues.push(ScanIssue {
+                        path: rel.to_string(),
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let Some(kind) = kind_of(&meta) else {
+                tracing::debug!(path = %rel, "skipping a socket, fifo or device node");
+                continue;
+            };
+            if ignores
+                .matched(rel.as_str(), kind == FileKind::Dir)
+                .is_ignore()
+            {
+                continue;
+            }
+            report.entries += 1;
+            let old = known.remove(rel.as_str()).filter(|k| !k.deleted);
+            let now = stat_meta(&meta, kind);
+            let is_new = old.as_ref().is_none_or(|k| k.meta.kind != kind);
+            let change = match kind {
+                FileKind::Dir => {
+                    stack.push(Some(rel.clone()));
+                    match &old {
+                        Some(k) if !is_new && k.meta.permissions == now.permissions => None,
+                        _ => Some(Change::Dir),
+                    }
+                }
+                FileKind::Symlink => {
+                    let target = match fs::read_link(entry.path()) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            report
+                                .issues
+                                .push(issue(Some(&rel), &entry.path(), &e.to_string()));
+                            continue;
+                        }
+                    };
+                    let Some(target) = target.to_str().map(str::to_owned) else {
+                        report.issues.push(ScanIssue {
+                            path: rel.to_string(),
+                            error: "symlink target is not valid UTF-8".into(),
+                        });
+                        continue;
+                    };
+                    match &old {
+                        Some(k) if !is_new && k.symlink_target.as_deref() == Some(&target) => None,
+                        _ => Some(Change::Symlink(target)),
+                    }
+                }
+                FileKind::File => match &old {
+                    Some(k)
+                        if !is_new
+                            && k.meta.size == now.size
+                            && k.meta.mtime_ns == now.mtime_ns
+                            && k.meta.inode == now.inode
+                            && k.meta.dev == now.dev =>
+                    {
+                        (k.meta.permissions != now.permissions).then_some(Change::Metadata)
+                    }
+                    _ => {
+                        jobs.push(HashJob {
+                            path: rel.clone(),
+                            size: now.size,
+                            known: old.clone().filter(|k| k.meta.kind == FileKind::File),
+                        });
+                        None
+                    }
+                },
+            };
+            if let Some(change) = change {
+                count(&mut report, is_new);
+                batch.push(LocalChange {
+                    path: rel,
+                    meta: now,
+                    change,
+                })?;
+            }
+        }
+    }
+
+    progress.hash_plan(jobs.len() as u64, jobs.iter().map(|j| j.size).sum());
+    hash_all(root, jobs, opts, progress, |outcome| match outcome {
+        HashOutcome::Done { change, is_new } => {
+            report.hashed_files += 1;
+            report.hashed_bytes += change.meta.size;
+            if change.change != Change::Refresh {
+                count(&mut report, is_new);
+            }
+            batch.push(change)
+        }
+        HashOutcome::Changing(p) => {
+            report.changing.push(p.to_string());
+            Ok(())
+        }
+        HashOutcome::Gone(p) => {
+            tracing::debug!(path = %p, "vanished before it could be hashed; the next scan records it");
+            Ok(())
+        }
+        HashOutcome::Failed(p, e) => {
+            report.issues.push(ScanIssue {
+                path: p.to_string(),
+                error: e.to_string(),
+            });
+            Ok(())
+        }
+    })?;
+
+    for (path, k) in known {
+        if k.deleted {
+            continue;
+        }
+        let Ok(rel) = RelPath::new(&path) else {
+            continue;
+        };
+        let protected = unreadable.iter().any(|d| rel.starts_with(d))
+            || ignores
+                .matched_path_or_any_parents(rel.as_str(), k.meta.kind == FileKind::Dir)
+                .is_ignore();
+        if protected {
+            continue;
+        }
+        report.deleted += 1;
+        batch.push(LocalChange {
+            path: rel,
+            meta: k.meta,
+            change: Change::Deleted,
+        })?;
+    }
+    batch.flush()?;
+    batch.index.set_scan_result(folder.row, None)?;
+    Ok(report)
+}
+
+fn count(report: &mut ScanReport, is_new: bool) {
+    if is_new {
+        report.new += 1;
+    } else {
+        report.changed += 1;
+    }
+}
+
+fn issue(dir: Option<&RelPath>, abs: &Path, error: &str) -> ScanIssue {
+    ScanIssue {
+        path: dir.map_or_else(|| abs.display().to_string(), |d| d.to_string()),
+        error: error.to_owned(),
+    }
+}
+
+/// Collects changes and writes them to the index a transaction at a time.
+struct Batch<'a> {
+    index: &'a mut Index,
+    folder: i64,
+    me: ShortId,
+    pending: Vec<LocalChange>,
+    limit: usize,
+}
+
+impl Batch<'_> {
+    fn push(&mut self, c: LocalChange) -> Result<(), IndexError> {
+        self.pending.push(c);
+        if self.pending.len() >= self.limit {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), IndexError> {
+        if !self.pending.is_empty() {
+            self.index
+                .apply_local_changes(self.folder, self.me, &self.pending)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Hashes every job on `opts.hash_threads` workers, handing each outcome to
+/// `sink` on the calling thread in completion order.
+fn hash_all(
+    root: &Path,
+    jobs: Vec<HashJob>,
+    opts: &ScanOptions,
+    progress: &dyn ScanProgress,
+    mut sink: impl FnMut(HashOutcome) -> Result<(), IndexError>,
+) -> Result<(), IndexError> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let next = AtomicUsize::new(0);
+    let threads = opts.hash_threads.min(jobs.len());
+    std::thread::scope(|s| {
+        let (tx, rx) = sync_channel(64);
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let (jobs, next) = (&jobs, &next);
+            s.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let outcome = hash_one(root, job, opts, progress);
+                    if tx.send(outcome).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut result = Ok(());
+        for outcome in rx {
+            if result.is_ok() {
+                result = sink(outcome);
+                if result.is_err() {
+                    // Stop handing out work; the workers finish their current file.
+                    next.store(usize::MAX / 2, Ordering::Relaxed);
+                }
+            }
+        }
+        result
+    })
+}
+
+fn same_state(a: &Metadata, b: &Metadata) -> bool {
+    a.len() == b.len()
+        && a.mtime() == b.mtime()
+        && a.mtime_nsec() == b.mtime_nsec()
+        && a.ino() == b.ino()
+        && a.dev() == b.dev()
+}
+
+fn hash_one(
+    root: &Path,
+    job: &HashJob,
+    opts: &ScanOptions,
+    progress: &dyn ScanProgress,
+) -> HashOutcome {
+    let abs = job.path.to_fs(root);
+    for attempt in 0..=opts.changing_retries {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(50 << attempt.min(5)));
+        }
+        // O_NOFOLLOW: if the file was swapped for a symlink since the walk, fail
+        // instead of hashing whatever the link points at.
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&abs)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return HashOutcome::Gone(job.path.clone());
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return HashOutcome::Changing(job.path.clone());
+            }
+            Err(e) => return HashOutcome::Failed(job.path.clone(), e),
+        };
+        let before = match file.metadata() {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => return HashOutcome::Changing(job.path.clone()),
+            Err(e) => return HashOutcome::Failed(job.path.clone(), e),
+        };
+        let digest = match chunk_reader(&file, opts.params) {
+            Ok(d) => d,
+            Err(e) => return HashOutcome::Failed(job.path.clone(), e),
+        };
+        progress.hashed(&abs, digest.size);
+        if !unchanged_since(&file, &abs, &before, digest.size) {
+            tracing::debug!(path = %job.path, attempt, "file changed while being hashed");
+            continue;
+        }
+        let meta = stat_meta(&before, FileKind::File);
+        let change = match &job.known {
+            Some(k) if k.hash == Some(digest.hash) => {
+                if k.meta.mtime_ns == meta.mtime_ns && k.meta.permissions == meta.permissions {
+                    Change::Refresh
+                } else {
+                    Change::Metadata
+                }
+            }
+            _ => Change::Content {
+                hash: digest.hash,
+                chunks: digest.chunks,
+            },
+        };
+        return HashOutcome::Done {
+            change: LocalChange {
+                path: job.path.clone(),
+                meta,
+                change,
+            },
+            is_new: job.known.is_none(),
+        };
+    }
+    HashOutcome::Changing(job.path.clone())
+}
+
+/// Whether the open file and the path still show the state seen before hashing,
+/// and hashing read exactly its size.
+fn unchanged_since(file: &File, abs: &Path, before: &Metadata, read: u64) -> bool {
+    let (Ok(after), Ok(path_now)) = (file.metadata(), fs::symlink_metadata(abs)) else {
+        return false;
+    };
+    read == before.len() && same_state(before, &after) && same_state(before, &path_now)
+}
