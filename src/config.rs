@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Everything in `config.toml`. Unknown keys are refused, so a typo is reported
 /// instead of silently ignored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `[device]`
@@ -42,16 +42,6 @@ pub struct ScanConfig {
     pub batch_files: usize,
     /// How often to hash again a file that keeps changing while it is hashed.
     pub changing_retries: u32,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            device: DeviceConfig::default(),
-            database: DatabaseConfig::default(),
-            scan: ScanConfig::default(),
-        }
-    }
 }
 
 impl Default for DeviceConfig {

@@ -149,13 +149,13 @@ fn kind_of(m: &Metadata) -> Option<FileKind> {
 fn load_ignores(root: &Path) -> Result<Gitignore, ScanError> {
     let path = root.join(IGNORE_FILE);
     let mut builder = GitignoreBuilder::new(root);
-    if path.exists() {
-        if let Some(e) = builder.add(&path) {
-            return Err(ScanError::Ignore {
-                path,
-                message: e.to_string(),
-            });
-        }
+    if path.exists()
+        && let Some(e) = builder.add(&path)
+    {
+        return Err(ScanError::Ignore {
+            path,
+            message: e.to_string(),
+        });
     }
     builder.build().map_err(|e| ScanError::Ignore {
         path,

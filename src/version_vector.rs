@@ -116,7 +116,7 @@ impl VersionVector {
 
     /// Decodes [`VersionVector::encode`]'s form, refusing anything malformed.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() % ENTRY_LEN != 0 {
+        if !bytes.len().is_multiple_of(ENTRY_LEN) {
             return Err(DecodeError::Length(bytes.len()));
         }
         let n = bytes.len() / ENTRY_LEN;
