@@ -169,13 +169,23 @@ impl Home {
             secret,
             config,
         };
+        // Keep the index's record of this device in step with the key and config;
+        // read first so that read-only commands do not need the write lock.
         let index = home.index()?;
-        index
-            .set_local_device(home.device_id(), &home.config.device.name)
-            .map_err(|source| HomeError::Index {
-                path: index.path().to_owned(),
-                source,
-            })?;
+        let index_err = |source| HomeError::Index {
+            path: index.path().to_owned(),
+            source,
+        };
+        let local = index
+            .devices()
+            .map_err(index_err)?
+            .into_iter()
+            .find(|d| d.is_local);
+        if local.is_none_or(|d| d.id != home.device_id() || d.name != home.config.device.name) {
+            index
+                .set_local_device(home.device_id(), &home.config.device.name)
+                .map_err(index_err)?;
+        }
         Ok(home)
     }
 

@@ -86,10 +86,24 @@ pub fn run(cli: Cli) -> i32 {
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            eprintln!("ferry: error: {}", one_line(&e));
             EXIT_ERROR
         }
     }
+}
+
+/// The error and its causes, each cause shown once: library errors often repeat
+/// their source in their own message.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
 }
 
 fn init_logging(level: &str) {

@@ -25,11 +25,11 @@ pub enum IndexError {
     )]
     Locked,
     /// The file is not SQLite, or is another program's SQLite database.
-    #[error("{0} is not a ferry database")]
+    #[error("not a ferry database (is it another program's file?)")]
     NotFerry(PathBuf),
     /// Written by a newer ferry.
     #[error(
-        "{path} has schema version {found}, newer than this ferry understands ({supported}): upgrade ferry"
+        "schema version {found} is newer than this ferry understands ({supported}): upgrade ferry"
     )]
     TooNew {
         /// The database file.
@@ -282,12 +282,18 @@ impl Index {
 
     /// Records this device (id and name); replaces an earlier name.
     pub fn set_local_device(&self, id: DeviceId, name: &str) -> Result<()> {
-        self.conn.execute(
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "UPDATE devices SET is_local = 0 WHERE is_local = 1 AND device_id != ?1",
+            [id.to_string()],
+        )?;
+        tx.execute(
             "INSERT INTO devices (device_id, short_id, name, is_local, added_at)
              VALUES (?1, ?2, ?3, 1, ?4)
-             ON CONFLICT(device_id) DO UPDATE SET name = excluded.name",
+             ON CONFLICT(device_id) DO UPDATE SET name = excluded.name, is_local = 1",
             params![id.to_string(), id.short().0 as i64, name, now_secs()],
         )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -769,6 +775,47 @@ mod tests {
             .unwrap();
         let err = Index::open(&other, Duration::ZERO).err().unwrap();
         assert!(matches!(err, IndexError::NotFerry(_)), "{err}");
+    }
+
+    #[test]
+    fn a_database_of_the_previous_version_is_upgraded_with_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        let previous = schema::MIGRATIONS.len() - 1;
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            migrate(&mut conn, &path, previous).unwrap();
+            let v: i64 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(v as usize, previous);
+            conn.execute_batch(
+                "INSERT INTO folders (folder_id, label, path, folder_type, sequence, created_at)
+                 VALUES ('docs', 'Docs', '/srv/docs', 'send-only', 1, 0);
+                 INSERT INTO files (folder, path, kind, size, mtime_ns, permissions, hash,
+                                    sequence, version, modified_by)
+                 VALUES (1, 'a.txt', 0, 3, 7, 420, zeroblob(32), 1, X'00000000000000010000000000000001', 1);",
+            )
+            .unwrap();
+        }
+        let idx = Index::open(&path, Duration::ZERO).unwrap();
+        assert_eq!(
+            idx.schema_version().unwrap(),
+            schema::MIGRATIONS.len() as i64
+        );
+        let f = idx
+            .folder(&FolderId::new("docs").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.folder_type, FolderType::SendOnly);
+        let files = idx.list_files(f.row, None, true).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].version.get(ShortId(1)), 1);
+        let history: i64 = idx
+            .conn
+            .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(history, 0);
     }
 
     #[test]

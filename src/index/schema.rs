@@ -80,4 +80,49 @@ CREATE TABLE chunks (
 ) WITHOUT ROWID;
 CREATE INDEX chunks_by_hash ON chunks(hash);
 "#,
+    // 2: the history of earlier versions (each device's own backups) and conflicts.
+    r#"
+CREATE TABLE history (
+    id             INTEGER PRIMARY KEY,
+    folder         INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+    path           TEXT    NOT NULL,
+    kind           INTEGER NOT NULL CHECK (kind IN (0, 1, 2)),
+    size           INTEGER NOT NULL,
+    mtime_ns       INTEGER NOT NULL,
+    permissions    INTEGER NOT NULL,
+    hash           BLOB,
+    symlink_target TEXT,
+    version        BLOB    NOT NULL,
+    modified_by    INTEGER NOT NULL,
+    superseded_at  INTEGER NOT NULL,
+    reason         TEXT    NOT NULL
+                   CHECK (reason IN ('replaced', 'deleted', 'conflict', 'restored-over', 'local'))
+);
+CREATE INDEX history_by_path ON history(folder, path, superseded_at);
+CREATE INDEX history_by_time ON history(folder, superseded_at);
+
+CREATE TABLE history_chunks (
+    version INTEGER NOT NULL REFERENCES history(id) ON DELETE CASCADE,
+    idx     INTEGER NOT NULL,
+    offset  INTEGER NOT NULL,
+    size    INTEGER NOT NULL,
+    hash    BLOB    NOT NULL,
+    PRIMARY KEY (version, idx)
+) WITHOUT ROWID;
+CREATE INDEX history_chunks_by_hash ON history_chunks(hash);
+
+CREATE TABLE conflicts (
+    id             INTEGER PRIMARY KEY,
+    folder         INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+    path           TEXT    NOT NULL,
+    conflict_path  TEXT    NOT NULL,
+    local_version  BLOB    NOT NULL,
+    remote_version BLOB    NOT NULL,
+    remote_device  TEXT    NOT NULL,
+    detected_at    INTEGER NOT NULL,
+    resolved_at    INTEGER,
+    resolution     TEXT
+);
+CREATE INDEX conflicts_unresolved ON conflicts(folder, resolved_at);
+"#,
 ];
