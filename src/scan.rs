@@ -148,19 +148,32 @@ fn kind_of(m: &Metadata) -> Option<FileKind> {
 
 fn load_ignores(root: &Path) -> Result<Gitignore, ScanError> {
     let path = root.join(IGNORE_FILE);
-    let mut builder = GitignoreBuilder::new(root);
-    if path.exists()
-        && let Some(e) = builder.add(&path)
-    {
-        return Err(ScanError::Ignore {
-            path,
-            message: e.to_string(),
-        });
-    }
-    builder.build().map_err(|e| ScanError::Ignore {
+    let text = match fs::read(&path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            return Err(ScanError::Ignore {
+                path,
+                message: e.to_string(),
+            });
+        }
+    };
+    ignore_matcher(root, &text).map_err(|(line, message)| ScanError::Ignore {
         path,
-        message: e.to_string(),
+        message: format!("line {line}: {message}"),
     })
+}
+
+/// Builds the matcher for a folder's `.ferryignore` text (gitignore syntax).
+/// A bad pattern is reported with its 1-based line number.
+pub fn ignore_matcher(root: &Path, text: &str) -> Result<Gitignore, (usize, String)> {
+    let mut builder = GitignoreBuilder::new(root);
+    for (i, line) in text.lines().enumerate() {
+        builder
+            .add_line(None, line)
+            .map_err(|e| (i + 1, e.to_string()))?;
+    }
+    builder.build().map_err(|e| (0, e.to_string()))
 }
 
 struct HashJob {
