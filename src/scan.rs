@@ -220,6 +220,9 @@ pub fn scan(
     };
     let mut jobs = Vec::new();
     let mut unreadable: Vec<RelPath> = Vec::new();
+    // The root itself could not be listed (fully or partly): then nothing
+    // missing from this scan may be taken as deleted.
+    let mut root_unreadable = false;
 
     let mut stack: Vec<Option<RelPath>> = vec![None];
     while let Some(dir) = stack.pop() {
@@ -232,8 +235,9 @@ pub fn scan(
                 report
                     .issues
                     .push(issue(dir.as_ref(), &abs, &e.to_string()));
-                if let Some(d) = dir {
-                    unreadable.push(d);
+                match dir {
+                    Some(d) => unreadable.push(d),
+                    None => root_unreadable = true,
                 }
                 continue;
             }
@@ -245,8 +249,9 @@ pub fn scan(
                     report
                         .issues
                         .push(issue(dir.as_ref(), &abs, &e.to_string()));
-                    if let Some(d) = &dir {
-                        unreadable.push(d.clone());
+                    match &dir {
+                        Some(d) => unreadable.push(d.clone()),
+                        None => root_unreadable = true,
                     }
                     continue;
                 }
@@ -383,7 +388,8 @@ pub fn scan(
         let Ok(rel) = RelPath::new(&path) else {
             continue;
         };
-        let protected = unreadable.iter().any(|d| rel.starts_with(d))
+        let protected = root_unreadable
+            || unreadable.iter().any(|d| rel.starts_with(d))
             || ignores
                 .matched_path_or_any_parents(rel.as_str(), k.meta.kind == FileKind::Dir)
                 .is_ignore();
