@@ -14,6 +14,49 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// `[scan]`
     pub scan: ScanConfig,
+    /// `[network]`
+    pub network: NetworkConfig,
+}
+
+/// `[network]`: how the agent reaches other devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Address and UDP port to listen on. Port 0 picks a free port once and keeps
+    /// it across restarts, so peers find this device where they last saw it.
+    pub listen: String,
+    /// `default` (public relays, for devices behind NATs), `disabled`, or the
+    /// URL of a relay of your own.
+    pub relays: String,
+    /// Publish and look up addresses through internet discovery (DNS/pkarr).
+    pub discovery: bool,
+    /// Find devices on the local network with mDNS.
+    pub local_discovery: bool,
+    /// Ask the router to forward a port (UPnP, NAT-PMP, PCP).
+    pub port_mapping: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:0".into(),
+            relays: "default".into(),
+            discovery: true,
+            local_discovery: true,
+            port_mapping: true,
+        }
+    }
+}
+
+impl NetworkConfig {
+    /// The same settings with everything that needs the internet turned off:
+    /// for LANs without internet access, and for tests.
+    pub fn offline(mut self) -> Self {
+        self.relays = "disabled".into();
+        self.discovery = false;
+        self.port_mapping = false;
+        self
+    }
 }
 
 /// `[device]`: how this device presents itself.
@@ -135,6 +178,22 @@ impl Config {
                 "1 to 100000",
             );
         }
+        if self.network.listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(
+                "network.listen",
+                format!("{:?}", self.network.listen),
+                "an address and port such as \"0.0.0.0:0\" or \"127.0.0.1:22000\"",
+            );
+        }
+        let relays = self.network.relays.as_str();
+        let is_url = relays.starts_with("https://") || relays.starts_with("http://");
+        if !(is_url || matches!(relays, "default" | "disabled")) {
+            return invalid(
+                "network.relays",
+                format!("{relays:?}"),
+                "\"default\", \"disabled\" or a relay URL (https://…)",
+            );
+        }
         if self.database.busy_timeout_ms > 600_000 {
             return invalid(
                 "database.busy_timeout_ms",
@@ -170,7 +229,27 @@ batch_files = {batch}
 # How often a file that changes while it is being hashed is tried again before
 # the scan leaves it for the next one.
 changing_retries = {retries}
+
+[network]
+# Address and UDP port the agent listens on. Port 0 picks a free port the first
+# time and keeps it across restarts.
+listen = {listen}
+# "default" uses the public relays, which connect devices behind NATs and
+# firewalls (traffic through a relay stays end-to-end encrypted); "disabled"
+# turns relays off; or give the URL of your own relay.
+relays = {relays}
+# Publish and look up this device's addresses through internet discovery.
+discovery = {discovery}
+# Find devices on the local network with mDNS.
+local_discovery = {local}
+# Ask the router to forward a port (UPnP, NAT-PMP, PCP).
+port_mapping = {portmap}
 "#,
+            listen = toml::Value::String(self.network.listen.clone()),
+            relays = toml::Value::String(self.network.relays.clone()),
+            discovery = self.network.discovery,
+            local = self.network.local_discovery,
+            portmap = self.network.port_mapping,
             busy = self.database.busy_timeout_ms,
             threads = self.scan.hash_threads,
             batch = self.scan.batch_files,

@@ -6,10 +6,15 @@
 pub mod chunking;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod device;
 pub mod folder;
 pub mod home;
 pub mod index;
+pub mod pairing;
+pub mod peers;
+pub mod protocol;
 pub mod relpath;
 pub mod scan;
+pub mod transport;
 pub mod version_vector;

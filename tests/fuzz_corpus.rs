@@ -83,3 +83,18 @@ fn ignore_files_build_a_matcher_or_name_a_line() {
     }
     assert!(refused >= 1, "the bad seed was accepted");
 }
+
+#[test]
+fn invite_codes_decode_or_fail_cleanly() {
+    use ferry::pairing::code::InviteCode;
+    let mut decoded = 0;
+    for input in corpus("invite_code") {
+        if let Ok(text) = std::str::from_utf8(&input)
+            && let Ok(c) = InviteCode::decode(text)
+        {
+            assert_eq!(InviteCode::decode(&c.encode()), Ok(c));
+            decoded += 1;
+        }
+    }
+    assert!(decoded >= 2, "the valid invite code seeds did not decode");
+}

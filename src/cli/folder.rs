@@ -34,6 +34,19 @@ pub enum FolderCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take a folder another device offered (see `ferry status`).
+    Accept {
+        /// The offer number shown by `ferry status`.
+        offer: i64,
+        /// Where to keep the folder (created if missing).
+        #[arg(long)]
+        into: PathBuf,
+    },
+    /// Decline a folder another device offered.
+    Decline {
+        /// The offer number shown by `ferry status`.
+        offer: i64,
+    },
     /// Stop syncing a folder and forget its index; never touches its files.
     Remove {
         /// The folder id.
@@ -117,6 +130,41 @@ pub(super) fn run(home: &Home, cmd: FolderCommand) -> anyhow::Result<i32> {
                     .collect();
                 output::table(&["ID", "LABEL", "TYPE", "STATE", "PATH"], &rows);
             }
+        }
+        FolderCommand::Accept { offer, into } => {
+            let o = index
+                .offers()?
+                .into_iter()
+                .find(|o| o.id == offer)
+                .ok_or_else(|| anyhow::anyhow!("no pending offer {offer} (see `ferry status`)"))?;
+            let device: crate::device::DeviceId = o.device.parse()?;
+            std::fs::create_dir_all(&into)
+                .with_context(|| format!("cannot create {}", into.display()))?;
+            let fid = FolderId::new(&o.folder_id)?;
+            let f = folder::add(
+                &mut index,
+                NewFolder {
+                    path: into.clone(),
+                    id: Some(fid.clone()),
+                    label: Some(o.label.clone()),
+                    folder_type: FolderType::default(),
+                },
+            )
+            .with_context(|| format!("cannot add {}", into.display()))?;
+            index.share_folder(&fid, &device)?;
+            println!(
+                "Accepted folder {} ({}) from {} at {}",
+                f.id,
+                f.label,
+                o.device_name,
+                f.path.display()
+            );
+        }
+        FolderCommand::Decline { offer } => {
+            if !index.decline_offer(offer)? {
+                anyhow::bail!("no pending offer {offer} (see `ferry status`)");
+            }
+            println!("Declined offer {offer}.");
         }
         FolderCommand::Remove { id } => {
             let fid = FolderId::new(&id)?;

@@ -1,6 +1,7 @@
 //! The command line: argument definitions, dispatch, and error reporting. One
 //! file per user action; each prints human output or, with `--json`, JSON.
 
+mod agent;
 mod folder;
 mod init;
 mod ls;
@@ -18,6 +19,8 @@ use crate::home::{self, Home};
 pub const EXIT_OK: i32 = 0;
 /// Exit code for an error (usage errors exit with 2, from clap).
 pub const EXIT_ERROR: i32 = 1;
+/// Exit code when a command needs the agent and it is not running.
+pub const EXIT_NO_AGENT: i32 = 3;
 
 /// ferry: encrypted peer-to-peer folder sync.
 #[derive(Debug, Parser)]
@@ -51,6 +54,51 @@ pub enum Command {
     /// Add, list or remove synced folders.
     #[command(subcommand)]
     Folder(folder::FolderCommand),
+    /// Run the background agent in the foreground (until SIGINT/SIGTERM).
+    Daemon {
+        /// Turn off relays, internet discovery and port mapping (LANs, tests).
+        #[arg(long)]
+        offline: bool,
+        /// Listen on this address and UDP port instead of `network.listen`.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Make a one-time code that pairs another device with this one.
+    Invite {
+        /// Also share this folder with the device that joins.
+        #[arg(long)]
+        folder: Option<String>,
+        /// How long the code stays valid (90s, 10m, 2h, 7d).
+        #[arg(long, default_value = "10m", value_parser = agent::parse_duration)]
+        expires: u64,
+    },
+    /// Pair with the device that printed CODE (`ferry invite` there).
+    Join {
+        /// The invite code.
+        code: String,
+        /// Where to put the folder the invite shares.
+        #[arg(long)]
+        into: Option<PathBuf>,
+        /// A name for the inviting device in this device's list.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List paired devices and their links.
+    Devices {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage a paired device.
+    #[command(subcommand)]
+    Device(agent::DeviceCommand),
+    /// Offer a folder to a paired device.
+    Share {
+        /// The folder id.
+        folder: String,
+        /// The device id.
+        device: String,
+    },
     /// Walk folders and record what changed in the index.
     Scan {
         /// Only this folder (default: all).
@@ -87,7 +135,10 @@ pub fn run(cli: Cli) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ferry: error: {}", one_line(&e));
-            EXIT_ERROR
+            match e.downcast_ref::<crate::daemon::control::ControlError>() {
+                Some(crate::daemon::control::ControlError::NotRunning(_)) => EXIT_NO_AGENT,
+                _ => EXIT_ERROR,
+            }
         }
     }
 }
@@ -125,6 +176,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(EXIT_OK)
         }
         Command::Folder(cmd) => folder::run(&Home::open(&root)?, cmd),
+        Command::Daemon { offline, listen } => agent::daemon(&Home::open(&root)?, offline, listen),
+        Command::Invite { folder, expires } => agent::invite(&Home::open(&root)?, folder, expires),
+        Command::Join { code, into, name } => agent::join(&Home::open(&root)?, &code, into, name),
+        Command::Devices { json } => agent::devices(&Home::open(&root)?, json),
+        Command::Device(cmd) => agent::device(&Home::open(&root)?, cmd),
+        Command::Share { folder, device } => agent::share(&Home::open(&root)?, &folder, &device),
         Command::Scan { folder, json } => scan::run(&Home::open(&root)?, folder.as_deref(), json),
         Command::Status { json } => status::run(&Home::open(&root)?, json),
         Command::Ls {

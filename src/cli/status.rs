@@ -14,9 +14,13 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
         let (state, error) = state(f);
         entries.push((f, stats, state, error));
     }
+    let agent = super::agent::agent_status(home);
+    let offers = index.offers()?;
     if json {
         let v = json!({
             "device": { "id": home.device_id().to_string(), "name": home.config().device.name },
+            "agent": agent,
+            "offers": offers,
             "folders": entries.iter().map(|(f, s, state, error)| json!({
                 "id": f.id.as_str(), "label": f.label, "path": f.path,
                 "type": f.folder_type.as_str(), "state": state, "error": error,
@@ -32,6 +36,19 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
         home.config().device.name,
         home.device_id()
     );
+    match &agent {
+        Some(a) => println!(
+            "Agent running (pid {}), {} links from unknown devices refused",
+            a["pid"], a["refused_links"]
+        ),
+        None => println!("Agent not running (start it with `ferry daemon`)"),
+    }
+    for o in &offers {
+        println!(
+            "Offer {}: {} offers folder {} ({}); take it with `ferry folder accept {} --into PATH`",
+            o.id, o.device_name, o.folder_id, o.label, o.id
+        );
+    }
     if folders.is_empty() {
         println!("No folders yet: add one with `ferry folder add PATH`.");
         return Ok(super::EXIT_OK);

@@ -2,7 +2,10 @@
 //! devices. Opening applies the migrations in [`schema`]; every change is made in
 //! a transaction, so a crash leaves either the old state or the new one.
 
+mod devices;
 pub mod schema;
+
+pub use devices::{Offer, Peer};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -236,7 +239,8 @@ pub struct Index {
     path: PathBuf,
 }
 
-fn now_secs() -> i64 {
+/// The current time in Unix seconds.
+pub(crate) fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -656,6 +660,34 @@ impl Index {
             })
         })
         .collect()
+    }
+}
+
+/// An index shared by the agent's tasks; each use runs on tokio's blocking pool
+/// so SQLite never stalls the async workers.
+#[derive(Clone)]
+pub struct SharedIndex(std::sync::Arc<std::sync::Mutex<Index>>);
+
+impl SharedIndex {
+    /// Wraps an open index.
+    pub fn new(index: Index) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(index)))
+    }
+
+    /// Runs `f` with the index on the blocking pool.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Index) -> R + Send + 'static,
+    ) -> R {
+        let inner = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock leaves the index itself consistent
+            // (SQLite rolled back), so keep using it.
+            let mut guard = inner.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .expect("index task panicked")
     }
 }
 

@@ -14,6 +14,7 @@
 //! - `version` columns are version vectors encoded as 16 bytes per entry
 //!   (device short id, counter; both big-endian u64), sorted by device;
 //! - `kind` is 0 file, 1 directory, 2 symlink;
+//! - `devices.addresses` is a JSON array of socket addresses (last known);
 //! - `files.sequence` is the folder's local sequence number at the file's last
 //!   change, so "everything changed since N" is an index range scan.
 
@@ -124,5 +125,24 @@ CREATE TABLE conflicts (
     resolution     TEXT
 );
 CREATE INDEX conflicts_unresolved ON conflicts(folder, resolved_at);
+"#,
+    // 3: which folders are shared with which devices, and folders offered to us.
+    r#"
+CREATE TABLE folder_devices (
+    folder INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+    device INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    PRIMARY KEY (folder, device)
+) WITHOUT ROWID;
+CREATE INDEX folder_devices_by_device ON folder_devices(device);
+
+CREATE TABLE folder_offers (
+    id         INTEGER PRIMARY KEY,
+    device     INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    folder_id  TEXT    NOT NULL,
+    label      TEXT    NOT NULL,
+    offered_at INTEGER NOT NULL,
+    declined   INTEGER NOT NULL DEFAULT 0 CHECK (declined IN (0, 1)),
+    UNIQUE (device, folder_id)
+);
 "#,
 ];

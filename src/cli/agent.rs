@@ -1,0 +1,245 @@
+//! `ferry daemon`, and the commands that talk to the running agent: `invite`,
+//! `join`, `devices`, `device remove`, `share`.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde_json::Value;
+
+use super::output;
+use crate::daemon::control::{self, Request};
+use crate::daemon::{self, DaemonOptions};
+use crate::home::Home;
+use crate::index::now_secs;
+use crate::pairing::code::{InviteCode, render_qr};
+
+/// How long a quick request to the agent may take.
+const QUICK: Duration = Duration::from_secs(10);
+/// How long a join may take (dialling plus the handshake).
+const SLOW: Duration = Duration::from_secs(60);
+
+/// `ferry device …`
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Unpair a device: its links are refused from now on.
+    Remove {
+        /// The device id.
+        id: String,
+    },
+}
+
+pub(super) fn daemon(
+    home: &Home,
+    offline: bool,
+    listen: Option<SocketAddr>,
+) -> anyhow::Result<i32> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry-agent")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(daemon::run(home.clone(), DaemonOptions { offline, listen }))?;
+    Ok(super::EXIT_OK)
+}
+
+/// Parses `90s`, `10m`, `2h`, `7d` (a bare number is seconds).
+pub(super) fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: use e.g. 90s, 10m, 2h or 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: use e.g. 90s, 10m, 2h or 7d"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("invalid duration {s:?}"))
+}
+
+fn call(home: &Path, req: &Request, timeout: Duration) -> anyhow::Result<Value> {
+    Ok(control::call(home, req, timeout)?)
+}
+
+pub(super) fn invite(home: &Home, folder: Option<String>, expires: u64) -> anyhow::Result<i32> {
+    let v = call(
+        home.root(),
+        &Request::Invite {
+            folder: folder.clone(),
+            expires_secs: expires,
+        },
+        QUICK,
+    )?;
+    let code = v["code"].as_str().unwrap_or_default();
+    let expires_at = v["expires_at"].as_i64().unwrap_or_default();
+    if std::io::stdout().is_terminal()
+        && let Some(qr) = render_qr(code)
+    {
+        println!("{qr}");
+    }
+    println!("{code}");
+    eprintln!();
+    eprintln!(
+        "On the other device run:  ferry join {code}{}",
+        if folder.is_some() { " --into PATH" } else { "" }
+    );
+    eprintln!(
+        "The code works once and expires at {} UTC.",
+        output::time(expires_at)
+    );
+    Ok(super::EXIT_OK)
+}
+
+pub(super) fn join(
+    home: &Home,
+    code: &str,
+    into: Option<PathBuf>,
+    name: Option<String>,
+) -> anyhow::Result<i32> {
+    // Catch typos before involving the agent or the network.
+    let parsed = InviteCode::decode(code)?;
+    if parsed.is_expired(now_secs() as u64) {
+        anyhow::bail!("this invite code has expired; ask for a new one");
+    }
+    let into = into
+        .map(|p| std::path::absolute(&p).with_context(|| format!("bad path {}", p.display())))
+        .transpose()?;
+    let v = call(
+        home.root(),
+        &Request::Join {
+            code: code.to_owned(),
+            into,
+            name,
+        },
+        SLOW,
+    )?;
+    println!(
+        "Paired with {} ({})",
+        v["name"].as_str().unwrap_or("?"),
+        v["device"].as_str().unwrap_or("?")
+    );
+    match (&v["folder"], v["folder_path"].as_str()) {
+        (Value::Null, _) => {}
+        (f, Some(path)) => println!(
+            "Sharing folder {} ({}) at {path}",
+            f["id"].as_str().unwrap_or("?"),
+            f["label"].as_str().unwrap_or("?")
+        ),
+        (f, None) => println!(
+            "The invite shares folder {} ({}): take it with `ferry folder accept` (see `ferry status`)",
+            f["id"].as_str().unwrap_or("?"),
+            f["label"].as_str().unwrap_or("?")
+        ),
+    }
+    Ok(super::EXIT_OK)
+}
+
+pub(super) fn devices(home: &Home, json: bool) -> anyhow::Result<i32> {
+    let v = call(home.root(), &Request::Devices, QUICK)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(super::EXIT_OK);
+    }
+    let list = v.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("No paired devices: pair one with `ferry invite` and `ferry join`.");
+        return Ok(super::EXIT_OK);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|d| {
+            let connected = d["connected"].as_bool().unwrap_or(false);
+            vec![
+                d["name"].as_str().unwrap_or("?").to_owned(),
+                if connected { "connected" } else { "offline" }.to_owned(),
+                match d["direct"].as_bool() {
+                    Some(true) => "direct",
+                    Some(false) => "relayed",
+                    None => "-",
+                }
+                .to_owned(),
+                d["address"].as_str().unwrap_or("-").to_owned(),
+                d["last_seen_at"]
+                    .as_i64()
+                    .map(output::time)
+                    .unwrap_or_else(|| "never".into()),
+                output::bytes(d["bytes_in"].as_u64().unwrap_or(0)),
+                output::bytes(d["bytes_out"].as_u64().unwrap_or(0)),
+                d["id"].as_str().unwrap_or("?").to_owned(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "NAME",
+            "STATE",
+            "PATH",
+            "ADDRESS",
+            "LAST SEEN (UTC)",
+            "IN",
+            "OUT",
+            "ID",
+        ],
+        &rows,
+    );
+    Ok(super::EXIT_OK)
+}
+
+pub(super) fn device(home: &Home, cmd: DeviceCommand) -> anyhow::Result<i32> {
+    match cmd {
+        DeviceCommand::Remove { id } => {
+            call(
+                home.root(),
+                &Request::RemoveDevice { id: id.clone() },
+                QUICK,
+            )?;
+            println!("Removed device {id}; its links are refused from now on.");
+        }
+    }
+    Ok(super::EXIT_OK)
+}
+
+pub(super) fn share(home: &Home, folder: &str, device: &str) -> anyhow::Result<i32> {
+    call(
+        home.root(),
+        &Request::Share {
+            folder: folder.to_owned(),
+            device: device.to_owned(),
+        },
+        QUICK,
+    )?;
+    println!("Offered folder {folder} to {device}; it appears in `ferry status` there.");
+    Ok(super::EXIT_OK)
+}
+
+/// The agent's status, or `None` when it is not running.
+pub(super) fn agent_status(home: &Home) -> Option<Value> {
+    control::call(home.root(), &Request::Status, Duration::from_secs(3)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10m"), Ok(600));
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("2d"), Ok(172_800));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("ten minutes").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! The local control API: how the CLI talks to the running agent.
+//!
+//! A Unix socket `agent.sock` in the device home (mode 0600, so only the
+//! home's owner can use it; never reachable from the network). One request per
+//! connection: the client writes one JSON object and a newline, the agent
+//! answers with one JSON object and a newline and closes.
+//!
+//! Requests (`cmd` selects; other fields are its arguments):
+//! - `{"cmd":"status"}` → `{pid, device_id, name, addresses, refused_links}`
+//! - `{"cmd":"invite","folder":ID|null,"expires_secs":N}` → `{code, expires_at}`
+//! - `{"cmd":"join","code":CODE,"into":PATH|null,"name":NAME|null}` →
+//!   `{device, name, folder: {id,label}|null, folder_path: PATH|null}`
+//! - `{"cmd":"devices"}` → `[{id, name, connected, address, direct,
+//!   connected_since, last_seen_at, bytes_in, bytes_out}]`
+//! - `{"cmd":"remove-device","id":ID}` → `{removed: ID}`
+//! - `{"cmd":"share","folder":ID,"device":ID}` → `{folder, device}`
+//!
+//! Answers: `{"ok":true,"result":…}` or `{"ok":false,"error":"one line"}`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The socket's file name in the home.
+pub const SOCKET_FILE: &str = "agent.sock";
+/// Largest request or answer accepted, in bytes.
+pub const MAX_MESSAGE: u64 = 1 << 20;
+
+/// A request to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// The agent's own state.
+    Status,
+    /// Make a one-time invite code.
+    Invite {
+        /// A folder to share with whoever joins.
+        folder: Option<String>,
+        /// How long the code is valid.
+        expires_secs: u64,
+    },
+    /// Pair with the device that made `code`.
+    Join {
+        /// The invite code.
+        code: String,
+        /// Where to put the folder the invite shares.
+        into: Option<PathBuf>,
+        /// A local name for the inviting device.
+        name: Option<String>,
+    },
+    /// The paired devices and their links.
+    Devices,
+    /// Unpair a device.
+    RemoveDevice {
+        /// Its id.
+        id: String,
+    },
+    /// Offer a folder to a paired device.
+    Share {
+        /// The folder id.
+        folder: String,
+        /// The device id.
+        device: String,
+    },
+}
+
+/// The agent's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// Success?
+    pub ok: bool,
+    /// The result, when ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The error, when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Why a request could not be made or was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No agent listens on this home.
+    #[error("the ferry agent is not running for home {0} (start it with `ferry daemon`)")]
+    NotRunning(PathBuf),
+    /// The agent answered with an error.
+    #[error("{0}")]
+    Refused(String),
+    /// The socket failed mid-request.
+    #[error("talking to the agent failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The agent's answer is not what this CLI expects (a different version?).
+    #[error("the agent sent an answer this ferry does not understand: {0}")]
+    BadAnswer(String),
+}
+
+/// The socket path of a home.
+pub fn socket_path(home: &Path) -> PathBuf {
+    home.join(SOCKET_FILE)
+}
+
+/// Sends one request to the agent of `home` and returns its result.
+pub fn call(home: &Path, req: &Request, timeout: Duration) -> Result<Value, ControlError> {
+    let path = socket_path(home);
+    let mut stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(ControlError::NotRunning(home.to_owned()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req).expect("requests serialize");
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(std::io::Read::take(&stream, MAX_MESSAGE)).read_line(&mut answer)?;
+    let resp: Response =
+        serde_json::from_str(&answer).map_err(|e| ControlError::BadAnswer(e.to_string()))?;
+    if resp.ok {
+        Ok(resp.result.unwrap_or(Value::Null))
+    } else {
+        Err(ControlError::Refused(
+            resp.error.unwrap_or_else(|| "unknown error".into()),
+        ))
+    }
+}

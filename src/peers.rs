@@ -1,0 +1,429 @@
+//! Keeps a link up to every paired device: dials with backoff, accepts incoming
+//! links, keeps one link per device, exchanges hellos, and reports link state.
+//!
+//! When both devices dial at once, the newest link wins; the device with the
+//! larger id waits a moment before dialling so that this is rare.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use iroh::Endpoint;
+use iroh::endpoint::{Connection, SendStream};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::device::DeviceId;
+use crate::index::{SharedIndex, now_secs};
+use crate::protocol::{FolderOffer, PROTOCOL_VERSION, SYNC_ALPN, SyncMessage, read_msg, write_msg};
+use crate::transport::{
+    self, AllowList, CLOSE_DUPLICATE, CLOSE_REMOVED, CLOSE_SHUTDOWN, selected_path,
+};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long the device with the larger id waits before dialling.
+const YIELD_DELAY: Duration = Duration::from_millis(1500);
+
+struct Link {
+    conn: Connection,
+    outgoing: bool,
+    since: i64,
+    control: Option<Arc<tokio::sync::Mutex<SendStream>>>,
+}
+
+struct PeerTask {
+    stop: CancellationToken,
+    kick: Arc<Notify>,
+}
+
+/// The state of one paired device, as `ferry devices` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceStatus {
+    /// Device id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Whether a link is up.
+    pub connected: bool,
+    /// The peer's address on the link.
+    pub address: Option<String>,
+    /// Direct (true) or through a relay (false), when connected.
+    pub direct: Option<bool>,
+    /// Since when connected (Unix seconds).
+    pub connected_since: Option<i64>,
+    /// Last time it was connected (Unix seconds).
+    pub last_seen_at: Option<i64>,
+    /// Bytes received on the current link.
+    pub bytes_in: u64,
+    /// Bytes sent on the current link.
+    pub bytes_out: u64,
+}
+
+/// The link manager.
+pub struct Peers {
+    ep: Endpoint,
+    allow: AllowList,
+    index: SharedIndex,
+    me: DeviceId,
+    my_name: String,
+    links: Mutex<HashMap<DeviceId, Link>>,
+    tasks: Mutex<HashMap<DeviceId, PeerTask>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peers {
+    /// A manager for `ep`'s links; call [`Peers::start`] to begin dialling.
+    pub fn new(
+        ep: Endpoint,
+        allow: AllowList,
+        index: SharedIndex,
+        my_name: String,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let me = DeviceId::new(ep.id());
+        Arc::new(Self {
+            ep,
+            allow,
+            index,
+            me,
+            my_name,
+            links: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(HashMap::new()),
+            tracker: TaskTracker::new(),
+            shutdown,
+        })
+    }
+
+    /// Loads the paired devices, allows them, and starts keeping links to them.
+    pub async fn start(self: &Arc<Self>) -> Result<(), crate::index::IndexError> {
+        let peers = self.index.run(|i| i.peers()).await?;
+        self.allow.set(peers.iter().map(|p| p.id));
+        for p in peers {
+            self.watch(p.id);
+        }
+        Ok(())
+    }
+
+    /// Starts keeping a link to a (newly) paired device.
+    pub fn watch(self: &Arc<Self>, peer: DeviceId) {
+        self.allow.insert(peer);
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        if let Some(t) = tasks.get(&peer) {
+            t.kick.notify_one();
+            return;
+        }
+        let task = PeerTask {
+            stop: self.shutdown.child_token(),
+            kick: Arc::new(Notify::new()),
+        };
+        let (stop, kick) = (task.stop.clone(), task.kick.clone());
+        tasks.insert(peer, task);
+        let this = self.clone();
+        self.tracker
+            .spawn(async move { this.maintain(peer, stop, kick).await });
+    }
+
+    /// Stops talking to a device that was removed, closing its link.
+    pub fn forget(&self, peer: &DeviceId) {
+        self.allow.remove(peer);
+        if let Some(t) = self.tasks.lock().expect("tasks lock").remove(peer) {
+            t.stop.cancel();
+        }
+        if let Some(l) = self.links.lock().expect("links lock").remove(peer) {
+            l.conn.close(CLOSE_REMOVED.into(), b"device removed");
+        }
+    }
+
+    /// Closes every link and waits for the link tasks to end.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        for (_, l) in self.links.lock().expect("links lock").drain() {
+            l.conn.close(CLOSE_SHUTDOWN.into(), b"agent shutting down");
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Handles an incoming sync link (the endpoint hook already checked the peer).
+    pub async fn accept(self: &Arc<Self>, conn: Connection) {
+        self.clone().run_link(conn, false).await;
+    }
+
+    /// The status of every paired device.
+    pub async fn status(&self) -> Result<Vec<DeviceStatus>, crate::index::IndexError> {
+        let peers = self.index.run(|i| i.peers()).await?;
+        let links = self.links.lock().expect("links lock");
+        Ok(peers
+            .into_iter()
+            .map(|p| {
+                let link = links.get(&p.id).filter(|l| l.conn.close_reason().is_none());
+                let path = link.and_then(|l| selected_path(&l.conn));
+                let stats = link.map(|l| l.conn.stats());
+                DeviceStatus {
+                    id: p.id.to_string(),
+                    name: p.name,
+                    connected: link.is_some(),
+                    address: path.as_ref().map(|p| p.remote.clone()),
+                    direct: path.as_ref().map(|p| p.direct),
+                    connected_since: link.map(|l| l.since),
+                    last_seen_at: if link.is_some() {
+                        Some(now_secs())
+                    } else {
+                        p.last_seen_at
+                    },
+                    bytes_in: stats.as_ref().map_or(0, |s| s.udp_rx.bytes),
+                    bytes_out: stats.as_ref().map_or(0, |s| s.udp_tx.bytes),
+                }
+            })
+            .collect())
+    }
+
+    /// Tells a connected peer which folders are now shared with it.
+    pub async fn announce_folders(&self, peer: &DeviceId) {
+        let control = self
+            .links
+            .lock()
+            .expect("links lock")
+            .get(peer)
+            .and_then(|l| l.control.clone());
+        let Some(control) = control else { return };
+        let peer_id = *peer;
+        let folders = match self
+            .index
+            .run(move |i| i.folders_shared_with(&peer_id))
+            .await
+        {
+            Ok(f) => offers(f),
+            Err(e) => {
+                tracing::warn!("cannot list shared folders: {e}");
+                return;
+            }
+        };
+        let mut send = control.lock().await;
+        if let Err(e) = write_msg(&mut *send, &SyncMessage::Folders { folders }).await {
+            tracing::debug!(device = %peer, "could not announce folders: {e}");
+        }
+    }
+
+    fn current(&self, peer: &DeviceId) -> Option<Connection> {
+        self.links
+            .lock()
+            .expect("links lock")
+            .get(peer)
+            .filter(|l| l.conn.close_reason().is_none())
+            .map(|l| l.conn.clone())
+    }
+
+    async fn maintain(self: Arc<Self>, peer: DeviceId, stop: CancellationToken, kick: Arc<Notify>) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            if let Some(conn) = self.current(&peer) {
+                tokio::select! {
+                    _ = conn.closed() => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = Duration::from_secs(1);
+            }
+            if self.me > peer {
+                tokio::select! {
+                    _ = tokio::time::sleep(YIELD_DELAY) => {}
+                    _ = stop.cancelled() => return,
+                }
+                if self.current(&peer).is_some() {
+                    continue;
+                }
+            }
+            let addrs: Vec<SocketAddr> = self
+                .index
+                .run(move |i| i.peer(&peer))
+                .await
+                .ok()
+                .flatten()
+                .map(|p| p.addresses)
+                .unwrap_or_default();
+            let dialled = tokio::select! {
+                r = transport::dial(&self.ep, peer, &addrs, SYNC_ALPN) => r,
+                _ = stop.cancelled() => return,
+            };
+            match dialled {
+                Ok(conn) => {
+                    backoff = Duration::from_secs(1);
+                    let this = self.clone();
+                    self.tracker
+                        .spawn(async move { this.run_link(conn, true).await });
+                    // Give the link a moment to register before checking on it.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    tracing::debug!(device = %peer, "dial failed: {e}; retrying in {backoff:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = kick.notified() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Registers a link (newest wins), exchanges hellos, then serves the control
+    /// stream until the link ends.
+    async fn run_link(self: Arc<Self>, conn: Connection, outgoing: bool) {
+        let peer = DeviceId::new(conn.remote_id());
+        if !self.allow.contains(&peer) {
+            conn.close(CLOSE_REMOVED.into(), b"unknown device");
+            return;
+        }
+        {
+            let mut links = self.links.lock().expect("links lock");
+            if let Some(old) = links.insert(
+                peer,
+                Link {
+                    conn: conn.clone(),
+                    outgoing,
+                    since: now_secs(),
+                    control: None,
+                },
+            ) && old.conn.stable_id() != conn.stable_id()
+            {
+                tracing::debug!(device = %peer, old_outgoing = old.outgoing, "replacing a link");
+                old.conn
+                    .close(CLOSE_DUPLICATE.into(), b"replaced by a newer link");
+            }
+        }
+        match tokio::time::timeout(HELLO_TIMEOUT, self.hello(&conn, peer, outgoing)).await {
+            Ok(Ok((send, mut recv, name, folders))) => {
+                if let Some(l) = self.links.lock().expect("links lock").get_mut(&peer)
+                    && l.conn.stable_id() == conn.stable_id()
+                {
+                    l.control = Some(Arc::new(tokio::sync::Mutex::new(send)));
+                }
+                tracing::info!(device = %peer, %name, outgoing, "link up");
+                let addr = selected_path(&conn).and_then(|p| p.ip);
+                let offered: Vec<(String, String)> =
+                    folders.into_iter().map(|f| (f.id, f.label)).collect();
+                let seen = self
+                    .index
+                    .run(move |i| {
+                        i.peer_seen(&peer, addr)?;
+                        i.record_offers(&peer, &offered)
+                    })
+                    .await;
+                if let Err(e) = seen {
+                    tracing::warn!(device = %peer, "cannot record the link: {e}");
+                }
+                loop {
+                    tokio::select! {
+                        msg = read_msg::<SyncMessage>(&mut recv) => match msg {
+                            Ok(Some(SyncMessage::Folders { folders })) => {
+                                let offered: Vec<(String, String)> =
+                                    folders.into_iter().map(|f| (f.id, f.label)).collect();
+                                let r = self.index.run(move |i| i.record_offers(&peer, &offered)).await;
+                                if let Err(e) = r {
+                                    tracing::warn!(device = %peer, "cannot record offers: {e}");
+                                }
+                            }
+                            Ok(Some(SyncMessage::Hello { .. })) => {
+                                tracing::warn!(device = %peer, "second hello on a link; closing it");
+                                break;
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(device = %peer, "link error: {e}");
+                                break;
+                            }
+                        },
+                        _ = conn.closed() => break,
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(device = %peer, "hello failed: {e}"),
+            Err(_) => tracing::debug!(device = %peer, "no hello in time"),
+        }
+        let mut links = self.links.lock().expect("links lock");
+        if links
+            .get(&peer)
+            .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
+        {
+            links.remove(&peer);
+            tracing::info!(device = %peer, "link down");
+        }
+    }
+
+    async fn hello(
+        &self,
+        conn: &Connection,
+        peer: DeviceId,
+        outgoing: bool,
+    ) -> Result<
+        (
+            SendStream,
+            iroh::endpoint::RecvStream,
+            String,
+            Vec<FolderOffer>,
+        ),
+        String,
+    > {
+        let folders = self
+            .index
+            .run(move |i| i.folders_shared_with(&peer))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mine = SyncMessage::Hello {
+            version: PROTOCOL_VERSION,
+            name: self.my_name.clone(),
+            folders: offers(folders),
+        };
+        let (mut send, mut recv) = if outgoing {
+            let (mut s, r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_msg(&mut s, &mine).await.map_err(|e| e.to_string())?;
+            (s, r)
+        } else {
+            conn.accept_bi().await.map_err(|e| e.to_string())?
+        };
+        let theirs = read_msg::<SyncMessage>(&mut recv)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(SyncMessage::Hello {
+            version,
+            name,
+            folders,
+        }) = theirs
+        else {
+            return Err("expected a hello".into());
+        };
+        if version != PROTOCOL_VERSION {
+            return Err(format!("peer speaks protocol revision {version}"));
+        }
+        if !outgoing {
+            write_msg(&mut send, &mine)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok((send, recv, name, folders))
+    }
+}
+
+fn offers(folders: Vec<(crate::folder::FolderId, String)>) -> Vec<FolderOffer> {
+    folders
+        .into_iter()
+        .map(|(id, label)| FolderOffer {
+            id: id.to_string(),
+            label,
+        })
+        .collect()
+}

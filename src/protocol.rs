@@ -1,0 +1,333 @@
+//! The wire protocol: every message that crosses a link between devices, and
+//! its bounded framing. This is the one place the wire format is written down.
+//!
+//! # Versions
+//! The protocol version is in the ALPN of each connection: [`PAIR_ALPN`] for
+//! pairing, [`SYNC_ALPN`] for everything between paired devices. A change that
+//! an older ferry cannot read gets a new ALPN; the `version` fields in
+//! [`PairMessage::Request`] and [`SyncMessage::Hello`] name the minor revision.
+//!
+//! # Framing
+//! A frame is a 4-byte big-endian payload length followed by the payload, the
+//! [postcard] encoding of one message. Payloads over [`MAX_FRAME`] are refused
+//! before anything is allocated for them; decoding never panics, and every
+//! variable-length field is checked against its own limit after decoding.
+//!
+//! # Pairing (`ferry/pair/1`)
+//! The joiner opens one bi-stream and sends [`PairMessage::Request`]; the
+//! inviter answers with [`PairMessage::Accepted`] or [`PairMessage::Refused`]
+//! and both close. The request proves knowledge of the invite secret with a MAC
+//! over both device ids (see `pairing`), so it is useless to anyone else.
+//!
+//! # Sync (`ferry/sync/1`)
+//! The dialer opens a control bi-stream and sends [`SyncMessage::Hello`]; the
+//! acceptor answers with its own. Either side may later send
+//! [`SyncMessage::Folders`] on the same stream when the folders it shares with
+//! the other change.
+
+use std::net::SocketAddr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// ALPN of the pairing handshake.
+pub const PAIR_ALPN: &[u8] = b"ferry/pair/1";
+/// ALPN of links between paired devices.
+pub const SYNC_ALPN: &[u8] = b"ferry/sync/1";
+/// Minor revision of both protocols.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame payload accepted, in bytes.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Longest device name or folder label accepted from a peer, in bytes.
+pub const MAX_NAME: usize = 256;
+/// Most addresses a peer may announce.
+pub const MAX_ADDRS: usize = 16;
+/// Most folders one message may list.
+pub const MAX_FOLDERS: usize = 4096;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The stream failed.
+    #[error("link error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer announced a frame over the limit.
+    #[error("peer sent a frame of {0} bytes, over the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    /// The stream ended inside a frame.
+    #[error("the link closed in the middle of a message")]
+    Truncated,
+    /// The payload is not a valid message.
+    #[error("peer sent a malformed message: {0}")]
+    Malformed(String),
+}
+
+/// A folder as offered to a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderOffer {
+    /// The folder id shared by every device.
+    pub id: String,
+    /// The offering device's label for it.
+    pub label: String,
+}
+
+/// Why an inviter refused a pairing request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum PairRefusal {
+    /// No pending invite has this code.
+    #[error(
+        "the inviting device does not know this code (never issued, cancelled, or its agent restarted since)"
+    )]
+    UnknownCode,
+    /// The invite expired.
+    #[error("the invite code has expired; ask for a new one")]
+    Expired,
+    /// The invite was already used.
+    #[error("the invite code has already been used; ask for a new one")]
+    AlreadyUsed,
+    /// The proof did not match the invite's secret.
+    #[error("the invite code does not match (a wrong or altered code)")]
+    BadProof,
+    /// The joiner speaks another revision.
+    #[error("the two devices run incompatible ferry versions; upgrade both")]
+    UnsupportedVersion,
+    /// The inviter failed to record the pairing.
+    #[error("the inviting device could not record the pairing; see its log")]
+    Internal,
+}
+
+/// Messages of the pairing handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PairMessage {
+    /// Joiner → inviter: "I hold the code".
+    Request {
+        /// [`PROTOCOL_VERSION`] of the joiner.
+        version: u16,
+        /// Which invite (derived from its secret; reveals nothing of it).
+        invite_id: [u8; 16],
+        /// MAC of both device ids under a key derived from the invite secret.
+        proof: [u8; 32],
+        /// The joiner's device name.
+        name: String,
+        /// The joiner's direct addresses.
+        addrs: Vec<SocketAddr>,
+    },
+    /// Inviter → joiner: paired.
+    Accepted {
+        /// The inviter's device name.
+        name: String,
+        /// The folder the invite shares, if any.
+        folder: Option<FolderOffer>,
+    },
+    /// Inviter → joiner: not paired, and why.
+    Refused {
+        /// The reason.
+        reason: PairRefusal,
+    },
+}
+
+/// Messages on the control stream of a sync link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncMessage {
+    /// First message each way.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the sender.
+        version: u16,
+        /// The sender's device name.
+        name: String,
+        /// The folders the sender shares with the receiver.
+        folders: Vec<FolderOffer>,
+    },
+    /// The folders the sender shares with the receiver, after a change.
+    Folders {
+        /// All of them, not a delta.
+        folders: Vec<FolderOffer>,
+    },
+}
+
+/// Checks the limits a decoded message must respect.
+pub trait Bounded {
+    /// `Err` with a description if a field is over its limit.
+    fn check(&self) -> Result<(), String>;
+}
+
+fn check_name(what: &str, s: &str) -> Result<(), String> {
+    if s.len() > MAX_NAME {
+        return Err(format!("{what} of {} bytes", s.len()));
+    }
+    Ok(())
+}
+
+fn check_folders(folders: &[FolderOffer]) -> Result<(), String> {
+    if folders.len() > MAX_FOLDERS {
+        return Err(format!("{} folders", folders.len()));
+    }
+    for f in folders {
+        check_name("folder id", &f.id)?;
+        check_name("folder label", &f.label)?;
+    }
+    Ok(())
+}
+
+impl Bounded for PairMessage {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            PairMessage::Request { name, addrs, .. } => {
+                check_name("device name", name)?;
+                if addrs.len() > MAX_ADDRS {
+                    return Err(format!("{} addresses", addrs.len()));
+                }
+                Ok(())
+            }
+            PairMessage::Accepted { name, folder } => {
+                check_name("device name", name)?;
+                check_folders(folder.as_slice())
+            }
+            PairMessage::Refused { .. } => Ok(()),
+        }
+    }
+}
+
+impl Bounded for SyncMessage {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            SyncMessage::Hello { name, folders, .. } => {
+                check_name("device name", name)?;
+                check_folders(folders)
+            }
+            SyncMessage::Folders { folders } => check_folders(folders),
+        }
+    }
+}
+
+/// Encodes one message as a frame (length prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let payload = postcard::to_stdvec(msg).expect("messages always serialize");
+    let mut frame = Vec::with_capacity(4 + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Decodes a frame payload (without its length prefix) and checks its limits.
+pub fn decode<T: DeserializeOwned + Bounded>(payload: &[u8]) -> Result<T, ProtocolError> {
+    if payload.len() > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(payload.len()));
+    }
+    let (msg, rest): (T, &[u8]) =
+        postcard::take_from_bytes(payload).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(ProtocolError::Malformed(format!(
+            "{} bytes after the message",
+            rest.len()
+        )));
+    }
+    msg.check().map_err(ProtocolError::Malformed)?;
+    Ok(msg)
+}
+
+/// Writes one message.
+pub async fn write_msg<T: Serialize>(
+    w: &mut (impl AsyncWrite + Unpin),
+    msg: &T,
+) -> Result<(), ProtocolError> {
+    w.write_all(&encode(msg)).await?;
+    Ok(())
+}
+
+/// Reads one message; `Ok(None)` if the stream ended cleanly before a frame.
+pub async fn read_msg<T: DeserializeOwned + Bounded>(
+    r: &mut (impl AsyncRead + Unpin),
+) -> Result<Option<T>, ProtocolError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut len[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(ProtocolError::Truncated)
+            };
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ProtocolError::Truncated
+        } else {
+            ProtocolError::Io(e)
+        }
+    })?;
+    decode(&payload).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> SyncMessage {
+        SyncMessage::Hello {
+            version: PROTOCOL_VERSION,
+            name: "laptop".into(),
+            folders: vec![FolderOffer {
+                id: "docs".into(),
+                label: "Documents".into(),
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_end_cleanly() {
+        let mut buf = encode(&hello());
+        buf.extend(encode(&SyncMessage::Folders { folders: vec![] }));
+        let mut r = &buf[..];
+        assert_eq!(
+            read_msg::<SyncMessage>(&mut r).await.unwrap(),
+            Some(hello())
+        );
+        assert_eq!(
+            read_msg::<SyncMessage>(&mut r).await.unwrap(),
+            Some(SyncMessage::Folders { folders: vec![] })
+        );
+        assert_eq!(read_msg::<SyncMessage>(&mut r).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn oversized_truncated_and_garbage_frames_are_refused() {
+        let huge = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        let err = read_msg::<SyncMessage>(&mut &huge[..]).await.unwrap_err();
+        assert!(matches!(err, ProtocolError::TooLarge(_)), "{err}");
+
+        let frame = encode(&hello());
+        let err = read_msg::<SyncMessage>(&mut &frame[..frame.len() - 1])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProtocolError::Truncated), "{err}");
+
+        let mut garbage = 3u32.to_be_bytes().to_vec();
+        garbage.extend([0xff, 0xff, 0xff]);
+        let err = read_msg::<SyncMessage>(&mut &garbage[..])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProtocolError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn over_long_fields_are_refused_after_decoding() {
+        let msg = SyncMessage::Hello {
+            version: 1,
+            name: "x".repeat(MAX_NAME + 1),
+            folders: vec![],
+        };
+        let frame = encode(&msg);
+        let err = decode::<SyncMessage>(&frame[4..]).unwrap_err();
+        assert!(matches!(err, ProtocolError::Malformed(_)), "{err}");
+    }
+}

@@ -1,0 +1,225 @@
+//! The iroh endpoint: how it is built from the device key and the network
+//! config, which ALPNs it speaks, and who may open a sync link (paired devices
+//! only; everyone else is refused right after the TLS handshake, and counted).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use iroh::endpoint::{AfterHandshakeOutcome, Connection, EndpointHooks, presets};
+use iroh::{Endpoint, EndpointAddr, RelayMode, RelayUrl, SecretKey};
+
+use crate::config::NetworkConfig;
+use crate::device::DeviceId;
+use crate::protocol::{PAIR_ALPN, SYNC_ALPN};
+
+/// QUIC close code for a refused device.
+pub const CLOSE_UNKNOWN_DEVICE: u32 = 1;
+/// QUIC close code for a duplicate link (the other one is kept).
+pub const CLOSE_DUPLICATE: u32 = 2;
+/// QUIC close code for the agent shutting down.
+pub const CLOSE_SHUTDOWN: u32 = 3;
+/// QUIC close code for a device that was just removed.
+pub const CLOSE_REMOVED: u32 = 4;
+
+/// How long a dial may take before it is given up (iroh's own limit is ~30 s).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the endpoint could not be set up or a peer reached.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// `network.listen` or `network.relays` is not usable.
+    #[error("invalid network setting: {0}")]
+    Config(String),
+    /// Binding the UDP socket failed (port in use?).
+    #[error("cannot listen on {addr}: {message}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What failed.
+        message: String,
+    },
+    /// Dialling failed.
+    #[error("cannot reach device {device}: {message}")]
+    Dial {
+        /// The device.
+        device: DeviceId,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// The devices allowed to open sync links, shared with the endpoint's hook.
+#[derive(Debug, Clone, Default)]
+pub struct AllowList {
+    inner: Arc<AllowInner>,
+}
+
+#[derive(Debug, Default)]
+struct AllowInner {
+    devices: RwLock<HashSet<DeviceId>>,
+    refused: AtomicU64,
+}
+
+impl AllowList {
+    /// Replaces the allowed set.
+    pub fn set(&self, devices: impl IntoIterator<Item = DeviceId>) {
+        *self.inner.devices.write().expect("allow-list lock") = devices.into_iter().collect();
+    }
+
+    /// Allows one more device.
+    pub fn insert(&self, d: DeviceId) {
+        self.inner
+            .devices
+            .write()
+            .expect("allow-list lock")
+            .insert(d);
+    }
+
+    /// Stops allowing a device.
+    pub fn remove(&self, d: &DeviceId) {
+        self.inner
+            .devices
+            .write()
+            .expect("allow-list lock")
+            .remove(d);
+    }
+
+    /// Whether a device may open a sync link.
+    pub fn contains(&self, d: &DeviceId) -> bool {
+        self.inner
+            .devices
+            .read()
+            .expect("allow-list lock")
+            .contains(d)
+    }
+
+    /// How many sync links from unknown devices were refused.
+    pub fn refused(&self) -> u64 {
+        self.inner.refused.load(Ordering::Relaxed)
+    }
+}
+
+impl EndpointHooks for AllowList {
+    async fn after_handshake<'a>(&'a self, conn: &'a Connection) -> AfterHandshakeOutcome {
+        // Pairing is open to anyone holding a code; the handshake checks the code.
+        if conn.alpn() != SYNC_ALPN {
+            return AfterHandshakeOutcome::accept();
+        }
+        let remote = DeviceId::new(conn.remote_id());
+        if self.contains(&remote) {
+            return AfterHandshakeOutcome::accept();
+        }
+        let n = self.inner.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(device = %remote, refused_total = n, "refused a link from an unknown device");
+        AfterHandshakeOutcome::Reject {
+            error_code: CLOSE_UNKNOWN_DEVICE.into(),
+            reason: b"unknown device: pair with `ferry invite` / `ferry join` first".to_vec(),
+        }
+    }
+}
+
+/// Builds and binds the endpoint for this device.
+pub async fn bind(
+    secret: SecretKey,
+    net: &NetworkConfig,
+    listen: SocketAddr,
+    allow: AllowList,
+) -> Result<Endpoint, TransportError> {
+    let relay_mode =
+        match net.relays.as_str() {
+            "disabled" => RelayMode::Disabled,
+            "default" => RelayMode::Default,
+            url => RelayMode::custom([RelayUrl::from_str(url)
+                .map_err(|e| TransportError::Config(format!("{url}: {e}")))?]),
+        };
+    let mut builder = if net.discovery {
+        Endpoint::builder(presets::N0)
+    } else {
+        Endpoint::builder(presets::Minimal)
+    };
+    builder = builder
+        .secret_key(secret)
+        .alpns(vec![SYNC_ALPN.to_vec(), PAIR_ALPN.to_vec()])
+        .relay_mode(relay_mode)
+        .hooks(allow)
+        .clear_ip_transports()
+        .bind_addr(listen)
+        .map_err(|e| TransportError::Config(format!("{listen}: {e}")))?;
+    if !net.port_mapping {
+        builder = builder.portmapper_config(iroh::endpoint::PortmapperConfig::Disabled);
+    }
+    if net.local_discovery {
+        builder = builder.address_lookup(iroh_mdns_address_lookup::MdnsAddressLookup::builder());
+    }
+    builder.bind().await.map_err(|e| TransportError::Bind {
+        addr: listen,
+        message: e.to_string(),
+    })
+}
+
+/// Dials `device` at `addrs` (and wherever discovery finds it) on `alpn`.
+pub async fn dial(
+    ep: &Endpoint,
+    device: DeviceId,
+    addrs: &[SocketAddr],
+    alpn: &[u8],
+) -> Result<Connection, TransportError> {
+    let mut addr = EndpointAddr::new(device.public_key());
+    for a in addrs {
+        addr = addr.with_ip_addr(*a);
+    }
+    match tokio::time::timeout(DIAL_TIMEOUT, ep.connect(addr, alpn)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(TransportError::Dial {
+            device,
+            message: e.to_string(),
+        }),
+        Err(_) => Err(TransportError::Dial {
+            device,
+            message: format!("no answer within {} s", DIAL_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+/// The path a link currently uses: the peer's address and whether it is direct
+/// (UDP to the peer) rather than through a relay.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PathInfo {
+    /// The peer's address (an IP address and port, or a relay URL).
+    pub remote: String,
+    /// Direct rather than relayed.
+    pub direct: bool,
+    /// The peer's IP address when direct.
+    #[serde(skip)]
+    pub ip: Option<SocketAddr>,
+}
+
+/// The selected path of a link, if any.
+pub fn selected_path(conn: &Connection) -> Option<PathInfo> {
+    let paths = conn.paths();
+    let p = paths.iter().find(|p| p.is_selected())?;
+    let remote = p.remote_addr();
+    let ip = match remote {
+        iroh::TransportAddr::Ip(a) => Some(*a),
+        _ => None,
+    };
+    Some(PathInfo {
+        remote: ip.map_or_else(|| format!("{remote:?}"), |a| a.to_string()),
+        direct: p.is_ip(),
+        ip,
+    })
+}
+
+/// This endpoint's direct addresses, for invite codes and pairing.
+pub fn direct_addrs(ep: &Endpoint) -> Vec<SocketAddr> {
+    ep.addr().ip_addrs().copied().collect()
+}
+
+/// The relay this endpoint is reachable through, if any.
+pub fn relay_url(ep: &Endpoint) -> Option<String> {
+    ep.addr().relay_urls().next().map(|u| u.to_string())
+}
