@@ -1,8 +1,10 @@
 //! Keeps a link up to every paired device: dials with backoff, accepts incoming
 //! links, keeps one link per device, exchanges hellos, and reports link state.
 //!
-//! When both devices dial at once, the newest link wins; the device with the
-//! larger id waits a moment before dialling so that this is rare.
+//! When both devices dial at once, both keep the link the smaller id dialled;
+//! otherwise the newest link wins (the peer restarted and the old link has not
+//! timed out yet). The device with the larger id waits a moment before
+//! dialling, so that crossing links are rare.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,11 +29,27 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long the device with the larger id waits before dialling.
 const YIELD_DELAY: Duration = Duration::from_millis(1500);
+/// Two links of opposite direction that come up within this time of each other
+/// were dialled at the same moment: both sides keep the one dialled by the
+/// smaller id. Outside it the newest link wins (the peer restarted).
+const RACE_WINDOW: Duration = Duration::from_secs(3);
+
+/// Who dials first when a device is (newly) watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstDial {
+    /// The device with the smaller id dials at once, the other waits a moment.
+    ById,
+    /// Dial at once (the joiner, right after pairing: it just reached the peer).
+    Now,
+    /// Wait a moment for the peer to dial (the inviter, right after pairing).
+    Later,
+}
 
 struct Link {
     conn: Connection,
     outgoing: bool,
     since: i64,
+    up_at: std::time::Instant,
     control: Option<Arc<tokio::sync::Mutex<SendStream>>>,
 }
 
@@ -61,6 +79,8 @@ pub struct DeviceStatus {
     pub bytes_in: u64,
     /// Bytes sent on the current link.
     pub bytes_out: u64,
+    /// Why the last attempt to link failed, while not connected.
+    pub last_error: Option<String>,
 }
 
 /// The link manager.
@@ -72,6 +92,8 @@ pub struct Peers {
     my_name: String,
     links: Mutex<HashMap<DeviceId, Link>>,
     tasks: Mutex<HashMap<DeviceId, PeerTask>>,
+    /// The last reason a link to a device failed, cleared when a link comes up.
+    errors: Mutex<HashMap<DeviceId, String>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -102,6 +124,7 @@ impl Peers {
             my_name,
             links: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
+            errors: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             shutdown,
         })
@@ -112,13 +135,13 @@ impl Peers {
         let peers = self.index.run(|i| i.peers()).await?;
         self.allow.set(peers.iter().map(|p| p.id));
         for p in peers {
-            self.watch(p.id);
+            self.watch(p.id, FirstDial::ById);
         }
         Ok(())
     }
 
     /// Starts keeping a link to a (newly) paired device.
-    pub fn watch(self: &Arc<Self>, peer: DeviceId) {
+    pub fn watch(self: &Arc<Self>, peer: DeviceId, first: FirstDial) {
         self.allow.insert(peer);
         let mut tasks = self.tasks.lock().expect("tasks lock");
         if let Some(t) = tasks.get(&peer) {
@@ -133,7 +156,7 @@ impl Peers {
         tasks.insert(peer, task);
         let this = self.clone();
         self.tracker
-            .spawn(async move { this.maintain(peer, stop, kick).await });
+            .spawn(async move { this.maintain(peer, first, stop, kick).await });
     }
 
     /// Stops talking to a device that was removed, closing its link.
@@ -166,6 +189,7 @@ impl Peers {
     pub async fn status(&self) -> Result<Vec<DeviceStatus>, crate::index::IndexError> {
         let peers = self.index.run(|i| i.peers()).await?;
         let links = self.links.lock().expect("links lock");
+        let errors = self.errors.lock().expect("errors lock");
         Ok(peers
             .into_iter()
             .map(|p| {
@@ -186,6 +210,11 @@ impl Peers {
                     },
                     bytes_in: stats.as_ref().map_or(0, |s| s.udp_rx.bytes),
                     bytes_out: stats.as_ref().map_or(0, |s| s.udp_tx.bytes),
+                    last_error: if link.is_some() {
+                        None
+                    } else {
+                        errors.get(&p.id).cloned()
+                    },
                 }
             })
             .collect())
@@ -227,8 +256,15 @@ impl Peers {
             .map(|l| l.conn.clone())
     }
 
-    async fn maintain(self: Arc<Self>, peer: DeviceId, stop: CancellationToken, kick: Arc<Notify>) {
+    async fn maintain(
+        self: Arc<Self>,
+        peer: DeviceId,
+        first: FirstDial,
+        stop: CancellationToken,
+        kick: Arc<Notify>,
+    ) {
         let mut backoff = Duration::from_secs(1);
+        let mut first = Some(first);
         loop {
             if let Some(conn) = self.current(&peer) {
                 tokio::select! {
@@ -237,7 +273,12 @@ impl Peers {
                 }
                 backoff = Duration::from_secs(1);
             }
-            if self.me > peer {
+            let wait = match first.take().unwrap_or(FirstDial::ById) {
+                FirstDial::ById => self.me > peer,
+                FirstDial::Now => false,
+                FirstDial::Later => true,
+            };
+            if wait {
                 tokio::select! {
                     _ = tokio::time::sleep(YIELD_DELAY) => {}
                     _ = stop.cancelled() => return,
@@ -269,6 +310,7 @@ impl Peers {
                 }
                 Err(e) => {
                     tracing::debug!(device = %peer, "dial failed: {e}; retrying in {backoff:?}");
+                    self.set_error(peer, e.to_string());
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = kick.notified() => {}
@@ -290,12 +332,25 @@ impl Peers {
         }
         {
             let mut links = self.links.lock().expect("links lock");
+            if let Some(old) = links.get(&peer)
+                && old.conn.close_reason().is_none()
+                && old.outgoing != outgoing
+                && old.up_at.elapsed() < RACE_WINDOW
+                && outgoing != (self.me < peer)
+            {
+                // Both dialled at once: keep the link the smaller id dialled,
+                // as the peer does.
+                tracing::debug!(device = %peer, "dropping a link dialled at the same time as another");
+                conn.close(CLOSE_DUPLICATE.into(), b"crossed with another link");
+                return;
+            }
             if let Some(old) = links.insert(
                 peer,
                 Link {
                     conn: conn.clone(),
                     outgoing,
                     since: now_secs(),
+                    up_at: std::time::Instant::now(),
                     control: None,
                 },
             ) && old.conn.stable_id() != conn.stable_id()
@@ -313,6 +368,7 @@ impl Peers {
                     l.control = Some(Arc::new(tokio::sync::Mutex::new(send)));
                 }
                 tracing::info!(device = %peer, %name, outgoing, "link up");
+                self.errors.lock().expect("errors lock").remove(&peer);
                 let addr = selected_path(&conn).and_then(|p| p.ip);
                 let offered: Vec<(String, String)> =
                     folders.into_iter().map(|f| (f.id, f.label)).collect();
@@ -351,8 +407,14 @@ impl Peers {
                     }
                 }
             }
-            Ok(Err(e)) => tracing::debug!(device = %peer, "hello failed: {e}"),
-            Err(_) => tracing::debug!(device = %peer, "no hello in time"),
+            Ok(Err(e)) => {
+                tracing::debug!(device = %peer, "hello failed: {e}");
+                self.set_error(peer, e);
+            }
+            Err(_) => {
+                tracing::debug!(device = %peer, "no hello in time");
+                self.set_error(peer, "the device did not answer in time".into());
+            }
         }
         let mut links = self.links.lock().expect("links lock");
         if links
@@ -362,6 +424,10 @@ impl Peers {
             links.remove(&peer);
             tracing::info!(device = %peer, "link down");
         }
+    }
+
+    fn set_error(&self, peer: DeviceId, e: String) {
+        self.errors.lock().expect("errors lock").insert(peer, e);
     }
 
     async fn hello(

@@ -194,6 +194,14 @@ pub(super) fn devices(home: &Home, json: bool) -> anyhow::Result<i32> {
         ],
         &rows,
     );
+    for d in &list {
+        if let Some(e) = d["last_error"].as_str() {
+            println!(
+                "{}: last attempt failed: {e}",
+                d["name"].as_str().unwrap_or("?")
+            );
+        }
+    }
     Ok(super::EXIT_OK)
 }
 

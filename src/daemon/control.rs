@@ -6,12 +6,13 @@
 //! answers with one JSON object and a newline and closes.
 //!
 //! Requests (`cmd` selects; other fields are its arguments):
-//! - `{"cmd":"status"}` → `{pid, device_id, name, addresses, refused_links}`
+//! - `{"cmd":"status"}` → `{pid, device_id, name, addresses, relay,
+//!   refused_links}` (`refused_links`: sync links refused from unpaired devices)
 //! - `{"cmd":"invite","folder":ID|null,"expires_secs":N}` → `{code, expires_at}`
 //! - `{"cmd":"join","code":CODE,"into":PATH|null,"name":NAME|null}` →
 //!   `{device, name, folder: {id,label}|null, folder_path: PATH|null}`
 //! - `{"cmd":"devices"}` → `[{id, name, connected, address, direct,
-//!   connected_since, last_seen_at, bytes_in, bytes_out}]`
+//!   connected_since, last_seen_at, bytes_in, bytes_out, last_error}]`
 //! - `{"cmd":"remove-device","id":ID}` → `{removed: ID}`
 //! - `{"cmd":"share","folder":ID,"device":ID}` → `{folder, device}`
 //!

@@ -28,7 +28,7 @@ use crate::home::Home;
 use crate::index::{SharedIndex, now_secs};
 use crate::pairing::code::InviteCode;
 use crate::pairing::handshake::{self, Invites};
-use crate::peers::Peers;
+use crate::peers::{FirstDial, Peers};
 use crate::protocol::{FolderOffer, PAIR_ALPN, SYNC_ALPN};
 use crate::transport::{self, AllowList};
 
@@ -173,7 +173,7 @@ impl ProtocolHandler for PairHandler {
         match handshake::answer(conn, &self.0.invites, me, record).await {
             Ok(req) => {
                 tracing::info!(device = %req.joiner, name = %req.name, "paired");
-                self.0.peers.watch(req.joiner);
+                self.0.peers.watch(req.joiner, FirstDial::Later);
             }
             Err(e) => tracing::warn!("a pairing attempt failed: {e}"),
         }
@@ -534,7 +534,7 @@ async fn join(
             Ok(Some(added.path))
         })
         .await;
-    agent.peers.watch(inviter);
+    agent.peers.watch(inviter, FirstDial::Now);
     let folder_path = folder_path?;
     Ok(json!({
         "device": inviter.to_string(),
