@@ -276,6 +276,71 @@ fn hash_stream(rx: Receiver<Arc<Block>>) -> (u64, FileHash) {
     (size, hasher.finalize().into())
 }
 
+/// A run of consecutive chunks of a file, as the wire protocol and the remote
+/// index carry chunk lists (see `protocol`).
+///
+/// A group ends after a chunk whose hash has its low seven bits zero (on
+/// average every 128 chunks), or after [`GROUP_MAX_CHUNKS`]. The boundaries
+/// depend only on chunk contents, so an edit changes the one or two groups
+/// around it and every other group keeps its hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkGroup {
+    /// blake3 over the entries (chunk hash, then size as u32 little-endian).
+    pub hash: [u8; 32],
+    /// How many chunks.
+    pub chunks: u32,
+    /// How many bytes.
+    pub size: u64,
+}
+
+/// Most chunks in one group (matches `protocol::MAX_GROUP_CHUNKS`).
+pub const GROUP_MAX_CHUNKS: usize = 1024;
+
+fn ends_group(h: &ChunkHash) -> bool {
+    h.0[0] & 0x7f == 0
+}
+
+/// The hash of a group made of `entries` (hash, size).
+pub fn group_hash<'a>(entries: impl IntoIterator<Item = (&'a ChunkHash, u32)>) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for (hash, size) in entries {
+        h.update(&hash.0);
+        h.update(&size.to_le_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Splits a chunk list into groups; returns each group's range in `chunks`.
+pub fn group_ranges(chunks: &[ChunkInfo]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, c) in chunks.iter().enumerate() {
+        if ends_group(&c.hash) || i + 1 - start == GROUP_MAX_CHUNKS {
+            out.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    if start < chunks.len() {
+        out.push(start..chunks.len());
+    }
+    out
+}
+
+/// A chunk list in groups.
+pub fn groups(chunks: &[ChunkInfo]) -> Vec<ChunkGroup> {
+    group_ranges(chunks)
+        .into_iter()
+        .map(|r| {
+            let part = &chunks[r];
+            ChunkGroup {
+                hash: group_hash(part.iter().map(|c| (&c.hash, c.len))),
+                chunks: part.len() as u32,
+                size: part.iter().map(|c| c.len as u64).sum(),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,5 +452,44 @@ mod tests {
             prop_assert!(new_chunks <= 12, "{} new chunks of {}", new_chunks, after.chunks.len());
             prop_assert!(new_bytes <= 8 * SMALL.max as u64, "{} new bytes", new_bytes);
         }
+    }
+
+    #[test]
+    fn an_edit_changes_at_most_two_groups() {
+        let data = pseudo_random(3_000_000, 11);
+        let mut edited = data.clone();
+        edited.splice(1_500_000..1_500_000, [7u8; 100]);
+        let before = groups(&chunk_bytes(&data, SMALL).chunks);
+        let after = groups(&chunk_bytes(&edited, SMALL).chunks);
+        assert!(before.len() > 8, "{} groups", before.len());
+        let old: std::collections::HashSet<_> = before.iter().map(|g| g.hash).collect();
+        let changed = after.iter().filter(|g| !old.contains(&g.hash)).count();
+        assert!((1..=2).contains(&changed), "{changed} groups changed");
+        assert_eq!(
+            after.iter().map(|g| g.size).sum::<u64>(),
+            edited.len() as u64
+        );
+        assert_eq!(
+            after.iter().map(|g| g.chunks as usize).sum::<usize>(),
+            chunk_bytes(&edited, SMALL).chunks.len()
+        );
+    }
+
+    #[test]
+    fn groups_never_exceed_the_maximum() {
+        // All-equal chunks of a hash that never ends a group.
+        let h = ChunkHash([1; 32]);
+        let chunks: Vec<ChunkInfo> = (0..2500)
+            .map(|i| ChunkInfo {
+                offset: i * 10,
+                len: 10,
+                hash: h,
+            })
+            .collect();
+        let g = groups(&chunks);
+        assert_eq!(
+            g.iter().map(|g| g.chunks).collect::<Vec<_>>(),
+            vec![1024, 1024, 452]
+        );
     }
 }

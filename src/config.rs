@@ -16,6 +16,33 @@ pub struct Config {
     pub scan: ScanConfig,
     /// `[network]`
     pub network: NetworkConfig,
+    /// `[sync]`
+    pub sync: SyncConfig,
+}
+
+/// `[sync]`: the background sync of folders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// How long the watcher waits for a burst of changes to settle, in ms.
+    pub debounce_ms: u64,
+    /// Full rescan interval in seconds, as a backstop for missed events.
+    pub rescan_interval_secs: u64,
+    /// Chunk requests in flight per folder.
+    pub requests_in_flight: usize,
+    /// Files pulled at the same time per folder.
+    pub parallel_files: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            debounce_ms: 200,
+            rescan_interval_secs: 3600,
+            requests_in_flight: 32,
+            parallel_files: 8,
+        }
+    }
 }
 
 /// `[network]`: how the agent reaches other devices.
@@ -194,6 +221,34 @@ impl Config {
                 "\"default\", \"disabled\" or a relay URL (https://…)",
             );
         }
+        if self.sync.debounce_ms > 60_000 {
+            return invalid(
+                "sync.debounce_ms",
+                self.sync.debounce_ms.to_string(),
+                "0 to 60000",
+            );
+        }
+        if !(10..=7 * 86_400).contains(&self.sync.rescan_interval_secs) {
+            return invalid(
+                "sync.rescan_interval_secs",
+                self.sync.rescan_interval_secs.to_string(),
+                "10 to 604800",
+            );
+        }
+        if !(1..=1024).contains(&self.sync.requests_in_flight) {
+            return invalid(
+                "sync.requests_in_flight",
+                self.sync.requests_in_flight.to_string(),
+                "1 to 1024",
+            );
+        }
+        if !(1..=64).contains(&self.sync.parallel_files) {
+            return invalid(
+                "sync.parallel_files",
+                self.sync.parallel_files.to_string(),
+                "1 to 64",
+            );
+        }
         if self.database.busy_timeout_ms > 600_000 {
             return invalid(
                 "database.busy_timeout_ms",
@@ -244,7 +299,23 @@ discovery = {discovery}
 local_discovery = {local}
 # Ask the router to forward a port (UPnP, NAT-PMP, PCP).
 port_mapping = {portmap}
+
+[sync]
+# How long the folder watcher lets a burst of changes settle before scanning,
+# in milliseconds.
+debounce_ms = {debounce}
+# A full rescan of every folder runs this often (seconds), as a backstop for
+# changes the watcher missed.
+rescan_interval_secs = {rescan}
+# Chunk requests in flight per folder while pulling.
+requests_in_flight = {inflight}
+# Files pulled at the same time per folder.
+parallel_files = {pfiles}
 "#,
+            debounce = self.sync.debounce_ms,
+            rescan = self.sync.rescan_interval_secs,
+            inflight = self.sync.requests_in_flight,
+            pfiles = self.sync.parallel_files,
             listen = toml::Value::String(self.network.listen.clone()),
             relays = toml::Value::String(self.network.relays.clone()),
             discovery = self.network.discovery,

@@ -16,5 +16,6 @@ pub mod peers;
 pub mod protocol;
 pub mod relpath;
 pub mod scan;
+pub mod sync;
 pub mod transport;
 pub mod version_vector;

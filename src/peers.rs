@@ -20,7 +20,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::device::DeviceId;
 use crate::index::{SharedIndex, now_secs};
-use crate::protocol::{FolderOffer, PROTOCOL_VERSION, SYNC_ALPN, SyncMessage, read_msg, write_msg};
+use crate::protocol::{
+    FolderOffer, IndexState, PROTOCOL_VERSION, SYNC_ALPN, SyncMessage, read_msg, write_msg,
+};
+use crate::sync::Engine;
 use crate::transport::{
     self, AllowList, CLOSE_DUPLICATE, CLOSE_REMOVED, CLOSE_SHUTDOWN, selected_path,
 };
@@ -81,6 +84,14 @@ pub struct DeviceStatus {
     pub bytes_out: u64,
     /// Why the last attempt to link failed, while not connected.
     pub last_error: Option<String>,
+    /// Chunk bytes received from it and verified (since the agent started).
+    pub chunk_bytes_in: u64,
+    /// Chunk bytes served to it (since the agent started).
+    pub chunk_bytes_out: u64,
+    /// Chunks it sent that failed their hash check.
+    pub bad_chunks: u64,
+    /// Records it sent that were refused (unsafe paths, malformed fields).
+    pub bad_records: u64,
 }
 
 /// The link manager.
@@ -96,6 +107,7 @@ pub struct Peers {
     errors: Mutex<HashMap<DeviceId, String>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    engine: Arc<Engine>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -114,6 +126,7 @@ impl Peers {
         index: SharedIndex,
         my_name: String,
         shutdown: CancellationToken,
+        engine: Arc<Engine>,
     ) -> Arc<Self> {
         let me = DeviceId::new(ep.id());
         Arc::new(Self {
@@ -127,6 +140,7 @@ impl Peers {
             errors: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             shutdown,
+            engine,
         })
     }
 
@@ -187,6 +201,7 @@ impl Peers {
 
     /// The status of every paired device.
     pub async fn status(&self) -> Result<Vec<DeviceStatus>, crate::index::IndexError> {
+        use std::sync::atomic::Ordering::Relaxed;
         let peers = self.index.run(|i| i.peers()).await?;
         let links = self.links.lock().expect("links lock");
         let errors = self.errors.lock().expect("errors lock");
@@ -196,6 +211,7 @@ impl Peers {
                 let link = links.get(&p.id).filter(|l| l.conn.close_reason().is_none());
                 let path = link.and_then(|l| selected_path(&l.conn));
                 let stats = link.map(|l| l.conn.stats());
+                let c = self.engine.counters(&p.id);
                 DeviceStatus {
                     id: p.id.to_string(),
                     name: p.name,
@@ -215,6 +231,10 @@ impl Peers {
                     } else {
                         errors.get(&p.id).cloned()
                     },
+                    chunk_bytes_in: c.chunk_bytes_in.load(Relaxed),
+                    chunk_bytes_out: c.chunk_bytes_out.load(Relaxed),
+                    bad_chunks: c.bad_chunks.load(Relaxed),
+                    bad_records: c.bad_records.load(Relaxed),
                 }
             })
             .collect())
@@ -361,7 +381,7 @@ impl Peers {
             }
         }
         match tokio::time::timeout(HELLO_TIMEOUT, self.hello(&conn, peer, outgoing)).await {
-            Ok(Ok((send, mut recv, name, folders))) => {
+            Ok(Ok((send, mut recv, name, folders, index))) => {
                 if let Some(l) = self.links.lock().expect("links lock").get_mut(&peer)
                     && l.conn.stable_id() == conn.stable_id()
                 {
@@ -370,8 +390,16 @@ impl Peers {
                 tracing::info!(device = %peer, %name, outgoing, "link up");
                 self.errors.lock().expect("errors lock").remove(&peer);
                 let addr = selected_path(&conn).and_then(|p| p.ip);
+                self.engine
+                    .set_peer_folders(peer, folders.iter().map(|f| f.id.clone()));
                 let offered: Vec<(String, String)> =
                     folders.into_iter().map(|f| (f.id, f.label)).collect();
+                let sync = tokio::spawn(crate::sync::link::run(
+                    self.engine.clone(),
+                    conn.clone(),
+                    peer,
+                    index,
+                ));
                 let seen = self
                     .index
                     .run(move |i| {
@@ -386,6 +414,7 @@ impl Peers {
                     tokio::select! {
                         msg = read_msg::<SyncMessage>(&mut recv) => match msg {
                             Ok(Some(SyncMessage::Folders { folders })) => {
+                                self.engine.set_peer_folders(peer, folders.iter().map(|f| f.id.clone()));
                                 let offered: Vec<(String, String)> =
                                     folders.into_iter().map(|f| (f.id, f.label)).collect();
                                 let r = self.index.run(move |i| i.record_offers(&peer, &offered)).await;
@@ -406,6 +435,7 @@ impl Peers {
                         _ = conn.closed() => break,
                     }
                 }
+                sync.abort();
             }
             Ok(Err(e)) => {
                 tracing::debug!(device = %peer, "hello failed: {e}");
@@ -441,6 +471,7 @@ impl Peers {
             iroh::endpoint::RecvStream,
             String,
             Vec<FolderOffer>,
+            Vec<IndexState>,
         ),
         String,
     > {
@@ -453,6 +484,7 @@ impl Peers {
             version: PROTOCOL_VERSION,
             name: self.my_name.clone(),
             folders: offers(folders),
+            index: self.engine.index_states(peer).await,
         };
         let (mut send, mut recv) = if outgoing {
             let (mut s, r) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -468,6 +500,7 @@ impl Peers {
             version,
             name,
             folders,
+            index,
         }) = theirs
         else {
             return Err("expected a hello".into());
@@ -480,7 +513,7 @@ impl Peers {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        Ok((send, recv, name, folders))
+        Ok((send, recv, name, folders, index))
     }
 }
 

@@ -24,6 +24,26 @@
 //! acceptor answers with its own. Either side may later send
 //! [`SyncMessage::Folders`] on the same stream when the folders it shares with
 //! the other change.
+//!
+//! A folder is synced over a link when both hellos list it. The hello also
+//! carries, per folder, how much of the receiver's index the sender already
+//! holds ([`IndexState`]: the receiver's index epoch and sequence number as last
+//! seen). Each side then opens one uni-stream and sends [`IndexMessage::Update`]s
+//! with the file records the other lacks (those with a higher sequence, or all
+//! of them when the epoch differs), then keeps sending new records as local
+//! changes commit. So a reconnect sends only the delta.
+//!
+//! A file record carries its chunk list in content-defined *groups*
+//! ([`WireGroup`]: a run of chunks ending at a chunk whose hash has its low
+//! seven bits zero, at most [`MAX_GROUP_CHUNKS`] chunks). An edit changes one or
+//! two groups, so a large file's update costs a few group hashes; a receiver
+//! rebuilds the groups it already holds from its own chunk lists and asks for
+//! the rest with [`Request::Groups`].
+//!
+//! Every other exchange is a request on its own bi-stream: the requester sends
+//! one [`Request`] frame, the server answers with one [`Reply`] frame; a
+//! [`Reply::Chunk`] is followed by exactly `size` raw bytes (not a frame), which
+//! the requester checks against the chunk hash it asked for.
 
 use std::net::SocketAddr;
 
@@ -45,6 +65,21 @@ pub const MAX_NAME: usize = 256;
 pub const MAX_ADDRS: usize = 16;
 /// Most folders one message may list.
 pub const MAX_FOLDERS: usize = 4096;
+/// Longest path (bytes) accepted in a file record.
+pub const MAX_PATH: usize = 4096;
+/// Most file records in one index update.
+pub const MAX_FILES_PER_UPDATE: usize = 8192;
+/// Most chunk groups one file record may carry (with at least one chunk of up to
+/// 256 KiB per group, far beyond any real file).
+pub const MAX_GROUPS: usize = 16_384;
+/// Most chunks in one group.
+pub const MAX_GROUP_CHUNKS: usize = 1024;
+/// Most groups one request may ask for.
+pub const MAX_GROUPS_PER_REQUEST: usize = 64;
+/// Largest chunk a peer may send or ask for.
+pub const MAX_CHUNK: u32 = 1 << 20;
+/// Most entries in a version vector.
+pub const MAX_VERSION_ENTRIES: usize = 1024;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +162,17 @@ pub enum PairMessage {
     },
 }
 
+/// What the sender of a hello holds of the receiver's index of one folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexState {
+    /// The folder id.
+    pub folder: String,
+    /// The receiver's index epoch as last seen (0: nothing seen).
+    pub epoch: u64,
+    /// The highest sequence number of the receiver's records held.
+    pub sequence: u64,
+}
+
 /// Messages on the control stream of a sync link.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncMessage {
@@ -138,11 +184,128 @@ pub enum SyncMessage {
         name: String,
         /// The folders the sender shares with the receiver.
         folders: Vec<FolderOffer>,
+        /// Per shared folder, how much of the receiver's index the sender holds.
+        index: Vec<IndexState>,
     },
     /// The folders the sender shares with the receiver, after a change.
     Folders {
         /// All of them, not a delta.
         folders: Vec<FolderOffer>,
+    },
+}
+
+/// One run of chunks of a file (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireGroup {
+    /// blake3 over the group's chunk entries (hash, then size as u32 LE).
+    pub hash: [u8; 32],
+    /// Number of chunks.
+    pub chunks: u32,
+    /// Total bytes.
+    pub size: u64,
+}
+
+/// One chunk as listed in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireChunk {
+    /// blake3 of its bytes.
+    pub hash: [u8; 32],
+    /// Its length.
+    pub size: u32,
+}
+
+/// A file record as the sender's index holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireFile {
+    /// Path inside the folder (`/`-separated; validated by the receiver).
+    pub path: String,
+    /// 0 file, 1 directory, 2 symlink.
+    pub kind: u8,
+    /// Size in bytes (files).
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Unix permission bits.
+    pub permissions: u32,
+    /// Whole-file blake3 (files).
+    pub hash: Option<[u8; 32]>,
+    /// Link target (symlinks).
+    pub symlink_target: Option<String>,
+    /// A tombstone.
+    pub deleted: bool,
+    /// Version vector: (device short id, counter) pairs.
+    pub version: Vec<(u64, u64)>,
+    /// Short id of the device that made this version.
+    pub modified_by: u64,
+    /// The sender's sequence number of this record.
+    pub sequence: u64,
+    /// The chunk list, in groups (files).
+    pub groups: Vec<WireGroup>,
+}
+
+/// Messages on the index uni-stream of a sync link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IndexMessage {
+    /// File records of one folder, in increasing sequence order.
+    Update {
+        /// The folder id.
+        folder: String,
+        /// The sender's index epoch for the folder (changes if its index was
+        /// rebuilt, so the receiver knows to start over).
+        epoch: u64,
+        /// The sender's folder sequence once these records are applied.
+        sequence: u64,
+        /// The records.
+        files: Vec<WireFile>,
+    },
+}
+
+/// A request on its own bi-stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// The bytes of one chunk of a file in a folder.
+    Chunk {
+        /// The folder id.
+        folder: String,
+        /// A file that holds the chunk (a hint; any file of the folder may serve).
+        path: String,
+        /// Where in that file.
+        offset: u64,
+        /// The chunk's length.
+        size: u32,
+        /// Its blake3 hash.
+        hash: [u8; 32],
+    },
+    /// The chunk entries of some groups of a file's current version.
+    Groups {
+        /// The folder id.
+        folder: String,
+        /// The file.
+        path: String,
+        /// The version's whole-file hash (so a changed file is not mistaken).
+        file_hash: [u8; 32],
+        /// Which groups, by index in the record's group list.
+        groups: Vec<u32>,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The chunk follows as `size` raw bytes.
+    Chunk {
+        /// Its length.
+        size: u32,
+    },
+    /// The asked-for groups, in the order asked.
+    Groups {
+        /// Each group's chunks.
+        groups: Vec<Vec<WireChunk>>,
+    },
+    /// The request cannot be served (file changed, folder not shared, ...).
+    Unavailable {
+        /// Why, for the log.
+        reason: String,
     },
 }
 
@@ -192,11 +355,126 @@ impl Bounded for PairMessage {
 impl Bounded for SyncMessage {
     fn check(&self) -> Result<(), String> {
         match self {
-            SyncMessage::Hello { name, folders, .. } => {
+            SyncMessage::Hello {
+                name,
+                folders,
+                index,
+                ..
+            } => {
                 check_name("device name", name)?;
-                check_folders(folders)
+                check_folders(folders)?;
+                if index.len() > MAX_FOLDERS {
+                    return Err(format!("{} index states", index.len()));
+                }
+                for s in index {
+                    check_name("folder id", &s.folder)?;
+                }
+                Ok(())
             }
             SyncMessage::Folders { folders } => check_folders(folders),
+        }
+    }
+}
+
+impl Bounded for WireFile {
+    fn check(&self) -> Result<(), String> {
+        if self.path.len() > MAX_PATH {
+            return Err(format!("a path of {} bytes", self.path.len()));
+        }
+        if self.kind > 2 {
+            return Err(format!("file kind {}", self.kind));
+        }
+        if self.version.len() > MAX_VERSION_ENTRIES {
+            return Err(format!("a version of {} entries", self.version.len()));
+        }
+        if self.groups.len() > MAX_GROUPS {
+            return Err(format!("{} chunk groups", self.groups.len()));
+        }
+        if let Some(t) = &self.symlink_target
+            && t.len() > MAX_PATH
+        {
+            return Err(format!("a link target of {} bytes", t.len()));
+        }
+        let mut total: u64 = 0;
+        for g in &self.groups {
+            if g.chunks == 0 || g.chunks as usize > MAX_GROUP_CHUNKS {
+                return Err(format!("a group of {} chunks", g.chunks));
+            }
+            total = total.saturating_add(g.size);
+        }
+        if self.kind == 0 && !self.deleted && total != self.size {
+            return Err(format!(
+                "groups of {total} bytes for a file of {} bytes",
+                self.size
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Bounded for IndexMessage {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            IndexMessage::Update { folder, files, .. } => {
+                check_name("folder id", folder)?;
+                if files.len() > MAX_FILES_PER_UPDATE {
+                    return Err(format!("{} files in one update", files.len()));
+                }
+                files.iter().try_for_each(Bounded::check)
+            }
+        }
+    }
+}
+
+impl Bounded for Request {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            Request::Chunk {
+                folder, path, size, ..
+            } => {
+                check_name("folder id", folder)?;
+                if path.len() > MAX_PATH {
+                    return Err(format!("a path of {} bytes", path.len()));
+                }
+                if *size > MAX_CHUNK {
+                    return Err(format!("a chunk of {size} bytes"));
+                }
+                Ok(())
+            }
+            Request::Groups {
+                folder,
+                path,
+                groups,
+                ..
+            } => {
+                check_name("folder id", folder)?;
+                if path.len() > MAX_PATH {
+                    return Err(format!("a path of {} bytes", path.len()));
+                }
+                if groups.len() > MAX_GROUPS_PER_REQUEST {
+                    return Err(format!("{} groups in one request", groups.len()));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Bounded for Reply {
+    fn check(&self) -> Result<(), String> {
+        match self {
+            Reply::Chunk { size } if *size > MAX_CHUNK => Err(format!("a chunk of {size} bytes")),
+            Reply::Chunk { .. } => Ok(()),
+            Reply::Groups { groups } => {
+                if groups.len() > MAX_GROUPS_PER_REQUEST {
+                    return Err(format!("{} groups in one reply", groups.len()));
+                }
+                if groups.iter().any(|g| g.len() > MAX_GROUP_CHUNKS) {
+                    return Err("a group of too many chunks".into());
+                }
+                Ok(())
+            }
+            Reply::Unavailable { reason } => check_name("reason", reason),
         }
     }
 }
@@ -280,6 +558,11 @@ mod tests {
                 id: "docs".into(),
                 label: "Documents".into(),
             }],
+            index: vec![IndexState {
+                folder: "docs".into(),
+                epoch: 7,
+                sequence: 42,
+            }],
         }
     }
 
@@ -325,6 +608,7 @@ mod tests {
             version: 1,
             name: "x".repeat(MAX_NAME + 1),
             folders: vec![],
+            index: vec![],
         };
         let frame = encode(&msg);
         let err = decode::<SyncMessage>(&frame[4..]).unwrap_err();

@@ -64,6 +64,16 @@ impl VersionVector {
         self
     }
 
+    /// The same vector with `device`'s counter set to `counter` (0 removes it).
+    pub fn with(mut self, device: ShortId, counter: u64) -> Self {
+        if counter == 0 {
+            self.0.remove(&device);
+        } else {
+            self.0.insert(device, counter);
+        }
+        self
+    }
+
     /// The entries, in device order.
     pub fn iter(&self) -> impl Iterator<Item = (ShortId, u64)> + '_ {
         self.0.iter().map(|(d, c)| (*d, *c))

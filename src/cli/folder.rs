@@ -97,7 +97,11 @@ pub(super) fn run(home: &Home, cmd: FolderCommand) -> anyhow::Result<i32> {
                 f.path.display(),
                 f.folder_type
             );
-            println!("Run `ferry scan {}` to index it.", f.id);
+            if reload_agent(home) {
+                println!("The running agent picked it up and is scanning it.");
+            } else {
+                println!("Run `ferry scan {}` to index it.", f.id);
+            }
         }
         FolderCommand::List { json } => {
             let folders = index.folders()?;
@@ -152,6 +156,7 @@ pub(super) fn run(home: &Home, cmd: FolderCommand) -> anyhow::Result<i32> {
             )
             .with_context(|| format!("cannot add {}", into.display()))?;
             index.share_folder(&fid, &device)?;
+            reload_agent(home);
             println!(
                 "Accepted folder {} ({}) from {} at {}",
                 f.id,
@@ -172,6 +177,7 @@ pub(super) fn run(home: &Home, cmd: FolderCommand) -> anyhow::Result<i32> {
                 .folder(&fid)?
                 .ok_or_else(|| FolderError::Unknown(id.clone()))?;
             index.remove_folder(&fid)?;
+            reload_agent(home);
             println!(
                 "Removed folder {}; its files at {} were not touched.",
                 f.id,
@@ -180,4 +186,15 @@ pub(super) fn run(home: &Home, cmd: FolderCommand) -> anyhow::Result<i32> {
         }
     }
     Ok(super::EXIT_OK)
+}
+
+/// Tells a running agent that folders changed; `false` if none runs.
+fn reload_agent(home: &Home) -> bool {
+    use crate::daemon::control::{self, Request};
+    control::call(
+        home.root(),
+        &Request::Reload,
+        std::time::Duration::from_secs(10),
+    )
+    .is_ok()
 }

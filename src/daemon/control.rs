@@ -7,14 +7,19 @@
 //!
 //! Requests (`cmd` selects; other fields are its arguments):
 //! - `{"cmd":"status"}` → `{pid, device_id, name, addresses, relay,
-//!   refused_links}` (`refused_links`: sync links refused from unpaired devices)
+//!   refused_links, folders}` (`refused_links`: sync links refused from unpaired
+//!   devices; `folders`: per folder id `{state, error, need_items, need_bytes,
+//!   need: [{path, size, reason}]}`)
 //! - `{"cmd":"invite","folder":ID|null,"expires_secs":N}` → `{code, expires_at}`
 //! - `{"cmd":"join","code":CODE,"into":PATH|null,"name":NAME|null}` →
 //!   `{device, name, folder: {id,label}|null, folder_path: PATH|null}`
 //! - `{"cmd":"devices"}` → `[{id, name, connected, address, direct,
-//!   connected_since, last_seen_at, bytes_in, bytes_out, last_error}]`
+//!   connected_since, last_seen_at, bytes_in, bytes_out, last_error,
+//!   chunk_bytes_in, chunk_bytes_out, bad_chunks, bad_records}]`
 //! - `{"cmd":"remove-device","id":ID}` → `{removed: ID}`
 //! - `{"cmd":"share","folder":ID,"device":ID}` → `{folder, device}`
+//! - `{"cmd":"reload"}` → `{reloaded: true}` (the CLI sends it after changing
+//!   folders, so the agent picks them up at once instead of within 5 s)
 //!
 //! Answers: `{"ok":true,"result":…}` or `{"ok":false,"error":"one line"}`.
 
@@ -55,6 +60,8 @@ pub enum Request {
     },
     /// The paired devices and their links.
     Devices,
+    /// Folders were added, accepted or removed: pick them up now.
+    Reload,
     /// Unpair a device.
     RemoveDevice {
         /// Its id.

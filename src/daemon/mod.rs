@@ -30,6 +30,7 @@ use crate::pairing::code::InviteCode;
 use crate::pairing::handshake::{self, Invites};
 use crate::peers::{FirstDial, Peers};
 use crate::protocol::{FolderOffer, PAIR_ALPN, SYNC_ALPN};
+use crate::sync::Engine;
 use crate::transport::{self, AllowList};
 
 const LOCK_FILE: &str = "agent.lock";
@@ -124,6 +125,7 @@ struct Agent {
     ep: Endpoint,
     allow: AllowList,
     peers: Arc<Peers>,
+    engine: Arc<Engine>,
     invites: Arc<Invites>,
 }
 
@@ -201,12 +203,14 @@ pub async fn run(home: Home, opts: DaemonOptions) -> Result<(), DaemonError> {
     let ep = bind_remembering_port(&home, &net, listen, allow.clone()).await?;
 
     let shutdown = CancellationToken::new();
+    let engine = Engine::new(home.clone(), index.clone(), shutdown.child_token());
     let peers = Peers::new(
         ep.clone(),
         allow.clone(),
         index.clone(),
         home.config().device.name.clone(),
         shutdown.child_token(),
+        engine.clone(),
     );
     let agent = Arc::new(Agent {
         home: home.clone(),
@@ -214,12 +218,14 @@ pub async fn run(home: Home, opts: DaemonOptions) -> Result<(), DaemonError> {
         ep: ep.clone(),
         allow,
         peers: peers.clone(),
+        engine: engine.clone(),
         invites: Arc::new(Invites::default()),
     });
     let router = Router::builder(ep.clone())
         .accept(SYNC_ALPN, SyncHandler(peers.clone()))
         .accept(PAIR_ALPN, PairHandler(agent.clone()))
         .spawn();
+    engine.start().await?;
     peers.start().await?;
 
     let sock = control::socket_path(home.root());
@@ -249,6 +255,7 @@ pub async fn run(home: Home, opts: DaemonOptions) -> Result<(), DaemonError> {
     shutdown.cancel();
     let _ = control_task.await;
     peers.shutdown().await;
+    engine.shutdown().await;
     if let Err(e) = router.shutdown().await {
         tracing::warn!("router shutdown: {e}");
     }
@@ -365,7 +372,20 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             "addresses": transport::direct_addrs(&agent.ep),
             "relay": transport::relay_url(&agent.ep),
             "refused_links": agent.allow.refused(),
+            "folders": agent.engine.statuses(),
         })),
+        Request::Reload => {
+            agent
+                .engine
+                .reload_folders()
+                .await
+                .map_err(|e| e.to_string())?;
+            let peers = agent.index.run(|i| i.peers()).await?;
+            for p in peers {
+                agent.peers.announce_folders(&p.id).await;
+            }
+            Ok(json!({ "reloaded": true }))
+        }
         Request::Invite {
             folder,
             expires_secs,
@@ -534,6 +554,9 @@ async fn join(
             Ok(Some(added.path))
         })
         .await;
+    if let Err(e) = agent.engine.reload_folders().await {
+        tracing::warn!("cannot load the new folder: {e}");
+    }
     agent.peers.watch(inviter, FirstDial::Now);
     let folder_path = folder_path?;
     Ok(json!({

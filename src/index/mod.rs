@@ -3,9 +3,13 @@
 //! a transaction, so a crash leaves either the old state or the new one.
 
 mod devices;
+mod remote;
 pub mod schema;
 
 pub use devices::{Offer, Peer};
+pub use remote::{
+    ChunkSource, LocalFile, Pulled, RemoteFile, Superseded, decode_groups, encode_groups,
+};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -96,6 +100,16 @@ impl FileKind {
             2 => Ok(FileKind::Symlink),
             _ => Err(IndexError::Corrupt(format!("file kind {v}"))),
         }
+    }
+
+    /// The kind's number in the wire protocol (the same as in the schema).
+    pub fn to_wire(self) -> u8 {
+        self.to_sql() as u8
+    }
+
+    /// The kind a wire number names, if any.
+    pub fn from_wire(v: u8) -> Option<Self> {
+        Self::from_sql(v as i64).ok()
     }
 }
 
@@ -354,8 +368,8 @@ impl Index {
             }));
         }
         tx.execute(
-            "INSERT INTO folders (folder_id, label, path, folder_type, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO folders (folder_id, label, path, folder_type, created_at, epoch)
+             VALUES (?1, ?2, ?3, ?4, ?5, (abs(random()) % 9007199254740000) + 1)",
             params![
                 id.as_str(),
                 label,

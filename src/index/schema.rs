@@ -16,7 +16,11 @@
 //! - `kind` is 0 file, 1 directory, 2 symlink;
 //! - `devices.addresses` is a JSON array of socket addresses (last known);
 //! - `files.sequence` is the folder's local sequence number at the file's last
-//!   change, so "everything changed since N" is an index range scan.
+//!   change, so "everything changed since N" is an index range scan;
+//! - `remote_files.groups` is a file's chunk list in groups (see `protocol`), 44
+//!   bytes per group: hash, chunk count (u32 BE), size (u64 BE);
+//! - `remote_index` holds, per folder and peer, the peer's index epoch and the
+//!   highest sequence of its records stored, which the hello sends back.
 
 /// `PRAGMA application_id` of a ferry index: "FRRY".
 pub const APPLICATION_ID: i32 = 0x4652_5259;
@@ -144,5 +148,39 @@ CREATE TABLE folder_offers (
     declined   INTEGER NOT NULL DEFAULT 0 CHECK (declined IN (0, 1)),
     UNIQUE (device, folder_id)
 );
+"#,
+    // 4: the sync engine. Each folder's index epoch (random; a rebuilt index gets
+    // a new one so peers start over), the records peers announced, and how far
+    // each peer's index of each folder has been received.
+    r#"
+ALTER TABLE folders ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+UPDATE folders SET epoch = (abs(random()) % 9007199254740000) + 1;
+
+CREATE TABLE remote_files (
+    folder         INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+    device         INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    path           TEXT    NOT NULL,
+    kind           INTEGER NOT NULL CHECK (kind IN (0, 1, 2)),
+    size           INTEGER NOT NULL,
+    mtime_ns       INTEGER NOT NULL,
+    permissions    INTEGER NOT NULL,
+    hash           BLOB,
+    symlink_target TEXT,
+    deleted        INTEGER NOT NULL CHECK (deleted IN (0, 1)),
+    version        BLOB    NOT NULL,
+    modified_by    INTEGER NOT NULL,
+    sequence       INTEGER NOT NULL,
+    groups         BLOB    NOT NULL,
+    PRIMARY KEY (folder, device, path)
+) WITHOUT ROWID;
+CREATE INDEX remote_files_by_hash ON remote_files(hash) WHERE hash IS NOT NULL;
+
+CREATE TABLE remote_index (
+    folder   INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+    device   INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    epoch    INTEGER NOT NULL,
+    sequence INTEGER NOT NULL,
+    PRIMARY KEY (folder, device)
+) WITHOUT ROWID;
 "#,
 ];

@@ -1,0 +1,654 @@
+//! Index queries for the sync engine: the records peers announced, how far each
+//! peer's index has been received, local records to announce, where a chunk can
+//! be read locally, and recording a pulled file (with the version it replaced
+//! kept in the history) in one transaction.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+
+use super::{FileKind, FileMeta, Index, IndexError, Result, hash_from, now_secs};
+use crate::chunking::{ChunkGroup, ChunkHash, ChunkInfo, FileHash};
+use crate::device::{DeviceId, ShortId};
+use crate::relpath::RelPath;
+use crate::version_vector::VersionVector;
+
+/// A file record as a peer announced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteFile {
+    /// Path in the folder.
+    pub path: RelPath,
+    /// File, directory or symlink.
+    pub kind: FileKind,
+    /// Size (files).
+    pub size: u64,
+    /// Modification time, ns.
+    pub mtime_ns: i64,
+    /// Unix permission bits.
+    pub permissions: u32,
+    /// Whole-file hash (files).
+    pub hash: Option<FileHash>,
+    /// Link target (symlinks).
+    pub symlink_target: Option<String>,
+    /// A tombstone.
+    pub deleted: bool,
+    /// Version vector.
+    pub version: VersionVector,
+    /// Who made this version.
+    pub modified_by: ShortId,
+    /// The peer's sequence number of the record.
+    pub sequence: u64,
+    /// The chunk list in groups (files).
+    pub groups: Vec<ChunkGroup>,
+}
+
+impl RemoteFile {
+    /// Whether `other` has the same content and metadata a peer would see
+    /// (versions aside).
+    pub fn same_content(&self, other: &RemoteFile) -> bool {
+        self.deleted == other.deleted
+            && (self.deleted
+                || (self.kind == other.kind
+                    && self.hash == other.hash
+                    && self.symlink_target == other.symlink_target))
+    }
+}
+
+/// A local record with what the sync engine needs of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalFile {
+    /// The record in the same shape as a remote one (`sequence` is local;
+    /// `groups` is empty: read chunks with [`Index::file_chunks`]).
+    pub record: RemoteFile,
+    /// The stat fields last seen on disk.
+    pub meta: FileMeta,
+}
+
+/// Where a chunk can be read on this device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkSource {
+    /// The file.
+    pub path: PathBuf,
+    /// Offset in it.
+    pub offset: u64,
+    /// Length.
+    pub size: u32,
+}
+
+/// What a pull replaced, to keep in the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Superseded {
+    /// The local file was replaced by a remote version.
+    Replaced,
+    /// The local file was deleted by a remote delete.
+    Deleted,
+}
+
+impl Superseded {
+    fn as_sql(self) -> &'static str {
+        match self {
+            Superseded::Replaced => "replaced",
+            Superseded::Deleted => "deleted",
+        }
+    }
+}
+
+/// A new record for a path, after a pull put it on disk.
+#[derive(Debug, Clone)]
+pub struct Pulled<'a> {
+    /// The record as the peer announced it.
+    pub remote: &'a RemoteFile,
+    /// The version to record (the remote one, or merged with ours).
+    pub version: VersionVector,
+    /// Stat fields of what is now on disk (for deletes, the last ones known).
+    pub meta: FileMeta,
+    /// Its chunks (files).
+    pub chunks: &'a [ChunkInfo],
+}
+
+/// Encodes groups for the `remote_files.groups` column.
+pub fn encode_groups(groups: &[ChunkGroup]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(groups.len() * 44);
+    for g in groups {
+        out.extend_from_slice(&g.hash);
+        out.extend_from_slice(&g.chunks.to_be_bytes());
+        out.extend_from_slice(&g.size.to_be_bytes());
+    }
+    out
+}
+
+/// Decodes the `remote_files.groups` column.
+pub fn decode_groups(b: &[u8]) -> Result<Vec<ChunkGroup>> {
+    if !b.len().is_multiple_of(44) {
+        return Err(IndexError::Corrupt("chunk groups length".into()));
+    }
+    Ok(b.chunks_exact(44)
+        .map(|e| ChunkGroup {
+            hash: e[..32].try_into().expect("32 bytes"),
+            chunks: u32::from_be_bytes(e[32..36].try_into().expect("4 bytes")),
+            size: u64::from_be_bytes(e[36..44].try_into().expect("8 bytes")),
+        })
+        .collect())
+}
+
+fn remote_from_row(r: &rusqlite::Row<'_>) -> Result<RemoteFile> {
+    // path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
+    // version, modified_by, sequence, groups
+    let path: String = r.get(0)?;
+    let version: Vec<u8> = r.get(8)?;
+    let groups: Vec<u8> = r.get(11)?;
+    Ok(RemoteFile {
+        path: RelPath::new(&path).map_err(|e| IndexError::Corrupt(format!("stored path: {e}")))?,
+        kind: FileKind::from_sql(r.get(1)?)?,
+        size: r.get::<_, i64>(2)? as u64,
+        mtime_ns: r.get(3)?,
+        permissions: r.get(4)?,
+        hash: hash_from(r.get::<_, Option<Vec<u8>>>(5)?.as_deref())?,
+        symlink_target: r.get(6)?,
+        deleted: r.get(7)?,
+        version: VersionVector::decode(&version)
+            .map_err(|e| IndexError::Corrupt(format!("{path}: {e}")))?,
+        modified_by: ShortId(r.get::<_, i64>(9)? as u64),
+        sequence: r.get::<_, i64>(10)? as u64,
+        groups: decode_groups(&groups)?,
+    })
+}
+
+impl Index {
+    fn device_row(&self, id: &DeviceId) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id FROM devices WHERE device_id = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// The folder's index epoch (random, never 0).
+    pub fn folder_epoch(&self, folder: i64) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT epoch FROM folders WHERE id = ?1", [folder], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
+    /// The peer's index epoch and highest sequence held for a folder
+    /// (`(0, 0)` if nothing yet).
+    pub fn remote_index_state(&self, folder: i64, device: &DeviceId) -> Result<(u64, u64)> {
+        let Some(dev) = self.device_row(device)? else {
+            return Ok((0, 0));
+        };
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT epoch, sequence FROM remote_index WHERE folder = ?1 AND device = ?2",
+                [folder, dev],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .optional()?
+            .unwrap_or((0, 0)))
+    }
+
+    /// Stores records a peer announced, in one transaction. A new epoch means
+    /// the peer rebuilt its index: what was stored of it is dropped first.
+    pub fn store_remote(
+        &mut self,
+        folder: i64,
+        device: &DeviceId,
+        epoch: u64,
+        sequence: u64,
+        files: &[RemoteFile],
+    ) -> Result<()> {
+        let dev = self
+            .device_row(device)?
+            .ok_or_else(|| IndexError::Corrupt(format!("device {device} is not paired")))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stored: Option<i64> = tx
+            .query_row(
+                "SELECT epoch FROM remote_index WHERE folder = ?1 AND device = ?2",
+                [folder, dev],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if stored.is_some_and(|e| e as u64 != epoch) {
+            tx.execute(
+                "DELETE FROM remote_files WHERE folder = ?1 AND device = ?2",
+                [folder, dev],
+            )?;
+        }
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO remote_files (folder, device, path, kind, size, mtime_ns,
+                     permissions, hash, symlink_target, deleted, version, modified_by, sequence,
+                     groups)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?;
+            for f in files {
+                upsert.execute(params![
+                    folder,
+                    dev,
+                    f.path.as_str(),
+                    f.kind.to_sql(),
+                    f.size as i64,
+                    f.mtime_ns,
+                    f.permissions,
+                    f.hash.map(|h| h.0.to_vec()),
+                    f.symlink_target,
+                    f.deleted,
+                    f.version.encode(),
+                    f.modified_by.0 as i64,
+                    f.sequence as i64,
+                    encode_groups(&f.groups),
+                ])?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO remote_index (folder, device, epoch, sequence) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(folder, device) DO UPDATE SET epoch = excluded.epoch,
+                 sequence = max(CASE WHEN remote_index.epoch = excluded.epoch
+                                     THEN remote_index.sequence ELSE 0 END,
+                                excluded.sequence)",
+            params![folder, dev, epoch as i64, sequence as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every record peers announced for a folder, with the announcing device.
+    pub fn remote_files(&self, folder: i64) -> Result<Vec<(DeviceId, RemoteFile)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT r.path, r.kind, r.size, r.mtime_ns, r.permissions, r.hash, r.symlink_target,
+                    r.deleted, r.version, r.modified_by, r.sequence, r.groups, d.device_id
+             FROM remote_files r JOIN devices d ON d.id = r.device
+             WHERE r.folder = ?1 ORDER BY r.path",
+        )?;
+        let mut rows = stmt.query([folder])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let dev: String = r.get(12)?;
+            let dev: DeviceId = dev
+                .parse()
+                .map_err(|e| IndexError::Corrupt(format!("device id {dev:?}: {e}")))?;
+            out.push((dev, remote_from_row(r)?));
+        }
+        Ok(out)
+    }
+
+    /// One peer's record of a path.
+    pub fn remote_file(
+        &self,
+        folder: i64,
+        device: &DeviceId,
+        path: &RelPath,
+    ) -> Result<Option<RemoteFile>> {
+        let Some(dev) = self.device_row(device)? else {
+            return Ok(None);
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
+                    version, modified_by, sequence, groups
+             FROM remote_files WHERE folder = ?1 AND device = ?2 AND path = ?3",
+        )?;
+        let mut rows = stmt.query(params![folder, dev, path.as_str()])?;
+        match rows.next()? {
+            Some(r) => Ok(Some(remote_from_row(r)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Local records (tombstones included) with a sequence above `after`, in
+    /// sequence order, at most `limit`.
+    pub fn local_since(&self, folder: i64, after: u64, limit: usize) -> Result<Vec<LocalFile>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
+                    version, modified_by, sequence, inode, dev
+             FROM files WHERE folder = ?1 AND sequence > ?2 ORDER BY sequence LIMIT ?3",
+        )?;
+        let mut rows = stmt.query(params![folder, after as i64, limit as i64])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(local_from_row(r)?);
+        }
+        Ok(out)
+    }
+
+    /// Every local record of a folder (tombstones included), by path.
+    pub fn local_files(&self, folder: i64) -> Result<HashMap<String, LocalFile>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
+                    version, modified_by, sequence, inode, dev
+             FROM files WHERE folder = ?1",
+        )?;
+        let mut rows = stmt.query([folder])?;
+        let mut out = HashMap::new();
+        while let Some(r) = rows.next()? {
+            let f = local_from_row(r)?;
+            out.insert(f.record.path.as_str().to_owned(), f);
+        }
+        Ok(out)
+    }
+
+    /// One local record.
+    pub fn local_file(&self, folder: i64, path: &RelPath) -> Result<Option<LocalFile>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
+                    version, modified_by, sequence, inode, dev
+             FROM files WHERE folder = ?1 AND path = ?2",
+        )?;
+        let mut rows = stmt.query(params![folder, path.as_str()])?;
+        match rows.next()? {
+            Some(r) => Ok(Some(local_from_row(r)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Where the chunk `hash` can be read: live files of any folder, at most
+    /// `limit` places.
+    pub fn chunk_sources(&self, hash: &ChunkHash, limit: usize) -> Result<Vec<ChunkSource>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT fo.path, f.path, c.offset, c.size
+             FROM chunks c JOIN files f ON f.id = c.file JOIN folders fo ON fo.id = f.folder
+             WHERE c.hash = ?1 AND f.deleted = 0 LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![&hash.0[..], limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, u32>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (root, path, offset, size) = row?;
+            let rel = RelPath::new(&path).map_err(|e| IndexError::Corrupt(e.to_string()))?;
+            out.push(ChunkSource {
+                path: rel.to_fs(std::path::Path::new(&root)),
+                offset: offset as u64,
+                size,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Where the chunk `hash` can be read inside one folder (what a peer may
+    /// be served from).
+    pub fn chunk_sources_in(
+        &self,
+        folder: i64,
+        hash: &ChunkHash,
+        limit: usize,
+    ) -> Result<Vec<(RelPath, u64, u32)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT f.path, c.offset, c.size
+             FROM chunks c JOIN files f ON f.id = c.file
+             WHERE c.hash = ?1 AND f.folder = ?2 AND f.deleted = 0 LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![&hash.0[..], folder, limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, u32>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (path, offset, size) = row?;
+            let rel = RelPath::new(&path).map_err(|e| IndexError::Corrupt(e.to_string()))?;
+            out.push((rel, offset as u64, size));
+        }
+        Ok(out)
+    }
+
+    /// The chunk list of some live local file whose content hashes to `hash`.
+    pub fn chunks_of_content(&self, hash: &FileHash) -> Result<Option<Vec<ChunkInfo>>> {
+        let id: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT id FROM files WHERE hash = ?1 AND deleted = 0 AND kind = 0 LIMIT 1",
+                [&hash.0[..]],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else { return Ok(None) };
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT offset, size, hash FROM chunks WHERE file = ?1 ORDER BY idx")?;
+        let rows = stmt.query_map([id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (offset, len, h) = row?;
+            out.push(ChunkInfo {
+                offset: offset as u64,
+                len,
+                hash: ChunkHash::from_slice(&h)
+                    .ok_or_else(|| IndexError::Corrupt("chunk hash length".into()))?,
+            });
+        }
+        Ok(Some(out))
+    }
+
+    /// Records that a remote version of a path is now on disk, in one
+    /// transaction. `place` runs inside it, after the version being replaced got
+    /// its history row (whose id it receives, to keep that version's bytes under
+    /// it); if `place` fails nothing is recorded.
+    pub fn record_pulled(
+        &mut self,
+        folder: i64,
+        path: &RelPath,
+        pulled: Pulled<'_>,
+        superseded: Option<Superseded>,
+        place: impl FnOnce(Option<i64>) -> std::io::Result<Option<FileMeta>>,
+    ) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let old: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM files WHERE folder = ?1 AND path = ?2 AND deleted = 0",
+                params![folder, path.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let history = match (superseded, old) {
+            (Some(reason), Some(old)) => {
+                tx.execute(
+                    "INSERT INTO history (folder, path, kind, size, mtime_ns, permissions, hash,
+                         symlink_target, version, modified_by, superseded_at, reason)
+                     SELECT folder, path, kind, size, mtime_ns, permissions, hash,
+                         symlink_target, version, modified_by, ?2, ?3
+                     FROM files WHERE id = ?1",
+                    params![old, now_secs(), reason.as_sql()],
+                )?;
+                let hid = tx.last_insert_rowid();
+                tx.execute(
+                    "INSERT INTO history_chunks (version, idx, offset, size, hash)
+                     SELECT ?2, idx, offset, size, hash FROM chunks WHERE file = ?1",
+                    [old, hid],
+                )?;
+                Some(hid)
+            }
+            _ => None,
+        };
+        let meta = place(history)?.unwrap_or(pulled.meta);
+        let seq: i64 = tx.query_row(
+            "UPDATE folders SET sequence = sequence + 1 WHERE id = ?1 RETURNING sequence",
+            [folder],
+            |r| r.get(0),
+        )?;
+        let r = pulled.remote;
+        let id: i64 = tx.query_row(
+            "INSERT INTO files (folder, path, kind, size, mtime_ns, permissions, inode, dev,
+                                hash, symlink_target, deleted, sequence, version, modified_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             ON CONFLICT(folder, path) DO UPDATE SET
+                kind = excluded.kind, size = excluded.size, mtime_ns = excluded.mtime_ns,
+                permissions = excluded.permissions, inode = excluded.inode,
+                dev = excluded.dev, hash = excluded.hash,
+                symlink_target = excluded.symlink_target, deleted = excluded.deleted,
+                sequence = excluded.sequence, version = excluded.version,
+                modified_by = excluded.modified_by
+             RETURNING id",
+            params![
+                folder,
+                path.as_str(),
+                r.kind.to_sql(),
+                if r.deleted { 0 } else { r.size as i64 },
+                meta.mtime_ns,
+                meta.permissions,
+                meta.inode as i64,
+                meta.dev as i64,
+                r.hash.map(|h| h.0.to_vec()),
+                r.symlink_target,
+                r.deleted,
+                seq,
+                pulled.version.encode(),
+                r.modified_by.0 as i64,
+            ],
+            |row| row.get(0),
+        )?;
+        tx.execute("DELETE FROM chunks WHERE file = ?1", [id])?;
+        {
+            let mut add = tx.prepare_cached(
+                "INSERT INTO chunks (file, idx, offset, size, hash) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (i, c) in pulled.chunks.iter().enumerate() {
+                add.execute(params![id, i as i64, c.offset as i64, c.len, &c.hash.0[..]])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Gives a local record a new version (merged with a peer's concurrent one
+    /// of the same content) and a new sequence, so peers converge on it.
+    pub fn set_local_version(
+        &mut self,
+        folder: i64,
+        path: &RelPath,
+        version: &VersionVector,
+    ) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let seq: i64 = tx.query_row(
+            "UPDATE folders SET sequence = sequence + 1 WHERE id = ?1 RETURNING sequence",
+            [folder],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "UPDATE files SET version = ?3, sequence = ?4 WHERE folder = ?1 AND path = ?2",
+            params![folder, path.as_str(), version.encode(), seq],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a conflict once (the same pair of versions is not recorded twice).
+    /// Returns whether it was new.
+    pub fn record_conflict(
+        &self,
+        folder: i64,
+        path: &RelPath,
+        conflict_path: &RelPath,
+        local: &VersionVector,
+        remote: &VersionVector,
+        remote_device: &DeviceId,
+    ) -> Result<bool> {
+        let (l, r) = (local.encode(), remote.encode());
+        let exists: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT id FROM conflicts WHERE folder = ?1 AND path = ?2
+                   AND ((local_version = ?3 AND remote_version = ?4)
+                     OR (local_version = ?4 AND remote_version = ?3))",
+                params![folder, path.as_str(), l, r],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if exists.is_some() {
+            return Ok(false);
+        }
+        self.conn.execute(
+            "INSERT INTO conflicts (folder, path, conflict_path, local_version, remote_version,
+                                    remote_device, detected_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                folder,
+                path.as_str(),
+                conflict_path.as_str(),
+                l,
+                r,
+                remote_device.to_string(),
+                now_secs()
+            ],
+        )?;
+        Ok(true)
+    }
+}
+
+fn local_from_row(r: &rusqlite::Row<'_>) -> Result<LocalFile> {
+    // path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
+    // version, modified_by, sequence, inode, dev
+    let path: String = r.get(0)?;
+    let version: Vec<u8> = r.get(8)?;
+    let record = RemoteFile {
+        path: RelPath::new(&path).map_err(|e| IndexError::Corrupt(format!("stored path: {e}")))?,
+        kind: FileKind::from_sql(r.get(1)?)?,
+        size: r.get::<_, i64>(2)? as u64,
+        mtime_ns: r.get(3)?,
+        permissions: r.get(4)?,
+        hash: hash_from(r.get::<_, Option<Vec<u8>>>(5)?.as_deref())?,
+        symlink_target: r.get(6)?,
+        deleted: r.get(7)?,
+        version: VersionVector::decode(&version)
+            .map_err(|e| IndexError::Corrupt(format!("{path}: {e}")))?,
+        modified_by: ShortId(r.get::<_, i64>(9)? as u64),
+        sequence: r.get::<_, i64>(10)? as u64,
+        groups: Vec::new(),
+    };
+    let meta = FileMeta {
+        kind: record.kind,
+        size: record.size,
+        mtime_ns: record.mtime_ns,
+        permissions: record.permissions,
+        inode: r.get::<_, i64>(11)? as u64,
+        dev: r.get::<_, i64>(12)? as u64,
+    };
+    Ok(LocalFile { record, meta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_round_trip_through_their_column() {
+        let g = vec![
+            ChunkGroup {
+                hash: [3; 32],
+                chunks: 7,
+                size: 1 << 40,
+            },
+            ChunkGroup {
+                hash: [9; 32],
+                chunks: 1,
+                size: 5,
+            },
+        ];
+        assert_eq!(decode_groups(&encode_groups(&g)).unwrap(), g);
+        assert!(decode_groups(&[0; 43]).is_err());
+    }
+}

@@ -1,0 +1,528 @@
+//! What runs on a link once hellos are exchanged: the index sender and
+//! receiver (one uni-stream each way), the chunk and group request server, and
+//! the client side of those requests.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use iroh::endpoint::{Connection, RecvStream, SendStream};
+
+use super::Engine;
+use super::wire::{from_wire, to_wire};
+use crate::chunking::{ChunkHash, FileHash, group_ranges};
+use crate::device::DeviceId;
+use crate::index::{FileKind, IndexError};
+use crate::protocol::{
+    IndexMessage, IndexState, MAX_GROUPS_PER_REQUEST, ProtocolError, Reply, Request, WireChunk,
+    read_msg, write_msg,
+};
+use crate::relpath::RelPath;
+
+/// QUIC close code for a peer that sent something unsafe or malformed.
+pub const CLOSE_PROTOCOL: u32 = 5;
+/// Records per index update (also bounded by size, see [`BATCH_BYTES`]).
+const BATCH_FILES: usize = 1000;
+/// Rough encoded size at which an index update is sent.
+const BATCH_BYTES: usize = 512 * 1024;
+/// How long a request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a request to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The link failed or closed.
+    #[error("link error: {0}")]
+    Link(String),
+    /// The peer could not serve it.
+    #[error("the peer does not have it: {0}")]
+    Unavailable(String),
+    /// The peer sent bytes that do not match the hash asked for.
+    #[error("the peer sent data that does not match its hash")]
+    Corrupt,
+    /// The peer broke the protocol.
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+}
+
+/// Runs the sync side of a link until it closes.
+pub async fn run(engine: Arc<Engine>, conn: Connection, peer: DeviceId, theirs: Vec<IndexState>) {
+    engine
+        .links
+        .lock()
+        .expect("links lock")
+        .insert(peer, conn.clone());
+    let sender = send_index(&engine, &conn, peer, theirs);
+    let receiver = receive_index(&engine, &conn, peer);
+    let server = serve(&engine, &conn, peer);
+    tokio::select! {
+        r = sender => if let Err(e) = r { tracing::debug!(device = %peer, "index sender: {e}") },
+        r = receiver => if let Err(e) = r { tracing::debug!(device = %peer, "index receiver: {e}") },
+        _ = server => {},
+        _ = engine.shutdown.cancelled() => {},
+    }
+    let mut links = engine.links.lock().expect("links lock");
+    if links
+        .get(&peer)
+        .is_some_and(|c| c.stable_id() == conn.stable_id())
+    {
+        links.remove(&peer);
+    }
+}
+
+/// Sends the records the peer lacks, then new ones as they commit.
+async fn send_index(
+    engine: &Arc<Engine>,
+    conn: &Connection,
+    peer: DeviceId,
+    theirs: Vec<IndexState>,
+) -> Result<(), String> {
+    let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+    let theirs: HashMap<String, IndexState> =
+        theirs.into_iter().map(|s| (s.folder.clone(), s)).collect();
+    // Per folder id: (epoch sent under, highest sequence sent).
+    let mut sent: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut changes = engine.local_changes.subscribe();
+    loop {
+        changes.borrow_and_update();
+        for folder in engine.synced_with(peer).await {
+            let id = folder.id.to_string();
+            let row = folder.row;
+            let epoch = engine
+                .index
+                .run(move |i| i.folder_epoch(row))
+                .await
+                .map_err(|e| e.to_string())?;
+            let from = match sent.get(&id) {
+                Some(&(e, s)) if e == epoch => s,
+                _ => theirs
+                    .get(&id)
+                    .filter(|s| s.epoch == epoch)
+                    .map_or(0, |s| s.sequence),
+            };
+            let last = send_folder(engine, &mut stream, &id, row, epoch, from).await?;
+            sent.insert(id, (epoch, last));
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return Ok(()) },
+            _ = conn.closed() => return Ok(()),
+            // New folders may become shared without a local change.
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Sends one folder's records above `from`; returns the highest sequence sent.
+async fn send_folder(
+    engine: &Arc<Engine>,
+    stream: &mut SendStream,
+    folder_id: &str,
+    row: i64,
+    epoch: u64,
+    mut from: u64,
+) -> Result<u64, String> {
+    loop {
+        let batch = engine
+            .index
+            .run(move |i| -> Result<_, IndexError> {
+                let recs = i.local_since(row, from, BATCH_FILES)?;
+                let mut out = Vec::with_capacity(recs.len());
+                let mut bytes = 0;
+                let mut last = from;
+                for r in recs {
+                    let chunks = if r.record.kind == FileKind::File && !r.record.deleted {
+                        i.file_chunks(row, &r.record.path)?
+                    } else {
+                        Vec::new()
+                    };
+                    last = r.record.sequence;
+                    let w = to_wire(&r, &chunks);
+                    bytes += 128 + w.path.len() + w.groups.len() * 48 + w.version.len() * 16;
+                    out.push(w);
+                    if bytes > BATCH_BYTES {
+                        break;
+                    }
+                }
+                Ok((out, last))
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let (files, last) = batch;
+        if files.is_empty() {
+            return Ok(from);
+        }
+        let msg = IndexMessage::Update {
+            folder: folder_id.to_owned(),
+            epoch,
+            sequence: last,
+            files,
+        };
+        write_msg(stream, &msg).await.map_err(|e| e.to_string())?;
+        from = last;
+    }
+}
+
+/// Stores the records the peer sends and wakes the folders they belong to.
+/// An unsafe or malformed record closes the link.
+async fn receive_index(
+    engine: &Arc<Engine>,
+    conn: &Connection,
+    peer: DeviceId,
+) -> Result<(), String> {
+    let mut stream = conn.accept_uni().await.map_err(|e| e.to_string())?;
+    loop {
+        let msg = match read_msg::<IndexMessage>(&mut stream).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                refuse(engine, conn, peer, &e.to_string());
+                return Err(e.to_string());
+            }
+        };
+        let IndexMessage::Update {
+            folder,
+            epoch,
+            sequence,
+            files,
+        } = msg;
+        let mut shared = engine
+            .synced_with(peer)
+            .await
+            .into_iter()
+            .find(|f| f.id.as_str() == folder);
+        if shared.is_none() {
+            // Perhaps added a moment ago (a join, an accept): look again.
+            let _ = engine.reload_folders().await;
+            shared = engine
+                .synced_with(peer)
+                .await
+                .into_iter()
+                .find(|f| f.id.as_str() == folder);
+        }
+        let Some(f) = shared else {
+            tracing::debug!(device = %peer, %folder, "index for a folder not shared with it; ignored");
+            continue;
+        };
+        let mut records = Vec::with_capacity(files.len());
+        for w in files {
+            match from_wire(w) {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    engine
+                        .counters(&peer)
+                        .bad_records
+                        .fetch_add(1, Ordering::Relaxed);
+                    refuse(engine, conn, peer, &e.to_string());
+                    return Err(e.to_string());
+                }
+            }
+        }
+        let row = f.row;
+        let n = records.len();
+        engine
+            .index
+            .run(move |i| i.store_remote(row, &peer, epoch, sequence, &records))
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::debug!(device = %peer, %folder, records = n, sequence, "index update stored");
+        if let Some(h) = engine.folder(&folder) {
+            h.remote_changed.notify_one();
+        }
+    }
+}
+
+fn refuse(_engine: &Arc<Engine>, conn: &Connection, peer: DeviceId, why: &str) {
+    tracing::warn!(device = %peer, "refusing the device's link: it sent {why}");
+    conn.close(
+        CLOSE_PROTOCOL.into(),
+        format!("protocol violation: {why}").as_bytes(),
+    );
+}
+
+/// Serves chunk and group requests until the link closes.
+async fn serve(engine: &Arc<Engine>, conn: &Connection, peer: DeviceId) {
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => break,
+        };
+        let engine = engine.clone();
+        let conn = conn.clone();
+        tasks.spawn(async move {
+            match tokio::time::timeout(REQUEST_TIMEOUT, serve_one(&engine, peer, send, recv)).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(ServeError::Protocol(e))) => refuse(&engine, &conn, peer, &e),
+                Ok(Err(ServeError::Link(e))) => {
+                    tracing::debug!(device = %peer, "request: {e}");
+                }
+                Err(_) => tracing::debug!(device = %peer, "request timed out"),
+            }
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+enum ServeError {
+    Protocol(String),
+    Link(String),
+}
+
+async fn serve_one(
+    engine: &Arc<Engine>,
+    peer: DeviceId,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Result<(), ServeError> {
+    let req = match read_msg::<Request>(&mut recv).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(()),
+        Err(ProtocolError::Io(e)) => return Err(ServeError::Link(e.to_string())),
+        Err(e) => return Err(ServeError::Protocol(e.to_string())),
+    };
+    let folder_id = match &req {
+        Request::Chunk { folder, .. } | Request::Groups { folder, .. } => folder.clone(),
+    };
+    let folder = engine
+        .synced_with(peer)
+        .await
+        .into_iter()
+        .find(|f| f.id.as_str() == folder_id);
+    let Some(folder) = folder else {
+        return reply(
+            &mut send,
+            &Reply::Unavailable {
+                reason: format!("folder {folder_id} is not shared with you"),
+            },
+            None,
+        )
+        .await;
+    };
+    match req {
+        Request::Chunk {
+            path,
+            offset,
+            size,
+            hash,
+            ..
+        } => {
+            let hash = ChunkHash(hash);
+            let row = folder.row;
+            let root = folder.path.clone();
+            let data = engine
+                .index
+                .run(move |i| i.chunk_sources_in(row, &hash, 8))
+                .await
+                .ok()
+                .and_then(|mut sources| {
+                    // Try the place the peer named first.
+                    sources.sort_by_key(|(p, o, _)| !(p.as_str() == path && *o == offset));
+                    sources.into_iter().find_map(|(p, o, s)| {
+                        (s == size)
+                            .then(|| read_verified(&p.to_fs(&root), o, s, &hash))
+                            .flatten()
+                    })
+                });
+            match data {
+                Some(bytes) => {
+                    engine
+                        .counters(&peer)
+                        .chunk_bytes_out
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    reply(&mut send, &Reply::Chunk { size }, Some(&bytes)).await
+                }
+                None => {
+                    reply(
+                        &mut send,
+                        &Reply::Unavailable {
+                            reason: "chunk not available (file changed?)".into(),
+                        },
+                        None,
+                    )
+                    .await
+                }
+            }
+        }
+        Request::Groups {
+            path,
+            file_hash,
+            groups,
+            ..
+        } => {
+            let Ok(path) = RelPath::new(&path) else {
+                return Err(ServeError::Protocol(format!(
+                    "an unsafe path {path:?} in a request"
+                )));
+            };
+            let row = folder.row;
+            let got = engine
+                .index
+                .run(
+                    move |i| -> Result<Option<Vec<Vec<WireChunk>>>, IndexError> {
+                        let Some(f) = i.local_file(row, &path)? else {
+                            return Ok(None);
+                        };
+                        if f.record.deleted || f.record.hash != Some(FileHash(file_hash)) {
+                            return Ok(None);
+                        }
+                        let chunks = i.file_chunks(row, &path)?;
+                        let ranges = group_ranges(&chunks);
+                        let mut out = Vec::with_capacity(groups.len());
+                        for g in groups {
+                            let Some(r) = ranges.get(g as usize) else {
+                                return Ok(None);
+                            };
+                            out.push(
+                                chunks[r.clone()]
+                                    .iter()
+                                    .map(|c| WireChunk {
+                                        hash: c.hash.0,
+                                        size: c.len,
+                                    })
+                                    .collect(),
+                            );
+                        }
+                        Ok(Some(out))
+                    },
+                )
+                .await
+                .ok()
+                .flatten();
+            match got {
+                Some(groups) => reply(&mut send, &Reply::Groups { groups }, None).await,
+                None => {
+                    reply(
+                        &mut send,
+                        &Reply::Unavailable {
+                            reason: "that version of the file is gone".into(),
+                        },
+                        None,
+                    )
+                    .await
+                }
+            }
+        }
+    }
+}
+
+async fn reply(send: &mut SendStream, msg: &Reply, data: Option<&[u8]>) -> Result<(), ServeError> {
+    let link = |e: &dyn std::fmt::Display| ServeError::Link(e.to_string());
+    write_msg(send, msg).await.map_err(|e| link(&e))?;
+    if let Some(d) = data {
+        tokio::io::AsyncWriteExt::write_all(send, d)
+            .await
+            .map_err(|e| link(&e))?;
+    }
+    send.finish().map_err(|e| link(&e))?;
+    Ok(())
+}
+
+/// Reads `size` bytes at `offset` of `path` (never following a symlink at the
+/// last component) and returns them if they hash to `hash`.
+pub fn read_verified(
+    path: &std::path::Path,
+    offset: u64,
+    size: u32,
+    hash: &ChunkHash,
+) -> Option<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f: File = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let mut buf = vec![0u8; size as usize];
+    f.read_exact_at(&mut buf, offset).ok()?;
+    (blake3::hash(&buf).as_bytes() == &hash.0).then_some(buf)
+}
+
+async fn request(conn: &Connection, req: &Request) -> Result<(Reply, RecvStream), FetchError> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| FetchError::Link(e.to_string()))?;
+    write_msg(&mut send, req).await?;
+    send.finish().map_err(|e| FetchError::Link(e.to_string()))?;
+    match read_msg::<Reply>(&mut recv).await? {
+        Some(r) => Ok((r, recv)),
+        None => Err(FetchError::Link("the peer closed the request".into())),
+    }
+}
+
+/// Fetches one chunk and checks it against its hash.
+pub async fn fetch_chunk(
+    conn: &Connection,
+    folder: &str,
+    path: &RelPath,
+    offset: u64,
+    size: u32,
+    hash: &ChunkHash,
+) -> Result<Vec<u8>, FetchError> {
+    let req = Request::Chunk {
+        folder: folder.to_owned(),
+        path: path.as_str().to_owned(),
+        offset,
+        size,
+        hash: hash.0,
+    };
+    let (reply, mut recv) = tokio::time::timeout(REQUEST_TIMEOUT, request(conn, &req))
+        .await
+        .map_err(|_| FetchError::Link("request timed out".into()))??;
+    match reply {
+        Reply::Chunk { size: n } if n == size => {
+            let mut buf = vec![0u8; size as usize];
+            tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                tokio::io::AsyncReadExt::read_exact(&mut recv, &mut buf),
+            )
+            .await
+            .map_err(|_| FetchError::Link("chunk timed out".into()))?
+            .map_err(|e| FetchError::Link(e.to_string()))?;
+            if blake3::hash(&buf).as_bytes() != &hash.0 {
+                return Err(FetchError::Corrupt);
+            }
+            Ok(buf)
+        }
+        Reply::Unavailable { reason } => Err(FetchError::Unavailable(reason)),
+        other => Err(FetchError::Protocol(ProtocolError::Malformed(format!(
+            "unexpected reply {other:?}"
+        )))),
+    }
+}
+
+/// Fetches the chunk entries of some groups of a file version.
+pub async fn fetch_groups(
+    conn: &Connection,
+    folder: &str,
+    path: &RelPath,
+    file_hash: &FileHash,
+    groups: &[u32],
+) -> Result<Vec<Vec<WireChunk>>, FetchError> {
+    let mut out = Vec::with_capacity(groups.len());
+    for part in groups.chunks(MAX_GROUPS_PER_REQUEST) {
+        let req = Request::Groups {
+            folder: folder.to_owned(),
+            path: path.as_str().to_owned(),
+            file_hash: file_hash.0,
+            groups: part.to_vec(),
+        };
+        let (reply, _) = tokio::time::timeout(REQUEST_TIMEOUT, request(conn, &req))
+            .await
+            .map_err(|_| FetchError::Link("request timed out".into()))??;
+        match reply {
+            Reply::Groups { groups } if groups.len() == part.len() => out.extend(groups),
+            Reply::Unavailable { reason } => return Err(FetchError::Unavailable(reason)),
+            other => {
+                return Err(FetchError::Protocol(ProtocolError::Malformed(format!(
+                    "unexpected reply {other:?}"
+                ))));
+            }
+        }
+    }
+    Ok(out)
+}

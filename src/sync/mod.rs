@@ -1,0 +1,444 @@
+//! The sync engine: keeps every shared folder identical with its peers in the
+//! background.
+//!
+//! Per folder, one task scans on watcher events (debounced) and on a long
+//! interval, and pulls what peers announced that this device lacks; scans and
+//! pulls of one folder never overlap. Per link, [`link`] exchanges indexes
+//! (only records the peer has not seen) and serves chunk requests. [`pull`]
+//! decides with version vectors and puts remote versions in place atomically
+//! and verified; [`conflict`] names the copies of concurrent changes.
+
+pub mod conflict;
+pub mod link;
+pub mod pull;
+pub mod watch;
+pub mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use iroh::endpoint::Connection;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ScanConfig, SyncConfig};
+use crate::device::DeviceId;
+use crate::folder::FolderType;
+use crate::home::Home;
+use crate::index::{Folder, SharedIndex};
+use crate::protocol::IndexState;
+use crate::scan::ScanOptions;
+
+/// What a folder is doing, as `ferry status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FolderActivity {
+    /// Nothing to do.
+    Idle,
+    /// Looking for local changes.
+    Scanning,
+    /// Pulling from peers.
+    Syncing,
+    /// The root or marker is missing, or the last scan failed.
+    Error,
+}
+
+/// A folder's live state.
+#[derive(Debug, Clone, Serialize)]
+pub struct FolderStatus {
+    /// Activity.
+    pub state: FolderActivity,
+    /// The last error, if any.
+    pub error: Option<String>,
+    /// Items still needed from peers at the last pass.
+    pub need_items: u64,
+    /// Bytes still needed at the last pass.
+    pub need_bytes: u64,
+    /// Why each needed item is not in sync yet (at most a few hundred).
+    pub need: Vec<NeedItem>,
+}
+
+/// One item not in sync, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct NeedItem {
+    /// Path.
+    pub path: String,
+    /// Bytes.
+    pub size: u64,
+    /// Why it is not in sync yet.
+    pub reason: String,
+}
+
+/// Counters per peer.
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    /// Chunk bytes received and verified.
+    pub chunk_bytes_in: AtomicU64,
+    /// Chunk bytes served.
+    pub chunk_bytes_out: AtomicU64,
+    /// Chunks that failed their hash check.
+    pub bad_chunks: AtomicU64,
+    /// Records refused (unsafe paths, malformed fields).
+    pub bad_records: AtomicU64,
+}
+
+/// One folder's handles.
+pub struct FolderHandle {
+    /// The folder as last loaded.
+    pub folder: Mutex<Folder>,
+    /// Wakes the folder task: peers announced something.
+    pub remote_changed: Notify,
+    /// Wakes the folder task: scan now.
+    pub scan_now: Notify,
+    /// Serialises scans and pulls of this folder.
+    pub disk: tokio::sync::Mutex<()>,
+    /// Live state.
+    pub status: Mutex<FolderStatus>,
+    stop: CancellationToken,
+}
+
+impl FolderHandle {
+    /// A copy of the folder record.
+    pub fn folder(&self) -> Folder {
+        self.folder.lock().expect("folder lock").clone()
+    }
+
+    fn set_state(&self, state: FolderActivity) {
+        self.status.lock().expect("status lock").state = state;
+    }
+}
+
+/// The engine.
+pub struct Engine {
+    home: Home,
+    index: SharedIndex,
+    me: DeviceId,
+    sync: SyncConfig,
+    scan: ScanOptions,
+    folders: Mutex<HashMap<String, Arc<FolderHandle>>>,
+    links: Mutex<HashMap<DeviceId, Connection>>,
+    /// The folder ids each connected peer shares with this device.
+    peer_folders: Mutex<HashMap<DeviceId, HashSet<String>>>,
+    counters: Mutex<HashMap<DeviceId, Arc<PeerCounters>>>,
+    /// Bumped after every local index commit (scan or pull).
+    local_changes: tokio::sync::watch::Sender<u64>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine for the home's folders; call [`Engine::start`].
+    pub fn new(home: Home, index: SharedIndex, shutdown: CancellationToken) -> Arc<Self> {
+        let scan_cfg: &ScanConfig = &home.config().scan;
+        Arc::new(Self {
+            me: home.device_id(),
+            sync: home.config().sync.clone(),
+            scan: ScanOptions::from(scan_cfg),
+            home,
+            index,
+            folders: Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
+            peer_folders: Mutex::new(HashMap::new()),
+            counters: Mutex::new(HashMap::new()),
+            local_changes: tokio::sync::watch::channel(0).0,
+            tracker: TaskTracker::new(),
+            shutdown,
+        })
+    }
+
+    /// Starts a task per folder, and a poll that picks up folders added or
+    /// removed by the CLI while the agent runs.
+    pub async fn start(self: &Arc<Self>) -> Result<(), crate::index::IndexError> {
+        self.reload_folders().await?;
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = this.shutdown.cancelled() => return,
+                }
+                if let Err(e) = this.reload_folders().await {
+                    tracing::warn!("cannot reload folders: {e}");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Brings the folder tasks in line with the index.
+    pub async fn reload_folders(self: &Arc<Self>) -> Result<(), crate::index::IndexError> {
+        let list = self.index.run(|i| i.folders()).await?;
+        let mut started = Vec::new();
+        {
+            let mut folders = self.folders.lock().expect("folders lock");
+            let ids: HashSet<String> = list.iter().map(|f| f.id.to_string()).collect();
+            folders.retain(|id, h| {
+                let keep = ids.contains(id);
+                if !keep {
+                    h.stop.cancel();
+                }
+                keep
+            });
+            for f in list {
+                match folders.get(f.id.as_str()) {
+                    Some(h) => *h.folder.lock().expect("folder lock") = f,
+                    None => {
+                        let h = Arc::new(FolderHandle {
+                            folder: Mutex::new(f.clone()),
+                            remote_changed: Notify::new(),
+                            scan_now: Notify::new(),
+                            disk: tokio::sync::Mutex::new(()),
+                            status: Mutex::new(FolderStatus {
+                                state: FolderActivity::Idle,
+                                error: None,
+                                need_items: 0,
+                                need_bytes: 0,
+                                need: Vec::new(),
+                            }),
+                            stop: self.shutdown.child_token(),
+                        });
+                        folders.insert(f.id.to_string(), h.clone());
+                        started.push(h);
+                    }
+                }
+            }
+        }
+        for h in started {
+            let this = self.clone();
+            self.tracker.spawn(async move { this.run_folder(h).await });
+        }
+        Ok(())
+    }
+
+    /// The handle of a folder by id.
+    pub fn folder(&self, id: &str) -> Option<Arc<FolderHandle>> {
+        self.folders.lock().expect("folders lock").get(id).cloned()
+    }
+
+    /// Every folder's live state, by folder id.
+    pub fn statuses(&self) -> HashMap<String, FolderStatus> {
+        self.folders
+            .lock()
+            .expect("folders lock")
+            .iter()
+            .map(|(id, h)| (id.clone(), h.status.lock().expect("status lock").clone()))
+            .collect()
+    }
+
+    /// The counters of a peer.
+    pub fn counters(&self, peer: &DeviceId) -> Arc<PeerCounters> {
+        self.counters
+            .lock()
+            .expect("counters lock")
+            .entry(*peer)
+            .or_default()
+            .clone()
+    }
+
+    /// What this device holds of `peer`'s index, per folder shared with it, for
+    /// the hello.
+    pub async fn index_states(&self, peer: DeviceId) -> Vec<IndexState> {
+        let r = self
+            .index
+            .run(
+                move |i| -> Result<Vec<IndexState>, crate::index::IndexError> {
+                    let mut out = Vec::new();
+                    for (fid, _) in i.folders_shared_with(&peer)? {
+                        let Some(f) = i.folder(&fid)? else { continue };
+                        let (epoch, sequence) = i.remote_index_state(f.row, &peer)?;
+                        out.push(IndexState {
+                            folder: fid.to_string(),
+                            epoch,
+                            sequence,
+                        });
+                    }
+                    Ok(out)
+                },
+            )
+            .await;
+        r.unwrap_or_else(|e| {
+            tracing::warn!("cannot read index states: {e}");
+            Vec::new()
+        })
+    }
+
+    /// Notes the folders a peer shares with this device (from its hello or a
+    /// later update), and wakes link senders so new folders start flowing.
+    pub fn set_peer_folders(&self, peer: DeviceId, folders: impl IntoIterator<Item = String>) {
+        self.peer_folders
+            .lock()
+            .expect("peer folders lock")
+            .insert(peer, folders.into_iter().collect());
+        self.local_changes.send_modify(|n| *n += 1);
+    }
+
+    /// A connected peer's link, if any.
+    pub fn link(&self, peer: &DeviceId) -> Option<Connection> {
+        self.links
+            .lock()
+            .expect("links lock")
+            .get(peer)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    /// Tells link senders that local records changed.
+    pub fn local_changed(&self) {
+        self.local_changes.send_modify(|n| *n += 1);
+    }
+
+    /// The folders synced with `peer` right now: shared with it here, and
+    /// shared with this device there.
+    pub async fn synced_with(&self, peer: DeviceId) -> Vec<Folder> {
+        let theirs = self
+            .peer_folders
+            .lock()
+            .expect("peer folders lock")
+            .get(&peer)
+            .cloned()
+            .unwrap_or_default();
+        if theirs.is_empty() {
+            return Vec::new();
+        }
+        let ours = self
+            .index
+            .run(move |i| i.folders_shared_with(&peer))
+            .await
+            .unwrap_or_default();
+        ours.into_iter()
+            .filter(|(id, _)| theirs.contains(id.as_str()))
+            .filter_map(|(id, _)| self.folder(id.as_str()).map(|h| h.folder()))
+            .collect()
+    }
+
+    /// Stops every task and waits for them.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// The folder task: scan at start, then on watcher events, rescans and
+    /// remote changes, pulling after each.
+    async fn run_folder(self: Arc<Self>, h: Arc<FolderHandle>) {
+        let root: PathBuf = h.folder().path;
+        let (_watcher, mut events) = match watch::watch(&root, self.sync.debounce_ms) {
+            Ok((w, rx)) => (Some(w), Some(rx)),
+            Err(e) => {
+                tracing::warn!(folder = %h.folder().id, "{e}; falling back to periodic scans");
+                h.status.lock().expect("status lock").error = Some(e.to_string());
+                (None, None)
+            }
+        };
+        // Without a watcher, scan every 10 s instead of hourly.
+        let rescan = if events.is_some() {
+            Duration::from_secs(self.sync.rescan_interval_secs)
+        } else {
+            Duration::from_secs(10)
+        };
+        let mut scan_due = true;
+        let mut pull_due = true;
+        let mut retry = Duration::from_secs(1);
+        loop {
+            if scan_due {
+                scan_due = false;
+                self.scan_folder(&h).await;
+                pull_due = true;
+            }
+            if pull_due {
+                pull_due = false;
+                match pull::pull_folder(&self, &h).await {
+                    Ok(pull::Outcome::Done) => retry = Duration::from_secs(1),
+                    Ok(pull::Outcome::Rescan) => {
+                        scan_due = true;
+                        continue;
+                    }
+                    Ok(pull::Outcome::Retry) => {
+                        let this_retry = retry;
+                        retry = (retry * 2).min(Duration::from_secs(60));
+                        tokio::select! {
+                            _ = tokio::time::sleep(this_retry) => { pull_due = true; continue; }
+                            _ = h.remote_changed.notified() => { pull_due = true; continue; }
+                            _ = h.stop.cancelled() => return,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(folder = %h.folder().id, "pull failed: {e}");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = h.stop.cancelled() => return,
+                _ = h.remote_changed.notified() => pull_due = true,
+                _ = h.scan_now.notified() => scan_due = true,
+                _ = tokio::time::sleep(rescan) => scan_due = true,
+                ev = async {
+                    match events.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match ev {
+                    Some(()) => scan_due = true,
+                    None => events = None,
+                },
+            }
+        }
+    }
+
+    /// Scans a folder with its own index connection (so the agent's other work
+    /// is not blocked), then wakes the link senders.
+    async fn scan_folder(&self, h: &Arc<FolderHandle>) {
+        let _disk = h.disk.lock().await;
+        h.set_state(FolderActivity::Scanning);
+        let folder = h.folder();
+        let home = self.home.clone();
+        let opts = self.scan.clone();
+        let me = self.me.short();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut index = home.index().map_err(|e| e.to_string())?;
+            crate::scan::scan(&mut index, &folder, me, &opts, &crate::scan::NoProgress)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("scan task failed: {e}")));
+        let mut st = h.status.lock().expect("status lock");
+        match result {
+            Ok(report) => {
+                st.state = FolderActivity::Idle;
+                st.error = None;
+                if report.new + report.changed + report.deleted > 0 {
+                    tracing::info!(
+                        folder = %h.folder().id,
+                        new = report.new, changed = report.changed, deleted = report.deleted,
+                        "local changes"
+                    );
+                    drop(st);
+                    self.local_changed();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(folder = %h.folder().id, "scan failed: {e}");
+                st.state = FolderActivity::Error;
+                st.error = Some(e);
+            }
+        }
+    }
+
+    /// Whether remote changes are applied to this folder.
+    fn receives(folder: &Folder) -> bool {
+        folder.folder_type != FolderType::SendOnly
+    }
+}

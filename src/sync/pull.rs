@@ -1,0 +1,1053 @@
+//! Deciding what to pull (version vectors), and putting remote versions in
+//! place: chunks copied from local files where possible and fetched from peers
+//! otherwise, assembled in a temp file under the folder's marker, fsynced,
+//! verified against the whole-file hash, and renamed into place, with the
+//! version it replaces kept in the history and the index updated in the same
+//! transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use iroh::endpoint::Connection;
+use tokio::sync::Semaphore;
+
+use super::conflict::{conflict_path, wins};
+use super::link::{FetchError, fetch_chunk, fetch_groups, read_verified};
+use super::{Engine, FolderActivity, FolderHandle, NeedItem};
+use crate::chunking::{ChunkHash, ChunkInfo, FileHash, group_hash, group_ranges};
+use crate::device::DeviceId;
+use crate::folder::{check_root, marker_dir, temp_dir};
+use crate::index::{FileKind, FileMeta, Folder, LocalFile, Pulled, RemoteFile, Superseded};
+use crate::relpath::RelPath;
+use crate::version_vector::{Relation, VersionVector};
+
+/// Most needed items listed in the folder status.
+const MAX_LISTED: usize = 500;
+
+/// How a pull pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything needed is in place (or nothing can be done until peers
+    /// announce more).
+    Done,
+    /// A local file changed under the pull: scan first, then decide again.
+    Rescan,
+    /// Some items could not be pulled now (no peer has them online, a link
+    /// failed): try again later.
+    Retry,
+}
+
+/// One thing to do for a path.
+#[derive(Debug, Clone)]
+enum Action {
+    /// Put `remote` in place and record it with `version`. With `conflict`,
+    /// the local file is first moved to that path (it lost to `remote`).
+    Take {
+        remote: Box<RemoteFile>,
+        sources: Vec<DeviceId>,
+        local: Option<Box<LocalFile>>,
+        version: VersionVector,
+        conflict: Option<(RelPath, DeviceId)>,
+    },
+    /// Same content reached concurrently: merge the versions, copy nothing.
+    Merge {
+        path: RelPath,
+        version: VersionVector,
+    },
+    /// The local version won a conflict: record it; the losing device keeps
+    /// the other version as a conflict copy and syncs it.
+    Won {
+        path: RelPath,
+        copy: RelPath,
+        local: VersionVector,
+        remote: VersionVector,
+        device: DeviceId,
+    },
+}
+
+/// Why one item could not be pulled.
+#[derive(Debug, thiserror::Error)]
+enum PullError {
+    #[error("the local file changed since the last scan; scanning it first")]
+    LocalChanged,
+    #[error("no connected device has this version")]
+    NoSource,
+    #[error("{0}")]
+    Fetch(String),
+    #[error("the assembled file does not match its hash")]
+    HashMismatch,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Index(#[from] crate::index::IndexError),
+    #[error("unsafe path: {0}")]
+    Unsafe(String),
+}
+
+impl PullError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            PullError::LocalChanged => Outcome::Rescan,
+            _ => Outcome::Retry,
+        }
+    }
+}
+
+/// Decides what is needed from the records peers announced.
+fn plan(local: &HashMap<String, LocalFile>, remote: Vec<(DeviceId, RemoteFile)>) -> Vec<Action> {
+    let mut by_path: HashMap<String, Vec<(DeviceId, RemoteFile)>> = HashMap::new();
+    for (d, r) in remote {
+        by_path
+            .entry(r.path.as_str().to_owned())
+            .or_default()
+            .push((d, r));
+    }
+    let empty = VersionVector::new();
+    let mut actions = Vec::new();
+    for (path, remotes) in by_path {
+        let l = local.get(&path);
+        let lv = l.map_or(&empty, |l| &l.record.version);
+        let mut best: Option<&RemoteFile> = None;
+        for (_, r) in &remotes {
+            if matches!(r.version.compare(lv), Relation::Equal | Relation::Older) {
+                continue;
+            }
+            best = Some(match best {
+                None => r,
+                Some(b) => match r.version.compare(&b.version) {
+                    Relation::Newer => r,
+                    Relation::Concurrent if wins(r, b) => r,
+                    _ => b,
+                },
+            });
+        }
+        let Some(best) = best else { continue };
+        let sources: Vec<DeviceId> = remotes
+            .iter()
+            .filter(|(_, r)| r.version == best.version)
+            .map(|(d, _)| *d)
+            .collect();
+        let device = sources[0];
+        match best.version.compare(lv) {
+            Relation::Newer => {
+                // A delete of something never seen here needs no disk change,
+                // but is recorded so the versions agree.
+                actions.push(Action::Take {
+                    remote: Box::new(best.clone()),
+                    sources,
+                    local: l.cloned().map(Box::new),
+                    version: best.version.clone(),
+                    conflict: None,
+                });
+            }
+            Relation::Concurrent => {
+                let l = l.expect("concurrent with an empty version means a local record");
+                let merged = lv.clone().merged(&best.version);
+                if l.record.same_content(best) {
+                    actions.push(Action::Merge {
+                        path: l.record.path.clone(),
+                        version: merged,
+                    });
+                } else if wins(best, &l.record) {
+                    let copy = (!l.record.deleted && l.record.kind == FileKind::File)
+                        .then(|| (conflict_path(&l.record.path, &l.record), device));
+                    actions.push(Action::Take {
+                        remote: Box::new(best.clone()),
+                        sources,
+                        local: Some(Box::new(l.clone())),
+                        version: merged,
+                        conflict: copy,
+                    });
+                } else if !best.deleted && best.kind == FileKind::File {
+                    actions.push(Action::Won {
+                        path: l.record.path.clone(),
+                        copy: conflict_path(&l.record.path, best),
+                        local: lv.clone(),
+                        remote: best.version.clone(),
+                        device,
+                    });
+                }
+            }
+            Relation::Equal | Relation::Older => {}
+        }
+    }
+    actions
+}
+
+/// Sorts actions into the order of work: directories parents first, then
+/// files and links, then deletes children first.
+fn order(actions: &mut [Action]) {
+    actions.sort_by_key(stage);
+    let first_delete = actions.partition_point(|a| stage(a).0 < 3);
+    actions[first_delete..].reverse();
+}
+
+/// The stage of an action, and its path.
+fn stage(a: &Action) -> (u8, String) {
+    match a {
+        Action::Merge { path, .. } | Action::Won { path, .. } => (0, path.as_str().to_owned()),
+        Action::Take { remote, .. } if remote.deleted => (3, remote.path.as_str().to_owned()),
+        Action::Take { remote, .. } if remote.kind == FileKind::Dir => {
+            (1, remote.path.as_str().to_owned())
+        }
+        Action::Take { remote, .. } => (2, remote.path.as_str().to_owned()),
+    }
+}
+
+/// One pull pass over a folder.
+pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<Outcome, String> {
+    let folder = h.folder();
+    if let Err(e) = check_root(&folder) {
+        let mut st = h.status.lock().expect("status lock");
+        st.state = FolderActivity::Error;
+        st.error = Some(e.to_string());
+        return Ok(Outcome::Done);
+    }
+    let _disk = h.disk.lock().await;
+    let row = folder.row;
+    let (local, remote) = engine
+        .index
+        .run(move |i| {
+            Ok::<_, crate::index::IndexError>((i.local_files(row)?, i.remote_files(row)?))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut actions = plan(&local, remote);
+    order(&mut actions);
+
+    if !Engine::receives(&folder) {
+        set_need(
+            h,
+            actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Take { remote, .. } => Some(NeedItem {
+                        path: remote.path.to_string(),
+                        size: remote.size,
+                        reason: "send-only folder: remote changes are not applied".into(),
+                    }),
+                    _ => None,
+                })
+                .collect(),
+        );
+        return Ok(Outcome::Done);
+    }
+    if actions.is_empty() {
+        set_need(h, Vec::new());
+        return Ok(Outcome::Done);
+    }
+    h.set_state(FolderActivity::Syncing);
+    set_need(
+        h,
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Take { remote, .. } => Some(NeedItem {
+                    path: remote.path.to_string(),
+                    size: remote.size,
+                    reason: "pending".into(),
+                }),
+                _ => None,
+            })
+            .collect(),
+    );
+
+    let mut outcome = Outcome::Done;
+    let mut failed: Vec<NeedItem> = Vec::new();
+    let mut changed = false;
+    let mut rescan = false;
+    let files = Arc::new(Semaphore::new(engine.sync.parallel_files));
+    let requests = Arc::new(Semaphore::new(engine.sync.requests_in_flight));
+    let mut stage_no = 0;
+    let mut set = tokio::task::JoinSet::new();
+    for action in actions {
+        let s = stage(&action).0;
+        if s != stage_no {
+            // Finish one stage before the next (parents before children).
+            while let Some(r) = set.join_next().await {
+                collect(r, &mut outcome, &mut failed, &mut changed, &mut rescan);
+            }
+            stage_no = s;
+        }
+        let permit = files.clone().acquire_owned().await.expect("semaphore open");
+        let engine = engine.clone();
+        let folder = folder.clone();
+        let requests = requests.clone();
+        set.spawn(async move {
+            let _permit = permit;
+            let path = match &action {
+                Action::Take { remote, .. } => remote.path.clone(),
+                Action::Merge { path, .. } | Action::Won { path, .. } => path.clone(),
+            };
+            let size = match &action {
+                Action::Take { remote, .. } => remote.size,
+                _ => 0,
+            };
+            let r = apply(&engine, &folder, action, &requests).await;
+            (path, size, r)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        collect(r, &mut outcome, &mut failed, &mut changed, &mut rescan);
+    }
+    if changed {
+        engine.local_changed();
+    }
+    if rescan {
+        // Conflict copies are new local files: let the scanner record them.
+        h.scan_now.notify_one();
+    }
+    let any_failed = !failed.is_empty();
+    set_need(h, failed);
+    h.set_state(FolderActivity::Idle);
+    if any_failed && outcome == Outcome::Done {
+        outcome = Outcome::Retry;
+    }
+    Ok(outcome)
+}
+
+type Applied = (RelPath, u64, Result<bool, PullError>);
+
+fn collect(
+    r: Result<Applied, tokio::task::JoinError>,
+    outcome: &mut Outcome,
+    failed: &mut Vec<NeedItem>,
+    changed: &mut bool,
+    rescan: &mut bool,
+) {
+    let (path, size, r) = match r {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!("a pull task failed: {e}");
+            *outcome = Outcome::Retry;
+            return;
+        }
+    };
+    match r {
+        Ok(made_copy) => {
+            *changed = true;
+            *rescan |= made_copy;
+        }
+        Err(e) => {
+            tracing::debug!(%path, "not pulled: {e}");
+            match e.outcome() {
+                Outcome::Rescan => *outcome = Outcome::Rescan,
+                Outcome::Retry if *outcome == Outcome::Done => *outcome = Outcome::Retry,
+                _ => {}
+            }
+            failed.push(NeedItem {
+                path: path.to_string(),
+                size,
+                reason: e.to_string(),
+            });
+        }
+    }
+}
+
+fn set_need(h: &FolderHandle, items: Vec<NeedItem>) {
+    let mut st = h.status.lock().expect("status lock");
+    st.need_items = items.len() as u64;
+    st.need_bytes = items.iter().map(|i| i.size).sum();
+    st.need = items.into_iter().take(MAX_LISTED).collect();
+}
+
+/// Applies one action; `Ok(true)` if it made a conflict copy.
+async fn apply(
+    engine: &Arc<Engine>,
+    folder: &Folder,
+    action: Action,
+    requests: &Arc<Semaphore>,
+) -> Result<bool, PullError> {
+    let row = folder.row;
+    match action {
+        Action::Merge { path, version } => {
+            engine
+                .index
+                .run(move |i| i.set_local_version(row, &path, &version))
+                .await?;
+            Ok(false)
+        }
+        Action::Won {
+            path,
+            copy,
+            local,
+            remote,
+            device,
+        } => {
+            let new = engine
+                .index
+                .run(move |i| i.record_conflict(row, &path, &copy, &local, &remote, &device))
+                .await?;
+            if new {
+                tracing::info!(folder = %folder.id, "conflict: the local version won");
+            }
+            Ok(false)
+        }
+        Action::Take {
+            remote,
+            sources,
+            local,
+            version,
+            conflict,
+        } => {
+            let made_copy = conflict.is_some();
+            take(
+                engine,
+                folder,
+                *remote,
+                sources,
+                local.map(|l| *l),
+                version,
+                conflict,
+                requests,
+            )
+            .await?;
+            Ok(made_copy)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn take(
+    engine: &Arc<Engine>,
+    folder: &Folder,
+    remote: RemoteFile,
+    sources: Vec<DeviceId>,
+    local: Option<LocalFile>,
+    version: VersionVector,
+    conflict: Option<(RelPath, DeviceId)>,
+    requests: &Arc<Semaphore>,
+) -> Result<(), PullError> {
+    let root = folder.path.clone();
+    let live_local = local.as_ref().filter(|l| !l.record.deleted).cloned();
+    // Assemble the new content (files and links) before touching anything.
+    let mut chunks: Vec<ChunkInfo> = Vec::new();
+    let staged: Option<PathBuf> = if remote.deleted || remote.kind == FileKind::Dir {
+        None
+    } else if remote.kind == FileKind::Symlink {
+        let tmp = temp_path(&root, &remote, "link");
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(remote.symlink_target.as_deref().unwrap_or(""), &tmp)?;
+        Some(tmp)
+    } else {
+        let same_content = live_local
+            .as_ref()
+            .is_some_and(|l| l.record.kind == FileKind::File && l.record.hash == remote.hash);
+        chunks = chunk_list(engine, folder, &remote, &sources).await?;
+        if same_content {
+            // Only the version or metadata differ: no need to copy the file.
+            None
+        } else {
+            Some(assemble(engine, folder, &remote, &sources, &chunks, requests).await?)
+        }
+    };
+
+    let row = folder.row;
+    let path = remote.path.clone();
+    let superseded = if conflict.is_some() {
+        None
+    } else if remote.deleted {
+        Some(Superseded::Deleted)
+    } else {
+        Some(Superseded::Replaced)
+    };
+    let conflict_copy = conflict.as_ref().map(|(p, _)| p.clone());
+    let expected = live_local.as_ref().map(|l| l.meta);
+    let remote2 = remote.clone();
+    let meta_if_deleted = expected.unwrap_or(FileMeta {
+        kind: remote.kind,
+        size: 0,
+        mtime_ns: remote.mtime_ns,
+        permissions: remote.permissions,
+        inode: 0,
+        dev: 0,
+    });
+    let local_kind = live_local.as_ref().map(|l| l.record.kind);
+    engine
+        .index
+        .run(move |i| {
+            let pulled = Pulled {
+                remote: &remote2,
+                version,
+                meta: meta_if_deleted,
+                chunks: &chunks,
+            };
+            i.record_pulled(row, &path, pulled, superseded, |history| {
+                place(
+                    &root,
+                    &remote2,
+                    expected.as_ref(),
+                    local_kind,
+                    staged.as_deref(),
+                    conflict_copy.as_ref(),
+                    history,
+                )
+            })
+        })
+        .await
+        .map_err(|e| match e {
+            crate::index::IndexError::Io(io) if io.to_string() == LOCAL_CHANGED => {
+                PullError::LocalChanged
+            }
+            crate::index::IndexError::Io(io) if io.to_string().starts_with(UNSAFE) => {
+                PullError::Unsafe(io.to_string())
+            }
+            other => PullError::Index(other),
+        })?;
+    if let Some((copy, device)) = conflict {
+        let path = remote.path.clone();
+        let lv = local.map(|l| l.record.version).unwrap_or_default();
+        let rv = remote.version.clone();
+        engine
+            .index
+            .run(move |i| i.record_conflict(row, &path, &copy, &lv, &rv, &device))
+            .await?;
+        tracing::info!(folder = %folder.id, path = %remote.path, "conflict: kept the local version as a conflict copy");
+    }
+    Ok(())
+}
+
+const LOCAL_CHANGED: &str = "local file changed";
+const UNSAFE: &str = "unsafe path";
+
+/// Deterministic temp name, so an interrupted pull of the same version resumes.
+fn temp_path(root: &Path, remote: &RemoteFile, ext: &str) -> PathBuf {
+    let p = blake3::hash(remote.path.as_str().as_bytes()).to_hex();
+    let v = remote
+        .hash
+        .map(|h| h.to_hex()[..16].to_owned())
+        .unwrap_or_default();
+    temp_dir(root).join(format!("{}-{v}.{ext}", &p[..16]))
+}
+
+/// Checks that the path on disk is still what the index last saw, moves the
+/// old version out of the way (to the history or a conflict copy), and renames
+/// the staged version into place. Runs inside the index transaction.
+fn place(
+    root: &Path,
+    remote: &RemoteFile,
+    expected: Option<&FileMeta>,
+    local_kind: Option<FileKind>,
+    staged: Option<&Path>,
+    conflict: Option<&RelPath>,
+    history: Option<i64>,
+) -> io::Result<Option<FileMeta>> {
+    let target = remote.path.to_fs(root);
+    ensure_parents(root, &remote.path)?;
+    let on_disk = fs::symlink_metadata(&target).ok();
+    // What is on disk must be what the index last saw.
+    let unchanged = match (expected, &on_disk) {
+        (None, None) => true,
+        (None, Some(m)) => {
+            // A directory we are about to create (or that a delete removed
+            // already) is fine; anything else is new local data.
+            m.is_dir() && remote.kind == FileKind::Dir && !remote.deleted
+        }
+        (Some(_), None) => remote.deleted,
+        (Some(e), Some(m)) => {
+            e.kind == FileKind::Dir && m.is_dir()
+                || (m.len() == e.size && mtime_ns(m) == e.mtime_ns && m.ino() == e.inode)
+        }
+    };
+    if !unchanged {
+        return Err(io::Error::other(LOCAL_CHANGED));
+    }
+    let exists = on_disk.is_some();
+
+    // Move the old version away.
+    if exists && !(remote.kind == FileKind::Dir && local_kind == Some(FileKind::Dir)) {
+        if let Some(copy) = conflict {
+            let dest = copy.to_fs(root);
+            ensure_parents(root, copy)?;
+            if fs::symlink_metadata(&dest).is_ok() {
+                return Err(io::Error::other(LOCAL_CHANGED));
+            }
+            fs::rename(&target, &dest)?;
+        } else if local_kind == Some(FileKind::File) && staged.is_some() || remote.deleted {
+            match local_kind {
+                Some(FileKind::File) => {
+                    let dir = marker_dir(root).join("versions");
+                    fs::create_dir_all(&dir)?;
+                    let name = history.map_or_else(
+                        || format!("unrecorded-{}", crate::index::now_secs()),
+                        |id| id.to_string(),
+                    );
+                    fs::rename(&target, dir.join(name))?;
+                }
+                Some(FileKind::Dir) => match fs::remove_dir(&target) {
+                    Ok(()) => {}
+                    // Files the index does not know (ignored, or new) are in it:
+                    // keep the directory; a later scan sees them.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                        return Err(io::Error::other(LOCAL_CHANGED));
+                    }
+                    Err(e) => return Err(e),
+                },
+                _ => fs::remove_file(&target)?,
+            }
+        } else if local_kind == Some(FileKind::Symlink) && staged.is_some() {
+            // Replaced by the rename below.
+        }
+    }
+
+    if remote.deleted {
+        sync_dir(target.parent().unwrap_or(root));
+        return Ok(None);
+    }
+    match remote.kind {
+        FileKind::Dir => {
+            if fs::symlink_metadata(&target).is_err() {
+                fs::create_dir(&target)?;
+            }
+            fs::set_permissions(&target, fs::Permissions::from_mode(remote.permissions))?;
+        }
+        FileKind::File | FileKind::Symlink => match staged {
+            Some(tmp) => fs::rename(tmp, &target)?,
+            None => {
+                // Same content already in place: bring the metadata in line.
+                fs::set_permissions(&target, fs::Permissions::from_mode(remote.permissions))?;
+                let f = OpenOptions::new().write(true).open(&target)?;
+                f.set_modified(system_time(remote.mtime_ns))?;
+            }
+        },
+    }
+    sync_dir(target.parent().unwrap_or(root));
+    let m = fs::symlink_metadata(&target)?;
+    Ok(Some(FileMeta {
+        kind: remote.kind,
+        size: if remote.kind == FileKind::File {
+            m.len()
+        } else {
+            0
+        },
+        mtime_ns: mtime_ns(&m),
+        permissions: m.mode() & 0o7777,
+        inode: m.ino(),
+        dev: m.dev(),
+    }))
+}
+
+/// Creates the missing parent directories of `rel` under `root`, refusing a
+/// parent that is a symlink or not a directory (which would let a path escape
+/// the folder).
+fn ensure_parents(root: &Path, rel: &RelPath) -> io::Result<()> {
+    let mut dir = root.to_path_buf();
+    let parts: Vec<&str> = rel.as_str().split('/').collect();
+    for part in &parts[..parts.len() - 1] {
+        dir.push(part);
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(io::Error::other(format!(
+                    "{UNSAFE}: {} is not a directory (a symlink?)",
+                    dir.display()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&dir)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+fn mtime_ns(m: &fs::Metadata) -> i64 {
+    m.mtime() * 1_000_000_000 + m.mtime_nsec()
+}
+
+fn system_time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+/// The file's chunk list: groups rebuilt from local chunk lists where they
+/// match, the rest asked from a peer that has this version.
+async fn chunk_list(
+    engine: &Arc<Engine>,
+    folder: &Folder,
+    remote: &RemoteFile,
+    sources: &[DeviceId],
+) -> Result<Vec<ChunkInfo>, PullError> {
+    let row = folder.row;
+    let path = remote.path.clone();
+    let hash = remote.hash.expect("files have a hash");
+    let known_lists = engine
+        .index
+        .run(
+            move |i| -> Result<Vec<Vec<ChunkInfo>>, crate::index::IndexError> {
+                let mut lists = Vec::new();
+                if let Some(same) = i.chunks_of_content(&hash)? {
+                    lists.push(same);
+                }
+                let old = i.file_chunks(row, &path)?;
+                if !old.is_empty() {
+                    lists.push(old);
+                }
+                Ok(lists)
+            },
+        )
+        .await?;
+    let mut known: HashMap<[u8; 32], Vec<(ChunkHash, u32)>> = HashMap::new();
+    for list in &known_lists {
+        for r in group_ranges(list) {
+            let part: Vec<(ChunkHash, u32)> = list[r].iter().map(|c| (c.hash, c.len)).collect();
+            known.insert(group_hash(part.iter().map(|(h, s)| (h, *s))), part);
+        }
+    }
+    let missing: Vec<u32> = remote
+        .groups
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| !known.contains_key(&g.hash))
+        .map(|(i, _)| i as u32)
+        .collect();
+    if !missing.is_empty() {
+        let mut fetched = None;
+        let mut last_err = PullError::NoSource;
+        for d in sources {
+            let Some(conn) = engine.link(d) else { continue };
+            match fetch_groups(&conn, folder.id.as_str(), &remote.path, &hash, &missing).await {
+                Ok(g) => {
+                    fetched = Some(g);
+                    break;
+                }
+                Err(e) => last_err = PullError::Fetch(format!("device {d}: {e}")),
+            }
+        }
+        let fetched = fetched.ok_or(last_err)?;
+        for (idx, entries) in missing.iter().zip(fetched) {
+            let part: Vec<(ChunkHash, u32)> = entries
+                .iter()
+                .map(|c| (ChunkHash(c.hash), c.size))
+                .collect();
+            let expect = &remote.groups[*idx as usize];
+            let got = group_hash(part.iter().map(|(h, s)| (h, *s)));
+            if got != expect.hash || part.len() != expect.chunks as usize {
+                return Err(PullError::Fetch(
+                    "a peer sent a chunk list that does not match its record".into(),
+                ));
+            }
+            known.insert(got, part);
+        }
+    }
+    let mut out = Vec::new();
+    let mut offset = 0u64;
+    for g in &remote.groups {
+        for (h, s) in &known[&g.hash] {
+            out.push(ChunkInfo {
+                offset,
+                len: *s,
+                hash: *h,
+            });
+            offset += *s as u64;
+        }
+    }
+    if offset != remote.size {
+        return Err(PullError::Fetch("chunk sizes do not add up".into()));
+    }
+    Ok(out)
+}
+
+/// Builds the file in its temp path: resumes what an earlier attempt wrote,
+/// copies chunks found locally, fetches the rest; then fsyncs, verifies the
+/// whole-file hash, and sets permissions and mtime.
+async fn assemble(
+    engine: &Arc<Engine>,
+    folder: &Folder,
+    remote: &RemoteFile,
+    sources: &[DeviceId],
+    chunks: &[ChunkInfo],
+    requests: &Arc<Semaphore>,
+) -> Result<PathBuf, PullError> {
+    let root = folder.path.clone();
+    fs::create_dir_all(temp_dir(&root))?;
+    let tmp = temp_path(&root, remote, "part");
+    let file = Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&tmp)?,
+    );
+    let resumed = file.metadata()?.len() == remote.size;
+    file.set_len(remote.size)?;
+
+    // Which chunks still need bytes, grouped by hash (a chunk may repeat).
+    let mut todo: HashMap<ChunkHash, Vec<&ChunkInfo>> = HashMap::new();
+    {
+        let f = file.clone();
+        let list: Vec<ChunkInfo> = chunks.to_vec();
+        let present: HashSet<u64> = if resumed {
+            tokio::task::spawn_blocking(move || {
+                list.iter()
+                    .filter(|c| {
+                        let mut buf = vec![0u8; c.len as usize];
+                        f.read_exact_at(&mut buf, c.offset).is_ok()
+                            && blake3::hash(&buf).as_bytes() == &c.hash.0
+                    })
+                    .map(|c| c.offset)
+                    .collect()
+            })
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?
+        } else {
+            HashSet::new()
+        };
+        for c in chunks {
+            if !present.contains(&c.offset) {
+                todo.entry(c.hash).or_default().push(c);
+            }
+        }
+    }
+
+    // Local copies first.
+    let hashes: Vec<ChunkHash> = todo.keys().copied().collect();
+    let local = engine
+        .index
+        .run(
+            move |i| -> Result<
+                HashMap<ChunkHash, Vec<crate::index::ChunkSource>>,
+                crate::index::IndexError,
+            > {
+                let mut out = HashMap::new();
+                for h in hashes {
+                    let s = i.chunk_sources(&h, 4)?;
+                    if !s.is_empty() {
+                        out.insert(h, s);
+                    }
+                }
+                Ok(out)
+            },
+        )
+        .await?;
+    let mut remote_todo: Vec<(ChunkHash, Vec<ChunkInfo>)> = Vec::new();
+    for (h, places) in todo {
+        let found = local.get(&h).and_then(|srcs| {
+            srcs.iter()
+                .find_map(|s| read_verified(&s.path, s.offset, s.size, &h))
+        });
+        match found {
+            Some(bytes) => {
+                for c in &places {
+                    file.write_all_at(&bytes, c.offset)?;
+                }
+            }
+            None => remote_todo.push((h, places.into_iter().copied().collect())),
+        }
+    }
+
+    // The rest from peers, spread over those that have this version.
+    if !remote_todo.is_empty() {
+        let conns: Vec<(DeviceId, Connection)> = sources
+            .iter()
+            .filter_map(|d| engine.link(d).map(|c| (*d, c)))
+            .collect();
+        if conns.is_empty() {
+            return Err(PullError::NoSource);
+        }
+        let conns = Arc::new(conns);
+        let mut set = tokio::task::JoinSet::new();
+        for (n, (h, places)) in remote_todo.into_iter().enumerate() {
+            let permit = requests
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore open");
+            let conns = conns.clone();
+            let engine = engine.clone();
+            let file = file.clone();
+            let folder_id = folder.id.to_string();
+            let path = remote.path.clone();
+            set.spawn(async move {
+                let _permit = permit;
+                let first = places[0];
+                let mut last = PullError::NoSource;
+                // Try each peer in turn, starting at a different one per chunk.
+                for k in 0..conns.len() * 2 {
+                    let (dev, conn) = &conns[(n + k) % conns.len()];
+                    match fetch_chunk(conn, &folder_id, &path, first.offset, first.len, &h).await {
+                        Ok(bytes) => {
+                            engine
+                                .counters(dev)
+                                .chunk_bytes_in
+                                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                            for c in &places {
+                                file.write_all_at(&bytes, c.offset)?;
+                            }
+                            return Ok(());
+                        }
+                        Err(FetchError::Corrupt) => {
+                            let bad = engine.counters(dev).bad_chunks.fetch_add(1, Ordering::Relaxed) + 1;
+                            tracing::warn!(device = %dev, bad_chunks = bad, "a chunk failed its hash check; fetching it again");
+                            last = PullError::Fetch(format!("device {dev} sent a corrupt chunk"));
+                        }
+                        Err(e) => last = PullError::Fetch(format!("device {dev}: {e}")),
+                    }
+                }
+                Err(last)
+            });
+        }
+        let mut first_err = None;
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(PullError::Fetch(e.to_string()));
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            // The chunks that arrived stay in the temp file for the next try.
+            return Err(e);
+        }
+    }
+
+    // Durable, verified, with its metadata.
+    let expect: FileHash = remote.hash.expect("files have a hash");
+    let mtime = system_time(remote.mtime_ns);
+    let perms = remote.permissions;
+    let tmp2 = tmp.clone();
+    let ok = tokio::task::spawn_blocking(move || -> io::Result<bool> {
+        file.sync_all()?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(File::open(&tmp2)?)?;
+        if hasher.finalize().as_bytes() != &expect.0 {
+            return Ok(false);
+        }
+        file.set_modified(mtime)?;
+        fs::set_permissions(&tmp2, fs::Permissions::from_mode(perms))?;
+        Ok(true)
+    })
+    .await
+    .map_err(|e| io::Error::other(e.to_string()))??;
+    if !ok {
+        let _ = fs::remove_file(&tmp);
+        return Err(PullError::HashMismatch);
+    }
+    Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::ShortId;
+
+    fn rec(path: &str, version: &[(u64, u64)], hash: u8, mtime: i64) -> RemoteFile {
+        let mut v = VersionVector::new();
+        for (d, c) in version {
+            v = v.with(ShortId(*d), *c);
+        }
+        RemoteFile {
+            path: RelPath::new(path).unwrap(),
+            kind: FileKind::File,
+            size: 1,
+            mtime_ns: mtime,
+            permissions: 0o644,
+            hash: Some(FileHash([hash; 32])),
+            symlink_target: None,
+            deleted: false,
+            version: v,
+            modified_by: ShortId(version[0].0),
+            sequence: 1,
+            groups: vec![],
+        }
+    }
+
+    fn local(r: RemoteFile) -> HashMap<String, LocalFile> {
+        let meta = FileMeta {
+            kind: r.kind,
+            size: r.size,
+            mtime_ns: r.mtime_ns,
+            permissions: r.permissions,
+            inode: 1,
+            dev: 1,
+        };
+        HashMap::from([(r.path.as_str().to_owned(), LocalFile { record: r, meta })])
+    }
+
+    fn dev(n: u8) -> DeviceId {
+        DeviceId::new(iroh::SecretKey::from_bytes(&[n; 32]).public())
+    }
+
+    #[test]
+    fn newer_remote_versions_are_taken_and_older_ones_ignored() {
+        let l = local(rec("a", &[(1, 1)], 1, 10));
+        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 2, 20))]);
+        assert!(matches!(&acts[..], [Action::Take { conflict: None, .. }]));
+        let l = local(rec("a", &[(1, 2)], 1, 10));
+        assert!(plan(&l, vec![(dev(2), rec("a", &[(1, 1)], 2, 20))]).is_empty());
+    }
+
+    #[test]
+    fn concurrent_edits_conflict_unless_the_content_is_the_same() {
+        let l = local(rec("a", &[(1, 2)], 1, 10));
+        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 1, 20))]);
+        assert!(matches!(&acts[..], [Action::Merge { .. }]));
+
+        // Remote is newer by mtime: the local file becomes the conflict copy.
+        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 2, 20))]);
+        match &acts[..] {
+            [
+                Action::Take {
+                    conflict: Some((copy, _)),
+                    version,
+                    ..
+                },
+            ] => {
+                assert!(copy.as_str().starts_with("a.sync-conflict-"));
+                assert_eq!(version.get(ShortId(1)), 2);
+                assert_eq!(version.get(ShortId(2)), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Local is newer: recorded only.
+        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 2, 5))]);
+        assert!(matches!(&acts[..], [Action::Won { .. }]));
+    }
+
+    #[test]
+    fn stages_put_parents_first_and_deletes_children_first() {
+        let mut dir = rec("d", &[(1, 1)], 0, 0);
+        dir.kind = FileKind::Dir;
+        let file = rec("d/f", &[(1, 1)], 0, 0);
+        let mut del_dir = rec("e", &[(1, 1)], 0, 0);
+        del_dir.deleted = true;
+        let mut del_child = rec("e/f", &[(1, 1)], 0, 0);
+        del_child.deleted = true;
+        let take = |r: RemoteFile| Action::Take {
+            remote: Box::new(r),
+            sources: vec![],
+            local: None,
+            version: VersionVector::new(),
+            conflict: None,
+        };
+        let mut acts = [take(del_dir), take(file), take(del_child), take(dir)];
+        order(&mut acts);
+        let order: Vec<String> = acts
+            .iter()
+            .map(|a| match a {
+                Action::Take { remote, .. } => remote.path.to_string(),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(order, ["d", "d/f", "e/f", "e"]);
+    }
+}
