@@ -112,6 +112,11 @@ pub struct ScanConfig {
     pub batch_files: usize,
     /// How often to hash again a file that keeps changing while it is hashed.
     pub changing_retries: u32,
+    /// A scan that would delete more than this percentage of a folder's
+    /// entries holds the deletes back until `ferry folder confirm-deletes`.
+    pub hold_deletes_percent: u32,
+    /// ... but only when it would delete at least this many.
+    pub hold_deletes_min: u64,
 }
 
 impl Default for DeviceConfig {
@@ -136,6 +141,8 @@ impl Default for ScanConfig {
             hash_threads: 2,
             batch_files: 1_000,
             changing_retries: 3,
+            hold_deletes_percent: 50,
+            hold_deletes_min: 10,
         }
     }
 }
@@ -221,6 +228,13 @@ impl Config {
                 "\"default\", \"disabled\" or a relay URL (https://…)",
             );
         }
+        if self.scan.hold_deletes_percent > 100 {
+            return invalid(
+                "scan.hold_deletes_percent",
+                self.scan.hold_deletes_percent.to_string(),
+                "0 to 100",
+            );
+        }
         if self.sync.debounce_ms > 60_000 {
             return invalid(
                 "sync.debounce_ms",
@@ -284,6 +298,13 @@ batch_files = {batch}
 # How often a file that changes while it is being hashed is tried again before
 # the scan leaves it for the next one.
 changing_retries = {retries}
+# A scan that would delete more than this percentage of a folder's entries at
+# once (an unmounted or emptied disk?) holds the deletes back, says so in
+# `ferry status`, and sends them only after `ferry folder confirm-deletes`.
+# 100 turns this off.
+hold_deletes_percent = {hold_pct}
+# ... but only when that is at least this many entries.
+hold_deletes_min = {hold_min}
 
 [network]
 # Address and UDP port the agent listens on. Port 0 picks a free port the first
@@ -325,6 +346,8 @@ parallel_files = {pfiles}
             threads = self.scan.hash_threads,
             batch = self.scan.batch_files,
             retries = self.scan.changing_retries,
+            hold_pct = self.scan.hold_deletes_percent,
+            hold_min = self.scan.hold_deletes_min,
         )
     }
 }

@@ -38,6 +38,12 @@ pub struct ScanOptions {
     pub batch_files: usize,
     /// Extra attempts for a file that changes while hashed.
     pub changing_retries: u32,
+    /// Hold deletes back above this percentage of the folder's entries...
+    pub hold_deletes_percent: u32,
+    /// ... when there are at least this many.
+    pub hold_deletes_min: u64,
+    /// Record held-back deletes now (`ferry folder confirm-deletes`).
+    pub confirm_deletes: bool,
 }
 
 impl From<&ScanConfig> for ScanOptions {
@@ -47,6 +53,9 @@ impl From<&ScanConfig> for ScanOptions {
             hash_threads: c.hash_threads.max(1),
             batch_files: c.batch_files.max(1),
             changing_retries: c.changing_retries,
+            hold_deletes_percent: c.hold_deletes_percent,
+            hold_deletes_min: c.hold_deletes_min,
+            confirm_deletes: false,
         }
     }
 }
@@ -89,6 +98,8 @@ pub struct ScanReport {
     pub changed: u64,
     /// Paths recorded as deleted.
     pub deleted: u64,
+    /// Deletes held back: too many at once (see `scan.hold_deletes_percent`).
+    pub held_deletes: u64,
     /// Files read and hashed.
     pub hashed_files: u64,
     /// Bytes read and hashed.
@@ -381,6 +392,8 @@ pub fn scan(
         }
     })?;
 
+    let live = known.values().filter(|k| !k.deleted).count() as u64;
+    let mut deletes = Vec::new();
     for (path, k) in known {
         if k.deleted {
             continue;
@@ -396,14 +409,28 @@ pub fn scan(
         if protected {
             continue;
         }
-        report.deleted += 1;
-        batch.push(LocalChange {
+        deletes.push(LocalChange {
             path: rel,
             meta: k.meta,
             change: Change::Deleted,
-        })?;
+        });
+    }
+    let n = deletes.len() as u64;
+    if !opts.confirm_deletes
+        && n >= opts.hold_deletes_min.max(1)
+        && n * 100 > live * opts.hold_deletes_percent as u64
+    {
+        report.held_deletes = n;
+    } else {
+        report.deleted = n;
+        for d in deletes {
+            batch.push(d)?;
+        }
     }
     batch.flush()?;
+    batch
+        .index
+        .set_held_deletes(folder.row, report.held_deletes)?;
     batch.index.set_scan_result(folder.row, None)?;
     Ok(report)
 }

@@ -840,3 +840,39 @@ fn a_large_file_gets_the_same_chunks_as_chunking_in_memory() {
     );
     assert_content(&d, "large.bin", &bytes);
 }
+
+#[test]
+fn a_mass_delete_is_held_back_until_confirmed() {
+    let mut d = Device::with_folder();
+    for i in 0..20 {
+        d.write(&format!("f{i:02}"), b"x");
+    }
+    scan(&mut d);
+    let before = d.records();
+
+    // A few deletes go through at once.
+    for i in 0..3 {
+        std::fs::remove_file(d.root().join(format!("f{i:02}"))).unwrap();
+    }
+    let r = scan(&mut d);
+    assert_eq!((r.deleted, r.held_deletes), (3, 0));
+
+    // Most of the folder gone at once: held back, nothing recorded.
+    for i in 3..15 {
+        std::fs::remove_file(d.root().join(format!("f{i:02}"))).unwrap();
+    }
+    let r = scan(&mut d);
+    assert_eq!((r.deleted, r.held_deletes), (0, 12));
+    let live = d.records().iter().filter(|r| !r.deleted).count();
+    assert_eq!(live, before.len() - 3);
+    assert_eq!(d.folder_now().held_deletes, 12);
+
+    // Confirmed: recorded.
+    let opts = ScanOptions {
+        confirm_deletes: true,
+        ..ScanOptions::default()
+    };
+    let r = scan_with(&mut d, &opts, &NoProgress).unwrap();
+    assert_eq!((r.deleted, r.held_deletes), (12, 0));
+    assert_eq!(d.folder_now().held_deletes, 0);
+}

@@ -42,6 +42,12 @@ pub enum FolderCommand {
         #[arg(long)]
         into: PathBuf,
     },
+    /// Record and send the deletes a scan held back because there were too
+    /// many at once (check first that the folder's disk is really mounted).
+    ConfirmDeletes {
+        /// The folder id.
+        id: String,
+    },
     /// Decline a folder another device offered.
     Decline {
         /// The offer number shown by `ferry status`.
@@ -164,6 +170,32 @@ pub(super) fn run(home: &Home, cmd: FolderCommand) -> anyhow::Result<i32> {
                 o.device_name,
                 f.path.display()
             );
+        }
+        FolderCommand::ConfirmDeletes { id } => {
+            use crate::daemon::control::{self, ControlError, Request};
+            let fid = FolderId::new(&id)?;
+            let f = index
+                .folder(&fid)?
+                .ok_or_else(|| FolderError::Unknown(id.clone()))?;
+            let req = Request::ConfirmDeletes { folder: id.clone() };
+            let deleted =
+                match control::call(home.root(), &req, std::time::Duration::from_secs(600)) {
+                    Ok(v) => v["deleted"].as_u64().unwrap_or(0),
+                    Err(ControlError::NotRunning(_)) => {
+                        let mut opts = crate::scan::ScanOptions::from(&home.config().scan);
+                        opts.confirm_deletes = true;
+                        crate::scan::scan(
+                            &mut index,
+                            &f,
+                            home.device_id().short(),
+                            &opts,
+                            &crate::scan::NoProgress,
+                        )?
+                        .deleted
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+            println!("Recorded {deleted} deletes in folder {id}; they sync to its devices.");
         }
         FolderCommand::Decline { offer } => {
             if !index.decline_offer(offer)? {

@@ -2,6 +2,7 @@
 //! file per user action; each prints human output or, with `--json`, JSON.
 
 mod agent;
+mod conflicts;
 mod folder;
 mod init;
 mod ls;
@@ -107,8 +108,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show every folder's state and totals.
+    /// Show every folder's state and totals, the agent and its peers.
     Status {
+        /// List every item of FOLDER not in sync yet, with the reason.
+        #[arg(long, value_name = "FOLDER")]
+        need: Option<String>,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the conflicts found (concurrent edits kept as conflict copies).
+    Conflicts {
         /// Print as JSON.
         #[arg(long)]
         json: bool,
@@ -183,7 +193,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Device(cmd) => agent::device(&Home::open(&root)?, cmd),
         Command::Share { folder, device } => agent::share(&Home::open(&root)?, &folder, &device),
         Command::Scan { folder, json } => scan::run(&Home::open(&root)?, folder.as_deref(), json),
-        Command::Status { json } => status::run(&Home::open(&root)?, json),
+        Command::Status { need: None, json } => status::run(&Home::open(&root)?, json),
+        Command::Status {
+            need: Some(folder),
+            json,
+        } => status::need(&Home::open(&root)?, &folder, json),
+        Command::Conflicts { json } => conflicts::run(&Home::open(&root)?, json),
         Command::Ls {
             folder,
             path,

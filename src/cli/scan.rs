@@ -88,6 +88,13 @@ pub(super) fn run(home: &Home, only: Option<&str>, json: bool) -> anyhow::Result
                     output::bytes(r.hashed_bytes),
                     secs
                 );
+                if r.held_deletes > 0 {
+                    println!(
+                        "{}: {} deletes held back (more than {}% of the folder at once); \
+                         `ferry folder confirm-deletes {}` records them",
+                        f.id, r.held_deletes, opts.hold_deletes_percent, f.id
+                    );
+                }
                 for p in &r.changing {
                     println!("  {p}: kept changing while being hashed; left for the next scan");
                 }

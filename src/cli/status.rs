@@ -1,6 +1,10 @@
 //! `ferry status`: every folder's state and totals.
 
-use serde_json::json;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::daemon::control::{self, Request};
 
 use super::{folder::state, output};
 use crate::home::Home;
@@ -17,16 +21,28 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
     let agent = super::agent::agent_status(home);
     let offers = index.offers()?;
     if json {
+        let peers = agent.as_ref().and_then(|_| {
+            control::call(home.root(), &Request::Devices, Duration::from_secs(10)).ok()
+        });
         let v = json!({
             "device": { "id": home.device_id().to_string(), "name": home.config().device.name },
             "agent": agent,
             "offers": offers,
-            "folders": entries.iter().map(|(f, s, state, error)| json!({
-                "id": f.id.as_str(), "label": f.label, "path": f.path,
-                "type": f.folder_type.as_str(), "state": state, "error": error,
-                "files": s.files, "dirs": s.dirs, "symlinks": s.symlinks, "bytes": s.bytes,
-                "deleted": s.deleted, "sequence": f.sequence, "last_scan_at": f.last_scan_at,
-            })).collect::<Vec<_>>(),
+            "peers": peers,
+            "folders": entries.iter().map(|(f, s, state, error)| {
+                let live = live(&agent, f.id.as_str());
+                json!({
+                    "id": f.id.as_str(), "label": f.label, "path": f.path,
+                    "type": f.folder_type.as_str(),
+                    "state": live.state.unwrap_or(state), "error": live.error.or(error.clone()),
+                    "files": s.files, "dirs": s.dirs, "symlinks": s.symlinks, "bytes": s.bytes,
+                    "deleted": s.deleted, "sequence": f.sequence, "last_scan_at": f.last_scan_at,
+                    "held_deletes": f.held_deletes,
+                    "need_items": live.need_items, "need_bytes": live.need_bytes,
+                    "global_bytes": s.bytes + live.need_bytes,
+                    "completion": completion(s.bytes, live.need_bytes, live.need_items),
+                })
+            }).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(super::EXIT_OK);
@@ -56,9 +72,19 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
     let rows: Vec<Vec<String>> = entries
         .iter()
         .map(|(f, s, state, _)| {
+            let live = live(&agent, f.id.as_str());
             vec![
                 f.id.to_string(),
-                state.to_string(),
+                live.state.unwrap_or(state).to_string(),
+                format!(
+                    "{:.0}%",
+                    completion(s.bytes, live.need_bytes, live.need_items)
+                ),
+                if live.need_items > 0 {
+                    format!("{} ({})", live.need_items, output::bytes(live.need_bytes))
+                } else {
+                    "-".into()
+                },
                 s.files.to_string(),
                 s.dirs.to_string(),
                 output::bytes(s.bytes),
@@ -73,6 +99,8 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
         &[
             "FOLDER",
             "STATE",
+            "SYNCED",
+            "NEEDED",
             "FILES",
             "DIRS",
             "SIZE",
@@ -82,9 +110,119 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
         &rows,
     );
     for (f, _, _, error) in &entries {
-        if let Some(e) = error {
+        let live = live(&agent, f.id.as_str());
+        if let Some(e) = live.error.or(error.clone()) {
             println!("{}: {e}", f.id);
         }
+        if f.held_deletes > 0 {
+            println!(
+                "{}: {} deletes held back: the last scan found more than {}% of the folder gone at once. \
+                 If that is intended, run `ferry folder confirm-deletes {}`; if a disk is unmounted, mount it.",
+                f.id,
+                f.held_deletes,
+                home.config().scan.hold_deletes_percent,
+                f.id
+            );
+        }
+        if live.need_items > 0 {
+            println!(
+                "{}: {} items not in sync; `ferry status --need {}` says why",
+                f.id, live.need_items, f.id
+            );
+        }
+    }
+    if agent.is_some()
+        && let Ok(v) = control::call(home.root(), &Request::Devices, Duration::from_secs(10))
+    {
+        for d in v.as_array().into_iter().flatten() {
+            println!(
+                "Peer {}: {}, chunks in {} / out {}",
+                d["name"].as_str().unwrap_or("?"),
+                if d["connected"].as_bool().unwrap_or(false) {
+                    "connected"
+                } else {
+                    "offline"
+                },
+                output::bytes(d["chunk_bytes_in"].as_u64().unwrap_or(0)),
+                output::bytes(d["chunk_bytes_out"].as_u64().unwrap_or(0)),
+            );
+        }
+    }
+    Ok(super::EXIT_OK)
+}
+
+/// What the running agent says of a folder.
+#[derive(Default)]
+struct Live {
+    state: Option<&'static str>,
+    error: Option<String>,
+    need_items: u64,
+    need_bytes: u64,
+}
+
+fn live(agent: &Option<Value>, folder: &str) -> Live {
+    let Some(f) = agent.as_ref().map(|a| &a["folders"][folder]) else {
+        return Live::default();
+    };
+    if f.is_null() {
+        return Live::default();
+    }
+    Live {
+        state: match f["state"].as_str() {
+            Some("idle") => Some("idle"),
+            Some("scanning") => Some("scanning"),
+            Some("syncing") => Some("syncing"),
+            Some("error") => Some("error"),
+            _ => None,
+        },
+        error: f["error"].as_str().map(str::to_owned),
+        need_items: f["need_items"].as_u64().unwrap_or(0),
+        need_bytes: f["need_bytes"].as_u64().unwrap_or(0),
+    }
+}
+
+fn completion(have: u64, need_bytes: u64, need_items: u64) -> f64 {
+    if need_items == 0 {
+        return 100.0;
+    }
+    let global = have + need_bytes;
+    if global == 0 {
+        return 0.0;
+    }
+    // Never show 100% while something is still needed.
+    (100.0 * have as f64 / global as f64).min(99.0)
+}
+
+/// `ferry status --need FOLDER`: every item not in sync, and why.
+pub(super) fn need(home: &Home, folder: &str, json: bool) -> anyhow::Result<i32> {
+    let v = control::call(home.root(), &Request::Status, Duration::from_secs(10))?;
+    let f = &v["folders"][folder];
+    if f.is_null() {
+        anyhow::bail!("no folder with id {folder} (see `ferry folder list`)");
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(f)?);
+        return Ok(super::EXIT_OK);
+    }
+    let items = f["need"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        println!("{folder}: everything is in sync.");
+        return Ok(super::EXIT_OK);
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|i| {
+            vec![
+                i["path"].as_str().unwrap_or("?").to_owned(),
+                output::bytes(i["size"].as_u64().unwrap_or(0)),
+                i["reason"].as_str().unwrap_or("?").to_owned(),
+            ]
+        })
+        .collect();
+    output::table(&["PATH", "SIZE", "WHY"], &rows);
+    let total = f["need_items"].as_u64().unwrap_or(0);
+    if total > items.len() as u64 {
+        println!("… and {} more", total - items.len() as u64);
     }
     Ok(super::EXIT_OK)
 }

@@ -18,6 +18,7 @@
 //!   chunk_bytes_in, chunk_bytes_out, bad_chunks, bad_records}]`
 //! - `{"cmd":"remove-device","id":ID}` → `{removed: ID}`
 //! - `{"cmd":"share","folder":ID,"device":ID}` → `{folder, device}`
+//! - `{"cmd":"confirm-deletes","folder":ID}` → `{deleted: N}`
 //! - `{"cmd":"reload"}` → `{reloaded: true}` (the CLI sends it after changing
 //!   folders, so the agent picks them up at once instead of within 5 s)
 //!
@@ -62,6 +63,11 @@ pub enum Request {
     Devices,
     /// Folders were added, accepted or removed: pick them up now.
     Reload,
+    /// Record the deletes a scan held back, and send them.
+    ConfirmDeletes {
+        /// The folder id.
+        folder: String,
+    },
     /// Unpair a device.
     RemoveDevice {
         /// Its id.

@@ -374,6 +374,19 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             "refused_links": agent.allow.refused(),
             "folders": agent.engine.statuses(),
         })),
+        Request::ConfirmDeletes { folder } => {
+            let h = agent
+                .engine
+                .folder(&folder)
+                .ok_or_else(|| format!("no folder with id {folder} (see `ferry folder list`)"))?;
+            let deleted = agent
+                .engine
+                .scan_folder(&h, true)
+                .await
+                .ok_or_else(|| format!("the scan of {folder} failed; see `ferry status`"))?;
+            h.remote_changed.notify_one();
+            Ok(json!({ "deleted": deleted }))
+        }
         Request::Reload => {
             agent
                 .engine

@@ -8,7 +8,8 @@ pub mod schema;
 
 pub use devices::{Offer, Peer};
 pub use remote::{
-    ChunkSource, LocalFile, Pulled, RemoteFile, Superseded, decode_groups, encode_groups,
+    ChunkSource, ConflictRecord, LocalFile, Pulled, RemoteFile, Superseded, decode_groups,
+    encode_groups,
 };
 
 use std::collections::HashMap;
@@ -132,6 +133,8 @@ pub struct Folder {
     pub error: Option<String>,
     /// When the last scan finished without error (Unix seconds).
     pub last_scan_at: Option<i64>,
+    /// Deletes the last scan held back (too many at once) until confirmed.
+    pub held_deletes: u64,
 }
 
 /// The stat fields that tell whether a file changed since it was hashed.
@@ -429,6 +432,15 @@ impl Index {
         Ok(())
     }
 
+    /// Notes how many deletes the last scan held back (0: none).
+    pub fn set_held_deletes(&self, folder: i64, n: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE folders SET held_deletes = ?2 WHERE id = ?1",
+            params![folder, n as i64],
+        )?;
+        Ok(())
+    }
+
     /// What the scanner needs to know of every record in a folder, by path.
     pub fn scan_snapshot(&self, folder: i64) -> Result<HashMap<String, Known>> {
         let mut stmt = self.conn.prepare(
@@ -706,7 +718,7 @@ impl SharedIndex {
 }
 
 const FOLDER_COLUMNS: &str =
-    "id, folder_id, label, path, folder_type, sequence, error, last_scan_at";
+    "id, folder_id, label, path, folder_type, sequence, error, last_scan_at, held_deletes";
 
 fn folder_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Folder>> {
     let id: String = r.get(1)?;
@@ -726,6 +738,7 @@ fn folder_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Folder>> {
         sequence: r.get(5)?,
         error: r.get(6)?,
         last_scan_at: r.get(7)?,
+        held_deletes: r.get::<_, i64>(8)? as u64,
     }))
 }
 

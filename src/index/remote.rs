@@ -599,6 +599,49 @@ impl Index {
     }
 }
 
+/// A recorded conflict.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConflictRecord {
+    /// Row id.
+    pub id: i64,
+    /// The folder id.
+    pub folder: String,
+    /// The file.
+    pub path: String,
+    /// Where the losing version was kept.
+    pub conflict_path: String,
+    /// The device whose version met the local one.
+    pub remote_device: String,
+    /// When it was found (Unix seconds).
+    pub detected_at: i64,
+    /// When it was resolved, if it was.
+    pub resolved_at: Option<i64>,
+}
+
+impl Index {
+    /// Every conflict, newest first.
+    pub fn conflicts(&self) -> Result<Vec<ConflictRecord>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT c.id, f.folder_id, c.path, c.conflict_path, c.remote_device, c.detected_at,
+                    c.resolved_at
+             FROM conflicts c JOIN folders f ON f.id = c.folder
+             ORDER BY c.detected_at DESC, c.id DESC",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ConflictRecord {
+                id: r.get(0)?,
+                folder: r.get(1)?,
+                path: r.get(2)?,
+                conflict_path: r.get(3)?,
+                remote_device: r.get(4)?,
+                detected_at: r.get(5)?,
+                resolved_at: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
 fn local_from_row(r: &rusqlite::Row<'_>) -> Result<LocalFile> {
     // path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
     // version, modified_by, sequence, inode, dev

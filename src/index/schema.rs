@@ -183,4 +183,8 @@ CREATE TABLE remote_index (
     PRIMARY KEY (folder, device)
 ) WITHOUT ROWID;
 "#,
+    // 5: deletes a scan held back because there were too many at once.
+    r#"
+ALTER TABLE folders ADD COLUMN held_deletes INTEGER NOT NULL DEFAULT 0;
+"#,
 ];

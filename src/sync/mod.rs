@@ -61,6 +61,8 @@ pub struct FolderStatus {
     pub need_bytes: u64,
     /// Why each needed item is not in sync yet (at most a few hundred).
     pub need: Vec<NeedItem>,
+    /// Local deletes held back by the last scan (too many at once).
+    pub held_deletes: u64,
 }
 
 /// One item not in sync, and why.
@@ -207,6 +209,7 @@ impl Engine {
                                 need_items: 0,
                                 need_bytes: 0,
                                 need: Vec::new(),
+                                held_deletes: f.held_deletes,
                             }),
                             stop: self.shutdown.child_token(),
                         });
@@ -355,7 +358,7 @@ impl Engine {
         loop {
             if scan_due {
                 scan_due = false;
-                self.scan_folder(&h).await;
+                self.scan_folder(&h, false).await;
                 pull_due = true;
             }
             if pull_due {
@@ -400,12 +403,13 @@ impl Engine {
 
     /// Scans a folder with its own index connection (so the agent's other work
     /// is not blocked), then wakes the link senders.
-    async fn scan_folder(&self, h: &Arc<FolderHandle>) {
+    pub async fn scan_folder(&self, h: &Arc<FolderHandle>, confirm_deletes: bool) -> Option<u64> {
         let _disk = h.disk.lock().await;
         h.set_state(FolderActivity::Scanning);
         let folder = h.folder();
         let home = self.home.clone();
-        let opts = self.scan.clone();
+        let mut opts = self.scan.clone();
+        opts.confirm_deletes = confirm_deletes;
         let me = self.me.short();
         let result = tokio::task::spawn_blocking(move || {
             let mut index = home.index().map_err(|e| e.to_string())?;
@@ -419,6 +423,14 @@ impl Engine {
             Ok(report) => {
                 st.state = FolderActivity::Idle;
                 st.error = None;
+                st.held_deletes = report.held_deletes;
+                if report.held_deletes > 0 {
+                    tracing::warn!(
+                        folder = %h.folder().id, held = report.held_deletes,
+                        "a scan found too many deletes at once; holding them back until `ferry folder confirm-deletes`"
+                    );
+                }
+                let deleted = report.deleted;
                 if report.new + report.changed + report.deleted > 0 {
                     tracing::info!(
                         folder = %h.folder().id,
@@ -428,11 +440,13 @@ impl Engine {
                     drop(st);
                     self.local_changed();
                 }
+                Some(deleted)
             }
             Err(e) => {
                 tracing::warn!(folder = %h.folder().id, "scan failed: {e}");
                 st.state = FolderActivity::Error;
                 st.error = Some(e);
+                None
             }
         }
     }
