@@ -107,6 +107,7 @@ pub(super) fn join(
     code: &str,
     into: Option<PathBuf>,
     name: Option<String>,
+    folder_type: crate::folder::FolderType,
 ) -> anyhow::Result<i32> {
     // Catch typos before involving the agent or the network.
     let parsed = InviteCode::decode(code)?;
@@ -122,6 +123,7 @@ pub(super) fn join(
             code: code.to_owned(),
             into,
             name,
+            folder_type: Some(folder_type.as_str().to_owned()),
         },
         SLOW,
     )?;

@@ -60,7 +60,7 @@ pub enum FolderCommand {
     },
 }
 
-fn parse_type(s: &str) -> Result<FolderType, String> {
+pub(super) fn parse_type(s: &str) -> Result<FolderType, String> {
     s.parse().map_err(|e: FolderError| e.to_string())
 }
 

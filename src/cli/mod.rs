@@ -83,6 +83,10 @@ pub enum Command {
         /// A name for the inviting device in this device's list.
         #[arg(long)]
         name: Option<String>,
+        /// The shared folder's type on this device: send-receive, send-only or
+        /// receive-only.
+        #[arg(long = "type", default_value = "send-receive", value_parser = folder::parse_type)]
+        folder_type: crate::folder::FolderType,
     },
     /// List paired devices and their links.
     Devices {
@@ -116,6 +120,12 @@ pub enum Command {
         /// Print as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Undo local changes in a receive-only folder: put back the synced state
+    /// (the local versions go to the history).
+    Revert {
+        /// The folder id.
+        folder: String,
     },
     /// List the conflicts found (concurrent edits kept as conflict copies).
     Conflicts {
@@ -188,7 +198,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Folder(cmd) => folder::run(&Home::open(&root)?, cmd),
         Command::Daemon { offline, listen } => agent::daemon(&Home::open(&root)?, offline, listen),
         Command::Invite { folder, expires } => agent::invite(&Home::open(&root)?, folder, expires),
-        Command::Join { code, into, name } => agent::join(&Home::open(&root)?, &code, into, name),
+        Command::Join {
+            code,
+            into,
+            name,
+            folder_type,
+        } => agent::join(&Home::open(&root)?, &code, into, name, folder_type),
         Command::Devices { json } => agent::devices(&Home::open(&root)?, json),
         Command::Device(cmd) => agent::device(&Home::open(&root)?, cmd),
         Command::Share { folder, device } => agent::share(&Home::open(&root)?, &folder, &device),
@@ -199,6 +214,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             json,
         } => status::need(&Home::open(&root)?, &folder, json),
         Command::Conflicts { json } => conflicts::run(&Home::open(&root)?, json),
+        Command::Revert { folder } => {
+            let home = Home::open(&root)?;
+            crate::daemon::control::call(
+                home.root(),
+                &crate::daemon::control::Request::Revert {
+                    folder: folder.clone(),
+                },
+                std::time::Duration::from_secs(10),
+            )?;
+            println!(
+                "Reverting local changes in {folder}: the synced versions come back shortly (`ferry status`)."
+            );
+            Ok(EXIT_OK)
+        }
         Command::Ls {
             folder,
             path,

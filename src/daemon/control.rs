@@ -11,7 +11,8 @@
 //!   devices; `folders`: per folder id `{state, error, need_items, need_bytes,
 //!   need: [{path, size, reason}]}`)
 //! - `{"cmd":"invite","folder":ID|null,"expires_secs":N}` → `{code, expires_at}`
-//! - `{"cmd":"join","code":CODE,"into":PATH|null,"name":NAME|null}` →
+//! - `{"cmd":"join","code":CODE,"into":PATH|null,"name":NAME|null,
+//!   "folder_type":TYPE|null}` →
 //!   `{device, name, folder: {id,label}|null, folder_path: PATH|null}`
 //! - `{"cmd":"devices"}` → `[{id, name, connected, address, direct,
 //!   connected_since, last_seen_at, bytes_in, bytes_out, last_error,
@@ -19,6 +20,7 @@
 //! - `{"cmd":"remove-device","id":ID}` → `{removed: ID}`
 //! - `{"cmd":"share","folder":ID,"device":ID}` → `{folder, device}`
 //! - `{"cmd":"confirm-deletes","folder":ID}` → `{deleted: N}`
+//! - `{"cmd":"revert","folder":ID}` → `{reverting: ID}` (receive-only folders)
 //! - `{"cmd":"reload"}` → `{reloaded: true}` (the CLI sends it after changing
 //!   folders, so the agent picks them up at once instead of within 5 s)
 //!
@@ -58,11 +60,19 @@ pub enum Request {
         into: Option<PathBuf>,
         /// A local name for the inviting device.
         name: Option<String>,
+        /// The shared folder's type here (send-receive when absent).
+        #[serde(default)]
+        folder_type: Option<String>,
     },
     /// The paired devices and their links.
     Devices,
     /// Folders were added, accepted or removed: pick them up now.
     Reload,
+    /// Undo local changes in a receive-only folder.
+    Revert {
+        /// The folder id.
+        folder: String,
+    },
     /// Record the deletes a scan held back, and send them.
     ConfirmDeletes {
         /// The folder id.

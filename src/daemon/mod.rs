@@ -374,6 +374,20 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             "refused_links": agent.allow.refused(),
             "folders": agent.engine.statuses(),
         })),
+        Request::Revert { folder } => {
+            let h = agent
+                .engine
+                .folder(&folder)
+                .ok_or_else(|| format!("no folder with id {folder} (see `ferry folder list`)"))?;
+            if h.folder().folder_type != crate::folder::FolderType::ReceiveOnly {
+                return Err(format!(
+                    "folder {folder} is not receive-only; only a receive-only folder's local changes can be reverted"
+                ));
+            }
+            h.revert.store(true, std::sync::atomic::Ordering::SeqCst);
+            h.scan_now.notify_one();
+            Ok(json!({ "reverting": folder }))
+        }
         Request::ConfirmDeletes { folder } => {
             let h = agent
                 .engine
@@ -403,7 +417,20 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             folder,
             expires_secs,
         } => invite(agent, folder, expires_secs).await,
-        Request::Join { code, into, name } => join(agent, &code, into, name).await,
+        Request::Join {
+            code,
+            into,
+            name,
+            folder_type,
+        } => {
+            let folder_type = folder_type
+                .as_deref()
+                .map(str::parse::<crate::folder::FolderType>)
+                .transpose()
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+            join(agent, &code, into, name, folder_type).await
+        }
         Request::Devices => {
             let list = agent.peers.status().await.map_err(|e| e.to_string())?;
             Ok(serde_json::to_value(list).expect("status serializes"))
@@ -497,6 +524,7 @@ async fn join(
     text: &str,
     into: Option<PathBuf>,
     name: Option<String>,
+    folder_type: crate::folder::FolderType,
 ) -> Result<Value, String> {
     let code = InviteCode::decode(text).map_err(|e| e.to_string())?;
     let me = agent.home.device_id();
@@ -559,7 +587,7 @@ async fn join(
                     path: into,
                     id: Some(fid.clone()),
                     label: Some(f.label),
-                    folder_type: Default::default(),
+                    folder_type,
                 },
             )
             .map_err(|e| format!("paired, but the shared folder could not be added: {e}"))?;

@@ -103,7 +103,10 @@ async fn send_index(
                     .filter(|s| s.epoch == epoch)
                     .map_or(0, |s| s.sequence),
             };
-            let last = send_folder(engine, &mut stream, &id, row, epoch, from).await?;
+            // A receive-only folder does not send its own local changes.
+            let skip = (folder.folder_type == crate::folder::FolderType::ReceiveOnly)
+                .then(|| engine.me.short());
+            let last = send_folder(engine, &mut stream, &id, row, epoch, from, skip).await?;
             sent.insert(id, (epoch, last));
         }
         tokio::select! {
@@ -123,6 +126,7 @@ async fn send_folder(
     row: i64,
     epoch: u64,
     mut from: u64,
+    skip_from: Option<crate::device::ShortId>,
 ) -> Result<u64, String> {
     loop {
         let batch = engine
@@ -139,6 +143,9 @@ async fn send_folder(
                         Vec::new()
                     };
                     last = r.record.sequence;
+                    if skip_from == Some(r.record.modified_by) {
+                        continue;
+                    }
                     let w = to_wire(&r, &chunks);
                     bytes += 128 + w.path.len() + w.groups.len() * 48 + w.version.len() * 16;
                     out.push(w);
@@ -151,8 +158,12 @@ async fn send_folder(
             .await
             .map_err(|e| e.to_string())?;
         let (files, last) = batch;
-        if files.is_empty() {
+        if last == from {
             return Ok(from);
+        }
+        if files.is_empty() {
+            from = last;
+            continue;
         }
         let msg = IndexMessage::Update {
             folder: folder_id.to_owned(),

@@ -101,6 +101,8 @@ pub struct FolderHandle {
     pub disk: tokio::sync::Mutex<()>,
     /// Live state.
     pub status: Mutex<FolderStatus>,
+    /// The next pull undoes local changes (`ferry revert`, receive-only).
+    pub revert: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
 }
 
@@ -211,6 +213,7 @@ impl Engine {
                                 need: Vec::new(),
                                 held_deletes: f.held_deletes,
                             }),
+                            revert: std::sync::atomic::AtomicBool::new(false),
                             stop: self.shutdown.child_token(),
                         });
                         folders.insert(f.id.to_string(), h.clone());

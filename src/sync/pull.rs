@@ -21,7 +21,7 @@ use super::conflict::{conflict_path, wins};
 use super::link::{FetchError, fetch_chunk, fetch_groups, read_verified};
 use super::{Engine, FolderActivity, FolderHandle, NeedItem};
 use crate::chunking::{ChunkHash, ChunkInfo, FileHash, group_hash, group_ranges};
-use crate::device::DeviceId;
+use crate::device::{DeviceId, ShortId};
 use crate::folder::{check_root, marker_dir, temp_dir};
 use crate::index::{FileKind, FileMeta, Folder, LocalFile, Pulled, RemoteFile, Superseded};
 use crate::relpath::RelPath;
@@ -99,8 +99,15 @@ impl PullError {
     }
 }
 
-/// Decides what is needed from the records peers announced.
-fn plan(local: &HashMap<String, LocalFile>, remote: Vec<(DeviceId, RemoteFile)>) -> Vec<Action> {
+/// Decides what is needed from the records peers announced. With `revert`
+/// (a receive-only folder's `ferry revert`), local changes made by this device
+/// are undone: the synced version is taken back, and files only this device
+/// has are removed (kept in the history).
+fn plan(
+    local: &HashMap<String, LocalFile>,
+    remote: Vec<(DeviceId, RemoteFile)>,
+    revert: Option<ShortId>,
+) -> Vec<Action> {
     let mut by_path: HashMap<String, Vec<(DeviceId, RemoteFile)>> = HashMap::new();
     for (d, r) in remote {
         by_path
@@ -110,7 +117,51 @@ fn plan(local: &HashMap<String, LocalFile>, remote: Vec<(DeviceId, RemoteFile)>)
     }
     let empty = VersionVector::new();
     let mut actions = Vec::new();
+    if let Some(me) = revert {
+        for (path, l) in local {
+            if l.record.modified_by != me || l.record.deleted {
+                continue;
+            }
+            if !by_path.contains_key(path) {
+                let mut gone = l.record.clone();
+                gone.deleted = true;
+                actions.push(Action::Take {
+                    version: gone.version.clone(),
+                    remote: Box::new(gone),
+                    sources: Vec::new(),
+                    local: Some(Box::new(l.clone())),
+                    conflict: None,
+                });
+            }
+        }
+    }
     for (path, remotes) in by_path {
+        if let Some(me) = revert
+            && let Some(l) = local.get(&path)
+            && l.record.modified_by == me
+        {
+            // Take the newest remote version back, whatever the vectors say.
+            let mut best = &remotes[0].1;
+            for (_, r) in &remotes[1..] {
+                if r.version.compare(&best.version) == Relation::Newer
+                    || (r.version.compare(&best.version) == Relation::Concurrent && wins(r, best))
+                {
+                    best = r;
+                }
+            }
+            actions.push(Action::Take {
+                remote: Box::new(best.clone()),
+                sources: remotes
+                    .iter()
+                    .filter(|(_, r)| r.version == best.version)
+                    .map(|(d, _)| *d)
+                    .collect(),
+                local: Some(Box::new(l.clone())),
+                version: best.version.clone(),
+                conflict: None,
+            });
+            continue;
+        }
         let l = local.get(&path);
         let lv = l.map_or(&empty, |l| &l.record.version);
         let mut best: Option<&RemoteFile> = None;
@@ -202,6 +253,10 @@ fn stage(a: &Action) -> (u8, String) {
 
 /// One pull pass over a folder.
 pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<Outcome, String> {
+    let revert = h
+        .revert
+        .swap(false, std::sync::atomic::Ordering::SeqCst)
+        .then(|| engine.me.short());
     let folder = h.folder();
     if let Err(e) = check_root(&folder) {
         let mut st = h.status.lock().expect("status lock");
@@ -218,7 +273,7 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         })
         .await
         .map_err(|e| e.to_string())?;
-    let mut actions = plan(&local, remote);
+    let mut actions = plan(&local, remote, revert);
     order(&mut actions);
 
     if !Engine::receives(&folder) {
@@ -948,7 +1003,6 @@ async fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::ShortId;
 
     fn rec(path: &str, version: &[(u64, u64)], hash: u8, mtime: i64) -> RemoteFile {
         let mut v = VersionVector::new();
@@ -990,20 +1044,20 @@ mod tests {
     #[test]
     fn newer_remote_versions_are_taken_and_older_ones_ignored() {
         let l = local(rec("a", &[(1, 1)], 1, 10));
-        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 2, 20))]);
+        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 2, 20))], None);
         assert!(matches!(&acts[..], [Action::Take { conflict: None, .. }]));
         let l = local(rec("a", &[(1, 2)], 1, 10));
-        assert!(plan(&l, vec![(dev(2), rec("a", &[(1, 1)], 2, 20))]).is_empty());
+        assert!(plan(&l, vec![(dev(2), rec("a", &[(1, 1)], 2, 20))], None).is_empty());
     }
 
     #[test]
     fn concurrent_edits_conflict_unless_the_content_is_the_same() {
         let l = local(rec("a", &[(1, 2)], 1, 10));
-        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 1, 20))]);
+        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 1, 20))], None);
         assert!(matches!(&acts[..], [Action::Merge { .. }]));
 
         // Remote is newer by mtime: the local file becomes the conflict copy.
-        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 2, 20))]);
+        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 2, 20))], None);
         match &acts[..] {
             [
                 Action::Take {
@@ -1019,7 +1073,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Local is newer: recorded only.
-        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 2, 5))]);
+        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 2, 5))], None);
         assert!(matches!(&acts[..], [Action::Won { .. }]));
     }
 
