@@ -98,3 +98,37 @@ fn invite_codes_decode_or_fail_cleanly() {
     }
     assert!(decoded >= 2, "the valid invite code seeds did not decode");
 }
+
+#[test]
+fn wire_messages_decode_within_limits_or_fail_cleanly() {
+    use ferry::protocol::{IndexMessage, Reply, Request, SyncMessage, decode, encode};
+    let mut decoded = 0;
+    let mut refused_paths = 0;
+    for input in corpus("wire_messages") {
+        if let Ok(m) = decode::<SyncMessage>(&input) {
+            assert_eq!(decode::<SyncMessage>(&encode(&m)[4..]).ok(), Some(m));
+            decoded += 1;
+        }
+        if let Ok(m) = decode::<Request>(&input) {
+            assert_eq!(decode::<Request>(&encode(&m)[4..]).ok(), Some(m));
+            decoded += 1;
+        }
+        if let Ok(m) = decode::<Reply>(&input) {
+            assert_eq!(decode::<Reply>(&encode(&m)[4..]).ok(), Some(m));
+            decoded += 1;
+        }
+        if let Ok(IndexMessage::Update { files, .. }) = decode::<IndexMessage>(&input) {
+            decoded += 1;
+            for f in files {
+                let traversal = f.path.contains("..");
+                let checked = ferry::sync::wire::from_wire(f);
+                if traversal {
+                    assert!(checked.is_err(), "a path with .. was accepted");
+                    refused_paths += 1;
+                }
+            }
+        }
+    }
+    assert!(decoded >= 9, "only {decoded} seeds decoded");
+    assert!(refused_paths >= 1, "the hostile path seed was not refused");
+}
