@@ -145,7 +145,55 @@ pub(super) fn join(
             f["label"].as_str().unwrap_or("?")
         ),
     }
+    if v["folder_path"].is_string()
+        && let Some(id) = v["folder"]["id"].as_str()
+        && std::io::stdout().is_terminal()
+    {
+        initial_sync_progress(home, id);
+    }
     Ok(super::EXIT_OK)
+}
+
+/// Draws the first sync of a joined folder as a progress bar, until it is
+/// complete (Ctrl-C leaves it to the agent).
+fn initial_sync_progress(home: &Home, folder: &str) {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("syncing {folder}"));
+    let started = std::time::Instant::now();
+    let mut seen_need = false;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let Ok(st) = control::call(home.root(), &Request::Status, QUICK) else {
+            break;
+        };
+        let f = &st["folders"][folder];
+        let need_items = f["need_items"].as_u64().unwrap_or(0);
+        let need_bytes = f["need_bytes"].as_u64().unwrap_or(0);
+        let have = home
+            .index()
+            .ok()
+            .and_then(|i| {
+                let fid = crate::folder::FolderId::new(folder).ok()?;
+                let row = i.folder(&fid).ok()??.row;
+                i.folder_stats(row).ok()
+            })
+            .map_or(0, |s| s.bytes);
+        bar.set_length(have + need_bytes);
+        bar.set_position(have);
+        bar.set_message(format!("{need_items} items to go"));
+        seen_need |= need_items > 0;
+        if need_items == 0 && (seen_need || started.elapsed() > Duration::from_secs(5)) {
+            break;
+        }
+    }
+    bar.finish_with_message("in sync");
 }
 
 pub(super) fn devices(home: &Home, json: bool) -> anyhow::Result<i32> {

@@ -101,6 +101,8 @@ pub struct FolderHandle {
     pub disk: tokio::sync::Mutex<()>,
     /// Live state.
     pub status: Mutex<FolderStatus>,
+    /// The folder's filesystem treats names differing by case as one.
+    pub case_insensitive: bool,
     /// The next pull undoes local changes (`ferry revert`, receive-only).
     pub revert: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
@@ -214,6 +216,7 @@ impl Engine {
                                 held_deletes: f.held_deletes,
                             }),
                             revert: std::sync::atomic::AtomicBool::new(false),
+                            case_insensitive: case_insensitive(&f.path),
                             stop: self.shutdown.child_token(),
                         });
                         folders.insert(f.id.to_string(), h.clone());
@@ -458,4 +461,18 @@ impl Engine {
     fn receives(folder: &Folder) -> bool {
         folder.folder_type != FolderType::SendOnly
     }
+}
+
+/// Whether the filesystem under `root` ignores case in names (probed with a
+/// file in the folder's marker directory).
+fn case_insensitive(root: &std::path::Path) -> bool {
+    let dir = crate::folder::marker_dir(root);
+    let probe = dir.join(format!("CaseProbe-{}", std::process::id()));
+    if std::fs::write(&probe, b"").is_err() {
+        return false;
+    }
+    let lower = dir.join(format!("caseprobe-{}", std::process::id()));
+    let insensitive = std::fs::symlink_metadata(&lower).is_ok();
+    let _ = std::fs::remove_file(&probe);
+    insensitive
 }

@@ -231,6 +231,49 @@ fn plan(
     actions
 }
 
+/// On a case-insensitive filesystem, a new path that differs only by case from
+/// one already here would overwrite it: such items are not pulled but reported.
+fn split_case_clashes(
+    local: &HashMap<String, LocalFile>,
+    actions: Vec<Action>,
+) -> (Vec<Action>, Vec<NeedItem>) {
+    let mut folded: HashMap<String, String> = local
+        .values()
+        .filter(|l| !l.record.deleted)
+        .map(|l| {
+            let p = l.record.path.as_str();
+            (p.to_lowercase(), p.to_owned())
+        })
+        .collect();
+    let mut ok = Vec::with_capacity(actions.len());
+    let mut bad = Vec::new();
+    for a in actions {
+        if let Action::Take { remote, .. } = &a
+            && !remote.deleted
+        {
+            let p = remote.path.as_str();
+            let key = p.to_lowercase();
+            match folded.get(&key) {
+                Some(other) if other != p => {
+                    bad.push(NeedItem {
+                        path: p.to_owned(),
+                        size: remote.size,
+                        reason: format!(
+                            "case conflict: differs only by case from {other}, which this filesystem cannot tell apart"
+                        ),
+                    });
+                    continue;
+                }
+                _ => {
+                    folded.insert(key, p.to_owned());
+                }
+            }
+        }
+        ok.push(a);
+    }
+    (ok, bad)
+}
+
 /// Sorts actions into the order of work: directories parents first, then
 /// files and links, then deletes children first.
 fn order(actions: &mut [Action]) {
@@ -275,6 +318,12 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         .map_err(|e| e.to_string())?;
     let mut actions = plan(&local, remote, revert);
     order(&mut actions);
+    let mut clashes = Vec::new();
+    if h.case_insensitive {
+        let (ok, bad) = split_case_clashes(&local, actions);
+        actions = ok;
+        clashes = bad;
+    }
 
     if !Engine::receives(&folder) {
         set_need(
@@ -294,7 +343,7 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         return Ok(Outcome::Done);
     }
     if actions.is_empty() {
-        set_need(h, Vec::new());
+        set_need(h, clashes);
         return Ok(Outcome::Done);
     }
     h.set_state(FolderActivity::Syncing);
@@ -359,6 +408,7 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         h.scan_now.notify_one();
     }
     let any_failed = !failed.is_empty();
+    failed.extend(clashes);
     set_need(h, failed);
     h.set_state(FolderActivity::Idle);
     if any_failed && outcome == Outcome::Done {
@@ -1075,6 +1125,24 @@ mod tests {
         // Local is newer: recorded only.
         let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 2, 5))], None);
         assert!(matches!(&acts[..], [Action::Won { .. }]));
+    }
+
+    #[test]
+    fn names_differing_only_by_case_are_reported_not_pulled() {
+        let l = local(rec("Report.txt", &[(1, 1)], 1, 10));
+        let acts = plan(
+            &l,
+            vec![
+                (dev(2), rec("report.TXT", &[(2, 1)], 2, 20)),
+                (dev(2), rec("other.txt", &[(2, 1)], 2, 20)),
+            ],
+            None,
+        );
+        let (ok, bad) = split_case_clashes(&l, acts);
+        assert_eq!(ok.len(), 1);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].path, "report.TXT");
+        assert!(bad[0].reason.contains("case conflict"), "{}", bad[0].reason);
     }
 
     #[test]
