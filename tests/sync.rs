@@ -1,0 +1,485 @@
+//! End-to-end sync between real agents on loopback: initial sync of a tree,
+//! changes both ways, renames and edits that move few bytes, deletes kept in the
+//! history, concurrent edits, catching up after being offline, resuming a pull
+//! killed mid-way, folder types, and a missing folder root.
+
+#[path = "common/agent.rs"]
+mod agent;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use agent::{Agent, Lab, Node, pair, wait_until};
+use serde_json::Value;
+
+/// What a tree holds, as sync must reproduce it: per relative path, the kind,
+/// the content (files) or target (links), permissions, and mtime (files).
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+    for e in fs::read_dir(dir).expect("read dir") {
+        let e = e.expect("dir entry");
+        let p = e.path();
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        if rel == ".ferry" {
+            continue;
+        }
+        let m = fs::symlink_metadata(&p).expect("lstat");
+        let desc = if m.file_type().is_symlink() {
+            format!("link -> {}", fs::read_link(&p).unwrap().display())
+        } else if m.is_dir() {
+            walk(root, &p, out);
+            format!("dir {:o}", m.mode() & 0o7777)
+        } else {
+            let bytes = fs::read(&p).expect("read file");
+            format!(
+                "file {:o} mtime {}.{:09} {}",
+                m.mode() & 0o7777,
+                m.mtime(),
+                m.mtime_nsec(),
+                blake3::hash(&bytes).to_hex()
+            )
+        };
+        out.insert(rel, desc);
+    }
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// `devices --json` entry of `peer` on `node`.
+fn peer_info(node: &Node, peer: &Node) -> Value {
+    node.device(&peer.id()).expect("paired")
+}
+
+fn chunk_bytes_in(node: &Node, from: &Node) -> u64 {
+    peer_info(node, from)["chunk_bytes_in"].as_u64().unwrap()
+}
+
+fn same_trees(a: &Path, b: &Path) -> bool {
+    tree(a) == tree(b)
+}
+
+#[track_caller]
+fn wait_same(a: &Path, b: &Path) {
+    wait_until(
+        &format!("{} and {} hold the same tree", a.display(), b.display()),
+        || same_trees(a, b),
+    );
+}
+
+/// Two agents sharing folder `docs`: A's at `a_docs`, B's at `b_docs`.
+fn two(
+    lab: &Lab,
+) -> (
+    Node,
+    Node,
+    Agent,
+    Agent,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let a = lab.node("a");
+    let b = lab.node("b");
+    let a_docs = a.add_folder("docs");
+    let b_docs = b.path("docs");
+    let (aa, ab) = (Agent::start(&a), Agent::start(&b));
+    pair(
+        &a,
+        &b,
+        &["--folder", "docs"],
+        &["--into", b_docs.to_str().unwrap()],
+    );
+    (a, b, aa, ab, a_docs, b_docs)
+}
+
+#[test]
+fn a_tree_syncs_and_changes_flow_both_ways() {
+    let lab = Lab::new();
+    let a = lab.node("a");
+    let b = lab.node("b");
+    let a_docs = a.add_folder("docs");
+    // Nested and empty directories, a symlink, permissions, an old mtime.
+    fs::create_dir_all(a_docs.join("sub/deeper")).unwrap();
+    fs::create_dir_all(a_docs.join("empty")).unwrap();
+    fs::write(a_docs.join("readme.txt"), b"hello\n").unwrap();
+    fs::write(
+        a_docs.join("sub/deeper/data.bin"),
+        pseudo_random(700_000, 1),
+    )
+    .unwrap();
+    fs::write(a_docs.join("run.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    fs::set_permissions(a_docs.join("run.sh"), fs::Permissions::from_mode(0o750)).unwrap();
+    fs::set_permissions(a_docs.join("empty"), fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink("sub/deeper/data.bin", a_docs.join("link")).unwrap();
+    let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000);
+    fs::File::options()
+        .write(true)
+        .open(a_docs.join("readme.txt"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+
+    let b_docs = b.path("docs");
+    let (_aa, _ab) = (Agent::start(&a), Agent::start(&b));
+    pair(
+        &a,
+        &b,
+        &["--folder", "docs"],
+        &["--into", b_docs.to_str().unwrap()],
+    );
+    wait_same(&a_docs, &b_docs);
+    assert_eq!(tree(&b_docs).len(), 7, "{:#?}", tree(&b_docs));
+
+    // B to A.
+    fs::write(b_docs.join("from-b.txt"), b"written on b").unwrap();
+    wait_until("A has B's new file", || {
+        fs::read(a_docs.join("from-b.txt")).is_ok_and(|c| c == b"written on b")
+    });
+
+    // A rename moves no chunk data.
+    let before = chunk_bytes_in(&b, &a);
+    fs::rename(
+        a_docs.join("sub/deeper/data.bin"),
+        a_docs.join("sub/moved.bin"),
+    )
+    .unwrap();
+    wait_until("B sees the rename", || {
+        b_docs.join("sub/moved.bin").exists() && !b_docs.join("sub/deeper/data.bin").exists()
+    });
+    wait_same(&a_docs, &b_docs);
+    assert_eq!(
+        chunk_bytes_in(&b, &a),
+        before,
+        "a rename fetched chunk data"
+    );
+
+    // A delete reaches B, and B keeps what it deleted in its history.
+    fs::remove_file(a_docs.join("readme.txt")).unwrap();
+    wait_until("B deletes readme.txt", || {
+        !b_docs.join("readme.txt").exists()
+    });
+    let kept: Vec<_> = fs::read_dir(b_docs.join(".ferry/versions"))
+        .expect("a versions directory")
+        .map(|e| fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(kept.iter().any(|c| c == b"hello\n"), "readme.txt not kept");
+    wait_same(&a_docs, &b_docs);
+}
+
+#[test]
+fn an_insert_in_a_large_file_moves_only_a_few_chunks() {
+    let lab = Lab::new();
+    let (a, b, _aa, _ab, a_docs, b_docs) = two(&lab);
+    let data = pseudo_random(24 * 1024 * 1024, 7);
+    fs::write(a_docs.join("big.bin"), &data).unwrap();
+    wait_same(&a_docs, &b_docs);
+    let first = chunk_bytes_in(&b, &a);
+    assert!(
+        first >= data.len() as u64,
+        "{first} bytes for the first copy"
+    );
+
+    let mut edited = data[..12_000_000].to_vec();
+    edited.extend_from_slice(&[0xAB; 100]);
+    edited.extend_from_slice(&data[12_000_000..]);
+    fs::write(a_docs.join("big.bin"), &edited).unwrap();
+    wait_same(&a_docs, &b_docs);
+    let moved = chunk_bytes_in(&b, &a) - first;
+    // The chunk the insert lands in and perhaps a neighbour: at most a few
+    // maximum-size chunks (256 KiB), nothing like the 24 MiB file.
+    assert!(
+        moved > 0 && moved <= 4 * 256 * 1024,
+        "{moved} chunk bytes moved for a 100-byte insert"
+    );
+}
+
+#[test]
+fn concurrent_edits_become_one_conflict_copy_and_an_offline_device_catches_up() {
+    let lab = Lab::new();
+    let (a, b, aa, ab, a_docs, b_docs) = two(&lab);
+    fs::write(a_docs.join("notes.txt"), b"v1").unwrap();
+    wait_same(&a_docs, &b_docs);
+
+    // B goes offline; both edit the same file (B later), A also adds a file.
+    ab.stop();
+    fs::write(a_docs.join("notes.txt"), b"edited on a").unwrap();
+    fs::write(a_docs.join("while-away.txt"), b"new on a").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    fs::write(b_docs.join("notes.txt"), b"edited on b, later").unwrap();
+    let _ab = Agent::start(&b);
+
+    wait_until("B catches up with the file made while it was away", || {
+        b_docs.join("while-away.txt").exists()
+    });
+    let copies = |root: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().contains(".sync-conflict-"))
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    wait_until("both hold one conflict copy", || {
+        copies(&a_docs).len() == 1 && copies(&b_docs).len() == 1
+    });
+    wait_same(&a_docs, &b_docs);
+    // The later edit wins; the earlier one is kept as the copy, everywhere.
+    assert_eq!(
+        fs::read(a_docs.join("notes.txt")).unwrap(),
+        b"edited on b, later"
+    );
+    assert_eq!(copies(&a_docs)[0].1, b"edited on a");
+    assert!(copies(&a_docs)[0].0.starts_with("notes.sync-conflict-"));
+    assert!(copies(&a_docs)[0].0.ends_with(".txt"));
+    for n in [&a, &b] {
+        let list = n.run(&["conflicts", "--json"]).ok().json();
+        assert_eq!(list.as_array().unwrap().len(), 1, "{}: {list}", n.name);
+        assert_eq!(list[0]["path"], "notes.txt");
+    }
+    drop(aa);
+}
+
+#[test]
+fn a_pull_killed_mid_way_resumes_with_what_it_had() {
+    let lab = Lab::new();
+    let a = lab.node("a");
+    let b = lab.node("b");
+    // One request at a time on B, so the pull takes long enough to interrupt.
+    let config = b.home.join("config.toml");
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(
+        &config,
+        text.replace("requests_in_flight = 32", "requests_in_flight = 1"),
+    )
+    .unwrap();
+    let a_docs = a.add_folder("docs");
+    let data = pseudo_random(64 * 1024 * 1024, 3);
+    fs::write(a_docs.join("large.bin"), &data).unwrap();
+    let b_docs = b.path("docs");
+    let aa = Agent::start(&a);
+    let ab = Agent::start(&b);
+    pair(
+        &a,
+        &b,
+        &["--folder", "docs"],
+        &["--into", b_docs.to_str().unwrap()],
+    );
+    // Kill B once a good part of the file is in its temp file.
+    let tmp = b_docs.join(".ferry/tmp");
+    wait_until("B is half-way through the pull", || {
+        chunk_bytes_in(&b, &a) > 16 * 1024 * 1024
+    });
+    ab.crash();
+    assert!(
+        !b_docs.join("large.bin").exists(),
+        "the file was in place before it was complete"
+    );
+    let parts: Vec<_> = fs::read_dir(&tmp).unwrap().collect();
+    assert_eq!(parts.len(), 1, "one partial file");
+
+    let _ab = Agent::start(&b);
+    wait_until("B finishes the file", || {
+        fs::metadata(b_docs.join("large.bin")).is_ok_and(|m| m.len() == data.len() as u64)
+    });
+    assert_eq!(fs::read(b_docs.join("large.bin")).unwrap(), data);
+    let second = chunk_bytes_in(&b, &a);
+    assert!(
+        second < data.len() as u64 - 8 * 1024 * 1024,
+        "the second run fetched {second} bytes: it did not resume"
+    );
+    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "temp file left");
+    drop(aa);
+}
+
+#[test]
+fn send_only_and_receive_only_folders() {
+    let lab = Lab::new();
+    let a = lab.node("a");
+    let b = lab.node("b");
+    let a_docs = a.folder_dir("docs");
+    a.run(&[
+        "folder",
+        "add",
+        a_docs.to_str().unwrap(),
+        "--id",
+        "docs",
+        "--type",
+        "send-only",
+    ])
+    .ok();
+    fs::write(a_docs.join("a.txt"), b"from a").unwrap();
+    let (_aa, _ab) = (Agent::start(&a), Agent::start(&b));
+    let b_docs = b.path("docs");
+    pair(
+        &a,
+        &b,
+        &["--folder", "docs"],
+        &["--into", b_docs.to_str().unwrap()],
+    );
+    wait_until("B has a.txt", || b_docs.join("a.txt").exists());
+
+    // A is send-only: B's change is not applied on A, and A says why.
+    fs::write(b_docs.join("b.txt"), b"from b").unwrap();
+    wait_until("A lists b.txt as not applied", || {
+        let need = a.run(&["status", "--need", "docs", "--json"]).ok().json();
+        need["need"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|i| i["path"] == "b.txt"))
+    });
+    assert!(!a_docs.join("b.txt").exists());
+
+    // A's own changes still go out.
+    fs::write(a_docs.join("a2.txt"), b"more from a").unwrap();
+    wait_until("B has a2.txt", || b_docs.join("a2.txt").exists());
+}
+
+#[test]
+fn a_receive_only_folder_keeps_local_changes_to_itself_until_reverted() {
+    let lab = Lab::new();
+    let a = lab.node("a");
+    let b = lab.node("b");
+    let a_docs = a.add_folder("docs");
+    fs::write(a_docs.join("shared.txt"), b"original").unwrap();
+    let (_aa, _ab) = (Agent::start(&a), Agent::start(&b));
+    let b_docs = b.path("docs");
+    pair(
+        &a,
+        &b,
+        &["--folder", "docs"],
+        &["--into", b_docs.to_str().unwrap(), "--type", "receive-only"],
+    );
+    wait_until("B has shared.txt", || b_docs.join("shared.txt").exists());
+
+    fs::write(b_docs.join("shared.txt"), b"changed on b").unwrap();
+    fs::write(b_docs.join("local-only.txt"), b"b only").unwrap();
+    // A marker change on A proves the link still works while B's stay home.
+    fs::write(a_docs.join("marker.txt"), b"m").unwrap();
+    wait_until("B has the marker", || b_docs.join("marker.txt").exists());
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(fs::read(a_docs.join("shared.txt")).unwrap(), b"original");
+    assert!(!a_docs.join("local-only.txt").exists());
+
+    b.run(&["revert", "docs"]).ok();
+    wait_until("B's local changes are undone", || {
+        fs::read(b_docs.join("shared.txt")).is_ok_and(|c| c == b"original")
+            && !b_docs.join("local-only.txt").exists()
+    });
+    // Both local versions are kept in B's history.
+    let kept: Vec<Vec<u8>> = fs::read_dir(b_docs.join(".ferry/versions"))
+        .unwrap()
+        .map(|e| fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(kept.iter().any(|c| c == b"changed on b"));
+    assert!(kept.iter().any(|c| c == b"b only"));
+}
+
+#[test]
+fn a_missing_folder_root_sends_no_deletes() {
+    let lab = Lab::new();
+    let (a, _b, aa, _ab, a_docs, b_docs) = two(&lab);
+    fs::write(a_docs.join("keep.txt"), b"precious").unwrap();
+    wait_same(&a_docs, &b_docs);
+
+    // A's disk "unmounts" while its agent is down.
+    aa.stop();
+    let away = a.path("docs-unmounted");
+    fs::rename(&a_docs, &away).unwrap();
+    let _aa = Agent::start(&a);
+    wait_until("A reports the folder in error", || {
+        a.run(&["status", "--json"]).ok().json()["folders"][0]["state"] == "error"
+    });
+    // Give A's scans and links time to do harm if they were going to.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(fs::read(b_docs.join("keep.txt")).unwrap(), b"precious");
+    let need = _b.run(&["status", "--json"]).ok().json();
+    assert_eq!(need["folders"][0]["files"], 1, "{need}");
+}
+
+#[test]
+fn three_devices_converge_and_a_conflict_makes_one_copy_everywhere() {
+    let lab = Lab::new();
+    let a = lab.node("a");
+    let b = lab.node("b");
+    let c = lab.node("c");
+    let a_docs = a.add_folder("docs");
+    fs::write(a_docs.join("shared.bin"), pseudo_random(3_000_000, 5)).unwrap();
+    let (b_docs, c_docs) = (b.path("docs"), c.path("docs"));
+    let (_aa, _ab, ac) = (Agent::start(&a), Agent::start(&b), Agent::start(&c));
+    pair(
+        &a,
+        &b,
+        &["--folder", "docs"],
+        &["--into", b_docs.to_str().unwrap()],
+    );
+    pair(
+        &a,
+        &c,
+        &["--folder", "docs"],
+        &["--into", c_docs.to_str().unwrap()],
+    );
+    // B and C pair too and share docs with each other: a full mesh.
+    pair(&b, &c, &[], &[]);
+    b.run(&["share", "docs", &c.id()]).ok();
+    c.run(&["share", "docs", &b.id()]).ok();
+    wait_same(&a_docs, &b_docs);
+    wait_same(&a_docs, &c_docs);
+
+    // A change on B reaches both others.
+    fs::write(b_docs.join("from-b.txt"), b"b").unwrap();
+    wait_until("A and C have B's file", || {
+        a_docs.join("from-b.txt").exists() && c_docs.join("from-b.txt").exists()
+    });
+
+    // C is away while A and B edit the same file; C catches up.
+    ac.stop();
+    fs::write(a_docs.join("from-b.txt"), b"a's edit").unwrap();
+    wait_until("B has A's edit", || {
+        fs::read(b_docs.join("from-b.txt")).is_ok_and(|c| c == b"a's edit")
+    });
+    fs::write(c_docs.join("from-b.txt"), b"c's edit, later").unwrap();
+    let _ac = Agent::start(&c);
+    let copies = |root: &Path| {
+        fs::read_dir(root)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("sync-conflict")
+            })
+            .count()
+    };
+    wait_until("one conflict copy on every device", || {
+        copies(&a_docs) == 1 && copies(&b_docs) == 1 && copies(&c_docs) == 1
+    });
+    wait_same(&a_docs, &b_docs);
+    wait_same(&a_docs, &c_docs);
+    assert_eq!(
+        fs::read(a_docs.join("from-b.txt")).unwrap(),
+        b"c's edit, later"
+    );
+}
