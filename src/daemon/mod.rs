@@ -175,6 +175,7 @@ impl ProtocolHandler for PairHandler {
         match handshake::answer(conn, &self.0.invites, me, record).await {
             Ok(req) => {
                 tracing::info!(device = %req.joiner, name = %req.name, "paired");
+                self.0.engine.shares_changed();
                 self.0.peers.watch(req.joiner, FirstDial::Later);
             }
             Err(e) => tracing::warn!("a pairing attempt failed: {e}"),
@@ -469,6 +470,7 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
                     Ok(())
                 })
                 .await?;
+            agent.engine.shares_changed();
             agent.peers.announce_folders(&did).await;
             Ok(json!({ "folder": fid.as_str(), "device": did.to_string() }))
         }
@@ -595,6 +597,7 @@ async fn join(
             Ok(Some(added.path))
         })
         .await;
+    agent.engine.shares_changed();
     if let Err(e) = agent.engine.reload_folders().await {
         tracing::warn!("cannot load the new folder: {e}");
     }

@@ -131,6 +131,8 @@ pub struct Engine {
     /// The folder ids each connected peer shares with this device.
     peer_folders: Mutex<HashMap<DeviceId, HashSet<String>>>,
     counters: Mutex<HashMap<DeviceId, Arc<PeerCounters>>>,
+    /// Recent answers of "which folders do we share with this peer".
+    shared_cache: Mutex<HashMap<DeviceId, (std::time::Instant, Vec<String>)>>,
     /// Bumped after every local index commit (scan or pull).
     local_changes: tokio::sync::watch::Sender<u64>,
     tracker: TaskTracker,
@@ -159,6 +161,7 @@ impl Engine {
             links: Mutex::new(HashMap::new()),
             peer_folders: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
+            shared_cache: Mutex::new(HashMap::new()),
             local_changes: tokio::sync::watch::channel(0).0,
             tracker: TaskTracker::new(),
             shutdown,
@@ -186,6 +189,7 @@ impl Engine {
 
     /// Brings the folder tasks in line with the index.
     pub async fn reload_folders(self: &Arc<Self>) -> Result<(), crate::index::IndexError> {
+        self.shared_cache.lock().expect("shared cache lock").clear();
         let list = self.index.run(|i| i.folders()).await?;
         let mut started = Vec::new();
         {
@@ -304,6 +308,12 @@ impl Engine {
             .cloned()
     }
 
+    /// Which folders are shared with which device changed.
+    pub fn shares_changed(&self) {
+        self.shared_cache.lock().expect("shared cache lock").clear();
+        self.local_changed();
+    }
+
     /// Tells link senders that local records changed.
     pub fn local_changed(&self) {
         self.local_changes.send_modify(|n| *n += 1);
@@ -322,14 +332,35 @@ impl Engine {
         if theirs.is_empty() {
             return Vec::new();
         }
-        let ours = self
-            .index
-            .run(move |i| i.folders_shared_with(&peer))
-            .await
-            .unwrap_or_default();
+        // Asked for every request a peer makes: keep our side's answer briefly.
+        let cached = self
+            .shared_cache
+            .lock()
+            .expect("shared cache lock")
+            .get(&peer)
+            .filter(|(at, _)| at.elapsed() < Duration::from_secs(2))
+            .map(|(_, ids)| ids.clone());
+        let ours = match cached {
+            Some(ids) => ids,
+            None => {
+                let ids: Vec<String> = self
+                    .index
+                    .run(move |i| i.folders_shared_with(&peer))
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(id, _)| id.to_string())
+                    .collect();
+                self.shared_cache
+                    .lock()
+                    .expect("shared cache lock")
+                    .insert(peer, (std::time::Instant::now(), ids.clone()));
+                ids
+            }
+        };
         ours.into_iter()
-            .filter(|(id, _)| theirs.contains(id.as_str()))
-            .filter_map(|(id, _)| self.folder(id.as_str()).map(|h| h.folder()))
+            .filter(|id| theirs.contains(id.as_str()))
+            .filter_map(|id| self.folder(&id).map(|h| h.folder()))
             .collect()
     }
 
