@@ -55,13 +55,25 @@ pub async fn run(engine: Arc<Engine>, conn: Connection, peer: DeviceId, theirs: 
         .lock()
         .expect("links lock")
         .insert(peer, conn.clone());
-    let sender = send_index(&engine, &conn, peer, theirs);
-    let receiver = receive_index(&engine, &conn, peer);
+    // The three run until the link closes; one ending early (a peer that
+    // finished its index stream) does not stop the others.
+    let sender = async {
+        if let Err(e) = send_index(&engine, &conn, peer, theirs).await
+            && conn.close_reason().is_none()
+        {
+            // Without a sender the peer would silently fall behind: start over.
+            tracing::warn!(device = %peer, "index sender failed ({e}); reconnecting");
+            conn.close(0u32.into(), b"index sender failed");
+        }
+    };
+    let receiver = async {
+        if let Err(e) = receive_index(&engine, &conn, peer).await {
+            tracing::debug!(device = %peer, "index receiver: {e}");
+        }
+    };
     let server = serve(&engine, &conn, peer);
     tokio::select! {
-        r = sender => if let Err(e) = r { tracing::debug!(device = %peer, "index sender: {e}") },
-        r = receiver => if let Err(e) = r { tracing::debug!(device = %peer, "index receiver: {e}") },
-        _ = server => {},
+        _ = async { tokio::join!(sender, receiver, server) } => {},
         _ = engine.shutdown.cancelled() => {},
     }
     let mut links = engine.links.lock().expect("links lock");
@@ -188,7 +200,12 @@ async fn receive_index(
         let msg = match read_msg::<IndexMessage>(&mut stream).await {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
+            Err(ProtocolError::Io(e)) => return Err(format!("index stream: {e}")),
             Err(e) => {
+                engine
+                    .counters(&peer)
+                    .bad_records
+                    .fetch_add(1, Ordering::Relaxed);
                 refuse(engine, conn, peer, &e.to_string());
                 return Err(e.to_string());
             }

@@ -392,6 +392,11 @@ impl Engine {
         let mut scan_due = true;
         let mut pull_due = true;
         let mut retry = Duration::from_secs(1);
+        // When set, pull again at this time (items failed; backing off).
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        // A pull that keeps asking for a rescan that finds nothing new must not
+        // spin: after a few in a row, back off like any other retry.
+        let mut rescans = 0;
         loop {
             if scan_due {
                 scan_due = false;
@@ -400,30 +405,39 @@ impl Engine {
             }
             if pull_due {
                 pull_due = false;
+                retry_at = None;
                 match pull::pull_folder(&self, &h).await {
-                    Ok(pull::Outcome::Done) => retry = Duration::from_secs(1),
-                    Ok(pull::Outcome::Rescan) => {
+                    Ok(pull::Outcome::Done) => {
+                        retry = Duration::from_secs(1);
+                        rescans = 0;
+                    }
+                    Ok(pull::Outcome::Rescan) if rescans < 3 => {
+                        rescans += 1;
                         scan_due = true;
                         continue;
                     }
-                    Ok(pull::Outcome::Retry) => {
-                        let this_retry = retry;
+                    Ok(pull::Outcome::Rescan | pull::Outcome::Retry) => {
+                        retry_at = Some(tokio::time::Instant::now() + retry);
                         retry = (retry * 2).min(Duration::from_secs(60));
-                        tokio::select! {
-                            _ = tokio::time::sleep(this_retry) => { pull_due = true; continue; }
-                            _ = h.remote_changed.notified() => { pull_due = true; continue; }
-                            _ = h.stop.cancelled() => return,
-                        }
                     }
                     Err(e) => {
                         tracing::warn!(folder = %h.folder().id, "pull failed: {e}");
+                        retry_at = Some(tokio::time::Instant::now() + retry);
+                        retry = (retry * 2).min(Duration::from_secs(60));
                     }
                 }
             }
+            let wake = async {
+                match retry_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = h.stop.cancelled() => return,
                 _ = h.remote_changed.notified() => pull_due = true,
                 _ = h.scan_now.notified() => scan_due = true,
+                _ = wake => pull_due = true,
                 _ = tokio::time::sleep(rescan) => scan_due = true,
                 ev = async {
                     match events.as_mut() {

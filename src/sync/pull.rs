@@ -603,6 +603,9 @@ async fn take(
             crate::index::IndexError::Io(io) if io.to_string().starts_with(UNSAFE) => {
                 PullError::Unsafe(io.to_string())
             }
+            crate::index::IndexError::Io(io) if io.to_string() == NOT_EMPTY => {
+                PullError::Fetch(NOT_EMPTY.into())
+            }
             other => PullError::Index(other),
         })?;
     if let Some((copy, device)) = conflict {
@@ -619,6 +622,8 @@ async fn take(
 }
 
 const LOCAL_CHANGED: &str = "local file changed";
+const NOT_EMPTY: &str =
+    "the directory holds files that are not synced (ignored ones?), so it stays";
 const UNSAFE: &str = "unsafe path";
 
 /// Deterministic temp name, so an interrupted pull of the same version resumes.
@@ -665,8 +670,13 @@ fn place(
     }
     let exists = on_disk.is_some();
 
-    // Move the old version away.
-    if exists && !(remote.kind == FileKind::Dir && local_kind == Some(FileKind::Dir)) {
+    // Move the old version away, unless it stays (a directory staying a
+    // directory, or a file whose content is already right).
+    let dir_on_disk = on_disk.as_ref().is_some_and(|m| m.is_dir());
+    let keep = !remote.deleted
+        && ((remote.kind == FileKind::Dir && dir_on_disk)
+            || (Some(remote.kind) == local_kind && staged.is_none()));
+    if exists && !keep {
         if let Some(copy) = conflict {
             let dest = copy.to_fs(root);
             ensure_parents(root, copy)?;
@@ -674,7 +684,7 @@ fn place(
                 return Err(io::Error::other(LOCAL_CHANGED));
             }
             fs::rename(&target, &dest)?;
-        } else if local_kind == Some(FileKind::File) && staged.is_some() || remote.deleted {
+        } else {
             match local_kind {
                 Some(FileKind::File) => {
                     let dir = marker_dir(root).join("versions");
@@ -687,17 +697,16 @@ fn place(
                 }
                 Some(FileKind::Dir) => match fs::remove_dir(&target) {
                     Ok(()) => {}
-                    // Files the index does not know (ignored, or new) are in it:
-                    // keep the directory; a later scan sees them.
+                    // Files the index does not know (ignored ones) are in it:
+                    // keep the directory and say why.
                     Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                        return Err(io::Error::other(LOCAL_CHANGED));
+                        return Err(io::Error::other(NOT_EMPTY));
                     }
                     Err(e) => return Err(e),
                 },
+                // A symlink: nothing but its target, which the history row keeps.
                 _ => fs::remove_file(&target)?,
             }
-        } else if local_kind == Some(FileKind::Symlink) && staged.is_some() {
-            // Replaced by the rename below.
         }
     }
 

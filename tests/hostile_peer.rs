@@ -1,0 +1,572 @@
+//! A misbehaving paired device: Mallory pairs with Alice through real agents,
+//! then her agent stops and the test speaks the sync protocol with her key by
+//! hand, announcing unsafe paths and serving corrupt chunks. Alice must refuse
+//! the records, close the link, count what the peer did wrong, and never write
+//! anything that did not verify.
+
+#[path = "common/agent.rs"]
+mod agent;
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferry::chunking::{DEFAULT_PARAMS, FileDigest, chunk_bytes, group_ranges, groups};
+use ferry::config::NetworkConfig;
+use ferry::device::DeviceId;
+use ferry::home::Home;
+use ferry::protocol::{
+    FolderOffer, IndexMessage, PROTOCOL_VERSION, Reply, Request, SYNC_ALPN, SyncMessage, WireChunk,
+    WireFile, WireGroup, read_msg, write_msg,
+};
+use ferry::sync::link::CLOSE_PROTOCOL;
+use ferry::transport::{self, AllowList};
+use iroh::Endpoint;
+use iroh::endpoint::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
+use serde_json::Value;
+
+use agent::{Agent, Lab, Node, PATIENCE, pair, wait_for, wait_until};
+
+/// What Alice's folder holds before Mallory misbehaves.
+const HELLO: &[u8] = b"hello from alice\n";
+/// The byte a corrupt chunk is made of (long runs of it never occur in the
+/// pseudo-random payloads, so finding one on Alice's disk means it was written).
+const BAD: u8 = 0xa5;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as i64
+}
+
+/// Alice shares `docs` (holding `hello.txt`) with Mallory; Mallory's agent has
+/// synced it and is stopped again, so Alice still accepts Mallory's key but no
+/// honest agent answers for it. Returns Alice, Mallory, Alice's agent and
+/// Alice's folder.
+fn alice_and_mallory(lab: &Lab) -> (Node, Node, Agent, PathBuf) {
+    let a = lab.node("alice");
+    let m = lab.node("mallory");
+    let docs = a.add_folder("docs");
+    fs::write(docs.join("hello.txt"), HELLO).unwrap();
+    let agent_a = Agent::start(&a);
+    let agent_m = Agent::start(&m);
+    let m_docs = m.path("docs");
+    pair(
+        &a,
+        &m,
+        &["--folder", "docs"],
+        &["--into", m_docs.to_str().unwrap()],
+    );
+    wait_until("mallory's agent has hello.txt", || {
+        fs::read(m_docs.join("hello.txt")).is_ok_and(|b| b == HELLO)
+    });
+    agent_m.stop();
+    let m_id = m.id();
+    wait_until("alice sees mallory's agent gone", || !a.connected_to(&m_id));
+    (a, m, agent_a, docs)
+}
+
+/// One of the per-peer counters of `devices --json` on `a` for device `id`.
+fn counter(a: &Node, id: &str, key: &str) -> u64 {
+    let d: Value = a.device(id).expect("alice lists mallory");
+    d[key].as_u64().unwrap_or_else(|| panic!("no {key} in {d}"))
+}
+
+/// The names in a directory.
+fn names(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Every regular file under `dir`, `.ferry` included.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in fs::read_dir(dir).unwrap().map(Result::unwrap) {
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            files_under(&e.path(), out);
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+}
+
+/// Whether some file under `dir` holds a 4 KiB run of [`BAD`] bytes.
+fn corrupt_bytes_on_disk(dir: &Path) -> Option<PathBuf> {
+    let run = [BAD; 4096];
+    let mut files = Vec::new();
+    files_under(dir, &mut files);
+    files
+        .into_iter()
+        .find(|f| fs::read(f).is_ok_and(|bytes| bytes.windows(run.len()).any(|w| w == run)))
+}
+
+/// One file's content, as Mallory announces and serves it.
+#[derive(Clone)]
+struct Content {
+    data: Arc<Vec<u8>>,
+    digest: Arc<FileDigest>,
+}
+
+impl Content {
+    fn new(data: Vec<u8>) -> Self {
+        let digest = chunk_bytes(&data, DEFAULT_PARAMS);
+        Self {
+            data: Arc::new(data),
+            digest: Arc::new(digest),
+        }
+    }
+
+    /// A well-formed record of this content at `path`, made by `by`.
+    fn record(&self, path: &str, by: DeviceId, sequence: u64) -> WireFile {
+        let me = by.short().0;
+        WireFile {
+            path: path.to_owned(),
+            kind: 0,
+            size: self.digest.size,
+            mtime_ns: now_ns(),
+            permissions: 0o644,
+            hash: Some(self.digest.hash.0),
+            symlink_target: None,
+            deleted: false,
+            version: vec![(me, 1)],
+            modified_by: me,
+            sequence,
+            groups: groups(&self.digest.chunks)
+                .into_iter()
+                .map(|g| WireGroup {
+                    hash: g.hash,
+                    chunks: g.chunks,
+                    size: g.size,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Mallory's endpoint, with her real key.
+struct Mallory {
+    ep: Endpoint,
+    me: DeviceId,
+    alice: DeviceId,
+    alice_addr: SocketAddr,
+}
+
+/// A link to Alice after the hello exchange.
+struct Link {
+    conn: Connection,
+    /// The control stream: kept open, since Alice ends the link's sync when
+    /// it ends.
+    _control: SendStream,
+    /// Mallory's index uni-stream.
+    index: SendStream,
+    /// Mallory's index epoch and sequence as Alice holds them.
+    epoch: u64,
+    sequence: u64,
+}
+
+impl Mallory {
+    /// Binds an endpoint with Mallory's key (her agent must be stopped).
+    fn new(rt: &tokio::runtime::Runtime, m: &Node, a: &Node) -> Self {
+        let home = Home::open(&m.home).expect("open mallory's home");
+        let alice: DeviceId = a.id().parse().expect("alice's id");
+        let alice_addr = SocketAddr::from(([127, 0, 0, 1], a.port()));
+        let mut net = NetworkConfig::default().offline();
+        net.local_discovery = false;
+        let allow = AllowList::default();
+        allow.insert(alice);
+        let ep = rt
+            .block_on(transport::bind(
+                home.secret_key().clone(),
+                &net,
+                "127.0.0.1:0".parse().unwrap(),
+                allow,
+            ))
+            .expect("bind mallory's endpoint");
+        Self {
+            ep,
+            me: home.device_id(),
+            alice,
+            alice_addr,
+        }
+    }
+
+    /// Dials Alice and exchanges hellos offering `docs`; drains what Alice
+    /// sends on her control and index streams in the background.
+    async fn link(&self) -> Link {
+        let conn = transport::dial(&self.ep, self.alice, &[self.alice_addr], SYNC_ALPN)
+            .await
+            .expect("dial alice");
+        let (mut send, mut recv) = conn.open_bi().await.expect("open the control stream");
+        let hello = SyncMessage::Hello {
+            version: PROTOCOL_VERSION,
+            name: "mallory".into(),
+            folders: vec![FolderOffer {
+                id: "docs".into(),
+                label: "docs".into(),
+            }],
+            index: vec![],
+        };
+        write_msg(&mut send, &hello).await.expect("send hello");
+        let theirs = tokio::time::timeout(PATIENCE, read_msg::<SyncMessage>(&mut recv))
+            .await
+            .expect("alice answers the hello in time")
+            .expect("alice's hello reads");
+        let Some(SyncMessage::Hello { folders, index, .. }) = theirs else {
+            panic!("expected alice's hello, got {theirs:?}");
+        };
+        assert!(
+            folders.iter().any(|f| f.id == "docs"),
+            "alice does not offer docs: {folders:?}"
+        );
+        let (epoch, sequence) = index
+            .iter()
+            .find(|s| s.folder == "docs")
+            .map_or((0, 0), |s| (s.epoch, s.sequence));
+        let epoch = if epoch == 0 { 1 } else { epoch };
+        tokio::spawn(drain_control(recv));
+        let c = conn.clone();
+        tokio::spawn(async move {
+            // If this stream stalled or ended, Alice would stop her side of the
+            // link's sync, so read it to the end.
+            if let Ok(mut r) = c.accept_uni().await {
+                while let Ok(Some(_)) = read_msg::<IndexMessage>(&mut r).await {}
+            }
+        });
+        let index = conn.open_uni().await.expect("open the index stream");
+        Link {
+            conn,
+            _control: send,
+            index,
+            epoch,
+            sequence,
+        }
+    }
+}
+
+async fn drain_control(mut recv: RecvStream) {
+    while let Ok(Some(_)) = read_msg::<SyncMessage>(&mut recv).await {}
+}
+
+impl Link {
+    /// The sequence number of Mallory's next record.
+    fn next_sequence(&mut self) -> u64 {
+        self.sequence += 1;
+        self.sequence
+    }
+
+    /// Sends one index update for `docs` (an empty one just makes Alice look
+    /// at the folder again).
+    async fn announce(&mut self, files: Vec<WireFile>) {
+        let msg = IndexMessage::Update {
+            folder: "docs".into(),
+            epoch: self.epoch,
+            sequence: self.sequence,
+            files,
+        };
+        write_msg(&mut self.index, &msg)
+            .await
+            .expect("send an index update");
+    }
+}
+
+/// Answers Alice's requests on `conn` from `content`: group lists always
+/// correctly, chunk bytes correctly only while `honest` holds (otherwise
+/// `size` bytes of [`BAD`]).
+async fn serve(conn: Connection, content: Content, honest: Arc<AtomicBool>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(answer(send, recv, content.clone(), honest.clone()));
+    }
+}
+
+async fn answer(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    content: Content,
+    honest: Arc<AtomicBool>,
+) {
+    let Ok(Some(req)) = read_msg::<Request>(&mut recv).await else {
+        return;
+    };
+    let chunks = &content.digest.chunks;
+    let unavailable = Reply::Unavailable {
+        reason: "not here".into(),
+    };
+    match req {
+        Request::Chunk { size, hash, .. } => {
+            match chunks.iter().find(|c| c.hash.0 == hash && c.len == size) {
+                Some(c) => {
+                    let bytes = if honest.load(Ordering::SeqCst) {
+                        let start = c.offset as usize;
+                        content.data[start..start + c.len as usize].to_vec()
+                    } else {
+                        vec![BAD; size as usize]
+                    };
+                    if write_msg(&mut send, &Reply::Chunk { size }).await.is_err() {
+                        return;
+                    }
+                    let _ = send.write_all(&bytes).await;
+                }
+                None => {
+                    let _ = write_msg(&mut send, &unavailable).await;
+                }
+            }
+        }
+        Request::Groups {
+            file_hash,
+            groups: wanted,
+            ..
+        } => {
+            let ranges = group_ranges(chunks);
+            let found: Option<Vec<Vec<WireChunk>>> = (file_hash == content.digest.hash.0)
+                .then(|| {
+                    wanted
+                        .iter()
+                        .map(|g| {
+                            ranges.get(*g as usize).map(|r| {
+                                chunks[r.clone()]
+                                    .iter()
+                                    .map(|c| WireChunk {
+                                        hash: c.hash.0,
+                                        size: c.len,
+                                    })
+                                    .collect()
+                            })
+                        })
+                        .collect()
+                })
+                .flatten();
+            let reply = match found {
+                Some(groups) => Reply::Groups { groups },
+                None => unavailable,
+            };
+            let _ = write_msg(&mut send, &reply).await;
+        }
+    }
+    let _ = send.finish();
+}
+
+#[test]
+fn an_unsafe_path_from_a_peer_is_refused_and_nothing_is_written() {
+    let lab = Lab::new();
+    let (a, m, _agent_a, docs) = alice_and_mallory(&lab);
+    let m_id = m.id();
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &m, &a);
+    let outside = a.dir.clone();
+    assert_eq!(docs.parent(), Some(outside.as_path()));
+    let before_outside = names(&outside);
+    let payload = Content::new(b"written by mallory\n".to_vec());
+    // Mallory serves the content honestly: a record that got through would be
+    // pulled and written where its path says.
+    let honest = Arc::new(AtomicBool::new(true));
+
+    let absolute = outside.join("escaped-abs.txt");
+    let cases = [
+        ("../escaped.txt".to_owned(), outside.join("escaped.txt")),
+        (absolute.to_str().unwrap().to_owned(), absolute.clone()),
+        (
+            "sub/../../escaped-mid.txt".to_owned(),
+            outside.join("escaped-mid.txt"),
+        ),
+    ];
+    for (n, (path, target)) in cases.iter().enumerate() {
+        let mut link = rt.block_on(mallory.link());
+        rt.spawn(serve(link.conn.clone(), payload.clone(), honest.clone()));
+        let seq = link.next_sequence();
+        let record = payload.record(path, mallory.me, seq);
+        rt.block_on(link.announce(vec![record]));
+        let closed = wait_for(&format!("alice closes the link over {path:?}"), || {
+            assert!(
+                !target.exists(),
+                "alice wrote {} for the record {path:?}",
+                target.display()
+            );
+            link.conn.close_reason()
+        });
+        match closed {
+            ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(
+                    close.error_code,
+                    VarInt::from_u32(CLOSE_PROTOCOL),
+                    "{path:?}: {close:?}"
+                );
+                let reason = String::from_utf8_lossy(&close.reason);
+                assert!(reason.contains("unsafe path"), "{path:?}: {reason}");
+            }
+            other => panic!("{path:?}: expected a close with code {CLOSE_PROTOCOL}, got {other}"),
+        }
+        // The count goes up before the link is closed.
+        assert_eq!(
+            counter(&a, &m_id, "bad_records"),
+            n as u64 + 1,
+            "after {path:?}"
+        );
+        assert!(!target.exists(), "{}", target.display());
+    }
+
+    // Nothing escaped, nothing was created inside, the old file is intact.
+    assert_eq!(names(&outside), before_outside);
+    assert_eq!(names(&docs), [".ferry", "hello.txt"]);
+    assert_eq!(fs::read(docs.join("hello.txt")).unwrap(), HELLO);
+    let lab_root = outside.parent().unwrap();
+    assert!(
+        names(lab_root).iter().all(|n| !n.contains("escaped")),
+        "{:?}",
+        names(lab_root)
+    );
+
+    // The same record with a safe path is taken: the refusals above were about
+    // the paths, not the setup.
+    let mut link = rt.block_on(mallory.link());
+    rt.spawn(serve(link.conn.clone(), payload.clone(), honest.clone()));
+    let seq = link.next_sequence();
+    rt.block_on(link.announce(vec![payload.record("inside.txt", mallory.me, seq)]));
+    wait_until("alice pulls inside.txt from mallory", || {
+        fs::read(docs.join("inside.txt")).is_ok_and(|b| b == *payload.data)
+    });
+    assert!(link.conn.close_reason().is_none());
+    assert_eq!(counter(&a, &m_id, "bad_records"), 3);
+    assert_eq!(names(&docs), [".ferry", "hello.txt", "inside.txt"]);
+    assert_eq!(names(&outside), before_outside);
+    rt.block_on(mallory.ep.close());
+}
+
+#[test]
+fn a_corrupt_chunk_is_discarded_counted_and_never_written() {
+    let lab = Lab::new();
+    let (a, m, _agent_a, docs) = alice_and_mallory(&lab);
+    let m_id = m.id();
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &m, &a);
+    let evil = Content::new(pseudo_random(300 * 1024, 0x5eed));
+    let chunks = evil.digest.chunks.len() as u64;
+    assert!(chunks >= 2, "{chunks} chunks");
+    let target = docs.join("evil.bin");
+
+    let honest = Arc::new(AtomicBool::new(false));
+    let mut link = rt.block_on(mallory.link());
+    rt.spawn(serve(link.conn.clone(), evil.clone(), honest.clone()));
+    let seq = link.next_sequence();
+    rt.block_on(link.announce(vec![evil.record("evil.bin", mallory.me, seq)]));
+
+    let bad = |a: &Node| counter(a, &m_id, "bad_chunks");
+    wait_until("alice counts a corrupt chunk from mallory", || {
+        assert!(!target.exists(), "alice wrote evil.bin from corrupt chunks");
+        bad(&a) >= 1
+    });
+    // Each pass asks twice for every chunk; wait for a retry pass too.
+    wait_until("alice tries again and counts more corrupt chunks", || {
+        assert!(!target.exists(), "alice wrote evil.bin from corrupt chunks");
+        bad(&a) > 2 * chunks
+    });
+    assert!(!target.exists());
+    assert_eq!(counter(&a, &m_id, "chunk_bytes_in"), 0);
+    if let Some(f) = corrupt_bytes_on_disk(&docs) {
+        panic!("corrupt chunk bytes were written to {}", f.display());
+    }
+    let need = wait_for("alice says why evil.bin is not in sync", || {
+        let need = a.run(&["status", "--need", "docs", "--json"]).ok().json();
+        let item = need["need"]
+            .as_array()?
+            .iter()
+            .find(|i| i["path"] == "evil.bin")?
+            .clone();
+        item["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("corrupt"))
+            .then_some(item)
+    });
+    assert_eq!(need["size"], evil.data.len() as u64, "{need}");
+    assert_eq!(fs::read(docs.join("hello.txt")).unwrap(), HELLO);
+    assert!(
+        link.conn.close_reason().is_none(),
+        "alice closed the link over corrupt chunks"
+    );
+
+    // Once Mallory serves the right bytes, the next try (woken by a fresh
+    // index update rather than the backoff) puts exactly that content in place.
+    honest.store(true, Ordering::SeqCst);
+    rt.block_on(link.announce(vec![]));
+    wait_until("alice writes evil.bin with the right content", || {
+        fs::read(&target).is_ok_and(|b| b == *evil.data)
+    });
+    assert!(counter(&a, &m_id, "chunk_bytes_in") >= evil.data.len() as u64);
+    wait_until("alice needs nothing more", || {
+        let need = a.run(&["status", "--need", "docs", "--json"]).ok().json();
+        need["need"].as_array().is_some_and(|n| n.is_empty())
+    });
+    if let Some(f) = corrupt_bytes_on_disk(&docs) {
+        panic!("corrupt chunk bytes were written to {}", f.display());
+    }
+    assert_eq!(fs::read(docs.join("hello.txt")).unwrap(), HELLO);
+    rt.block_on(mallory.ep.close());
+}
+
+#[test]
+fn a_malformed_record_closes_the_link_and_is_counted() {
+    let lab = Lab::new();
+    let (a, m, _agent_a, docs) = alice_and_mallory(&lab);
+    let m_id = m.id();
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &m, &a);
+    let payload = Content::new(b"written by mallory\n".to_vec());
+    let honest = Arc::new(AtomicBool::new(true));
+
+    // A safe path, but a file kind no ferry knows.
+    let mut link = rt.block_on(mallory.link());
+    rt.spawn(serve(link.conn.clone(), payload.clone(), honest.clone()));
+    let seq = link.next_sequence();
+    let mut record = payload.record("odd.txt", mallory.me, seq);
+    record.kind = 7;
+    rt.block_on(link.announce(vec![record]));
+    let closed = wait_for("alice closes the link over a malformed record", || {
+        link.conn.close_reason()
+    });
+    match closed {
+        ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                VarInt::from_u32(CLOSE_PROTOCOL),
+                "{close:?}"
+            );
+            let reason = String::from_utf8_lossy(&close.reason);
+            assert!(reason.contains("kind"), "{reason}");
+        }
+        other => panic!("expected a close with code {CLOSE_PROTOCOL}, got {other}"),
+    }
+    assert!(!docs.join("odd.txt").exists());
+    assert_eq!(
+        counter(&a, &m_id, "bad_records"),
+        1,
+        "a refused record is counted whichever check refused it"
+    );
+    rt.block_on(mallory.ep.close());
+}
