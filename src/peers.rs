@@ -25,7 +25,8 @@ use crate::protocol::{
 };
 use crate::sync::Engine;
 use crate::transport::{
-    self, AllowList, CLOSE_DUPLICATE, CLOSE_REMOVED, CLOSE_SHUTDOWN, selected_path,
+    self, AllowList, CLOSE_DUPLICATE, CLOSE_REMOVED, CLOSE_SHUTDOWN, CLOSE_UNKNOWN_DEVICE,
+    selected_path,
 };
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -196,7 +197,7 @@ impl Peers {
 
     /// Handles an incoming sync link (the endpoint hook already checked the peer).
     pub async fn accept(self: &Arc<Self>, conn: Connection) {
-        self.clone().run_link(conn, false).await;
+        self.clone().run_link(conn, false, None).await;
     }
 
     /// The status of every paired device.
@@ -208,7 +209,10 @@ impl Peers {
         Ok(peers
             .into_iter()
             .map(|p| {
-                let link = links.get(&p.id).filter(|l| l.conn.close_reason().is_none());
+                // A link counts once its hello is through (a refused one never is).
+                let link = links
+                    .get(&p.id)
+                    .filter(|l| l.control.is_some() && l.conn.close_reason().is_none());
                 let path = link.and_then(|l| selected_path(&l.conn));
                 let stats = link.map(|l| l.conn.stats());
                 let c = self.engine.counters(&p.id);
@@ -272,7 +276,7 @@ impl Peers {
             .lock()
             .expect("links lock")
             .get(peer)
-            .filter(|l| l.conn.close_reason().is_none())
+            .filter(|l| l.control.is_some() && l.conn.close_reason().is_none())
             .map(|l| l.conn.clone())
     }
 
@@ -321,12 +325,34 @@ impl Peers {
             };
             match dialled {
                 Ok(conn) => {
-                    backoff = Duration::from_secs(1);
+                    let (tx, rx) = tokio::sync::oneshot::channel();
                     let this = self.clone();
+                    let c = conn.clone();
                     self.tracker
-                        .spawn(async move { this.run_link(conn, true).await });
-                    // Give the link a moment to register before checking on it.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                        .spawn(async move { this.run_link(c, true, Some(tx)).await });
+                    let hello = tokio::time::timeout(HELLO_TIMEOUT * 2, rx).await;
+                    if matches!(hello, Ok(Ok(Ok(())))) || self.current(&peer).is_some() {
+                        backoff = Duration::from_secs(1);
+                        continue;
+                    }
+                    // The device took the connection but not the link: it does
+                    // not know us (any more). Ask again only rarely.
+                    let refused = matches!(
+                        conn.close_reason(),
+                        Some(iroh::endpoint::ConnectionError::ApplicationClosed(ref c))
+                            if c.error_code == CLOSE_UNKNOWN_DEVICE.into()
+                                || c.error_code == CLOSE_REMOVED.into()
+                    );
+                    if refused {
+                        backoff = MAX_BACKOFF;
+                    }
+                    tracing::debug!(device = %peer, refused, "link failed; retrying in {backoff:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = kick.notified() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => {
                     tracing::debug!(device = %peer, "dial failed: {e}; retrying in {backoff:?}");
@@ -344,10 +370,22 @@ impl Peers {
 
     /// Registers a link (newest wins), exchanges hellos, then serves the control
     /// stream until the link ends.
-    async fn run_link(self: Arc<Self>, conn: Connection, outgoing: bool) {
+    async fn run_link(
+        self: Arc<Self>,
+        conn: Connection,
+        outgoing: bool,
+        hello_done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ) {
         let peer = DeviceId::new(conn.remote_id());
+        let mut hello_done = hello_done;
+        let mut report = |r: Result<(), String>| {
+            if let Some(tx) = hello_done.take() {
+                let _ = tx.send(r);
+            }
+        };
         if !self.allow.contains(&peer) {
             conn.close(CLOSE_REMOVED.into(), b"unknown device");
+            report(Err("device removed".into()));
             return;
         }
         {
@@ -362,6 +400,7 @@ impl Peers {
                 // as the peer does.
                 tracing::debug!(device = %peer, "dropping a link dialled at the same time as another");
                 conn.close(CLOSE_DUPLICATE.into(), b"crossed with another link");
+                report(Err("crossed with another link".into()));
                 return;
             }
             if let Some(old) = links.insert(
@@ -388,6 +427,7 @@ impl Peers {
                     l.control = Some(Arc::new(tokio::sync::Mutex::new(send)));
                 }
                 tracing::info!(device = %peer, %name, outgoing, "link up");
+                report(Ok(()));
                 self.errors.lock().expect("errors lock").remove(&peer);
                 let addr = selected_path(&conn).and_then(|p| p.ip);
                 self.engine
@@ -438,12 +478,19 @@ impl Peers {
                 sync.abort();
             }
             Ok(Err(e)) => {
+                // The peer's reason for closing says more than "connection lost".
+                let e = match conn.close_reason() {
+                    Some(reason) => format!("the device closed the link: {reason}"),
+                    None => e,
+                };
                 tracing::debug!(device = %peer, "hello failed: {e}");
-                self.set_error(peer, e);
+                self.set_error(peer, e.clone());
+                report(Err(e));
             }
             Err(_) => {
                 tracing::debug!(device = %peer, "no hello in time");
                 self.set_error(peer, "the device did not answer in time".into());
+                report(Err("no hello in time".into()));
             }
         }
         let mut links = self.links.lock().expect("links lock");
