@@ -39,6 +39,7 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
                     "deleted": s.deleted, "sequence": f.sequence, "last_scan_at": f.last_scan_at,
                     "held_deletes": f.held_deletes,
                     "need_items": live.need_items, "need_bytes": live.need_bytes,
+                    "notice": live.notice,
                     "global_bytes": s.bytes + live.need_bytes,
                     "completion": completion(s.bytes, live.need_bytes, live.need_items),
                 })
@@ -114,6 +115,9 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
         if let Some(e) = live.error.or(error.clone()) {
             println!("{}: {e}", f.id);
         }
+        if let Some(n) = live.notice {
+            println!("{}: {n}", f.id);
+        }
         if f.held_deletes > 0 {
             println!(
                 "{}: {} deletes held back: the last scan found more than {}% of the folder gone at once. \
@@ -158,6 +162,7 @@ struct Live {
     error: Option<String>,
     need_items: u64,
     need_bytes: u64,
+    notice: Option<String>,
 }
 
 fn live(agent: &Option<Value>, folder: &str) -> Live {
@@ -178,6 +183,7 @@ fn live(agent: &Option<Value>, folder: &str) -> Live {
         error: f["error"].as_str().map(str::to_owned),
         need_items: f["need_items"].as_u64().unwrap_or(0),
         need_bytes: f["need_bytes"].as_u64().unwrap_or(0),
+        notice: f["notice"].as_str().map(str::to_owned),
     }
 }
 

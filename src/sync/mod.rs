@@ -63,6 +63,8 @@ pub struct FolderStatus {
     pub need: Vec<NeedItem>,
     /// Local deletes held back by the last scan (too many at once).
     pub held_deletes: u64,
+    /// A lasting condition worth knowing (no watcher: scanning periodically).
+    pub notice: Option<String>,
 }
 
 /// One item not in sync, and why.
@@ -218,6 +220,7 @@ impl Engine {
                                 need_bytes: 0,
                                 need: Vec::new(),
                                 held_deletes: f.held_deletes,
+                                notice: None,
                             }),
                             revert: std::sync::atomic::AtomicBool::new(false),
                             case_insensitive: case_insensitive(&f.path),
@@ -379,7 +382,7 @@ impl Engine {
             Ok((w, rx)) => (Some(w), Some(rx)),
             Err(e) => {
                 tracing::warn!(folder = %h.folder().id, "{e}; falling back to periodic scans");
-                h.status.lock().expect("status lock").error = Some(e.to_string());
+                h.status.lock().expect("status lock").notice = Some(e.to_string());
                 (None, None)
             }
         };
