@@ -342,20 +342,37 @@ async fn serve_one(
             let hash = ChunkHash(hash);
             let row = folder.row;
             let root = folder.path.clone();
-            let data = engine
-                .index
-                .run(move |i| i.chunk_sources_in(row, &hash, 8))
+            // Fast path: the place the peer named, if it holds those bytes (the
+            // hash check makes the hint safe to follow; no symlinked parents).
+            let hinted = {
+                let root = root.clone();
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    let rel = RelPath::new(&path).ok()?;
+                    if !no_symlink_parents(&root, &rel) {
+                        return None;
+                    }
+                    read_verified(&rel.to_fs(&root), offset, size, &hash)
+                })
                 .await
                 .ok()
-                .and_then(|mut sources| {
-                    // Try the place the peer named first.
-                    sources.sort_by_key(|(p, o, _)| !(p.as_str() == path && *o == offset));
-                    sources.into_iter().find_map(|(p, o, s)| {
-                        (s == size)
-                            .then(|| read_verified(&p.to_fs(&root), o, s, &hash))
-                            .flatten()
-                    })
-                });
+                .flatten()
+            };
+            let data = match hinted {
+                Some(d) => Some(d),
+                None => engine
+                    .index
+                    .run(move |i| i.chunk_sources_in(row, &hash, 8))
+                    .await
+                    .ok()
+                    .and_then(|sources| {
+                        sources.into_iter().find_map(|(p, o, s)| {
+                            (s == size)
+                                .then(|| read_verified(&p.to_fs(&root), o, s, &hash))
+                                .flatten()
+                        })
+                    }),
+            };
             match data {
                 Some(bytes) => {
                     engine
@@ -448,6 +465,16 @@ async fn reply(send: &mut SendStream, msg: &Reply, data: Option<&[u8]>) -> Resul
     }
     send.finish().map_err(|e| link(&e))?;
     Ok(())
+}
+
+/// Whether no directory between `root` and `rel` is a symlink.
+fn no_symlink_parents(root: &std::path::Path, rel: &RelPath) -> bool {
+    let mut dir = root.to_path_buf();
+    let parts: Vec<&str> = rel.as_str().split('/').collect();
+    parts[..parts.len() - 1].iter().all(|p| {
+        dir.push(p);
+        std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())
+    })
 }
 
 /// Reads `size` bytes at `offset` of `path` (never following a symlink at the

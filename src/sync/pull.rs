@@ -1041,8 +1041,9 @@ async fn assemble(
     let tmp2 = tmp.clone();
     let ok = tokio::task::spawn_blocking(move || -> io::Result<bool> {
         file.sync_all()?;
+        // Memory-mapped and hashed on all cores (large files), or read.
         let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(File::open(&tmp2)?)?;
+        hasher.update_mmap_rayon(&tmp2)?;
         if hasher.finalize().as_bytes() != &expect.0 {
             return Ok(false);
         }
