@@ -272,7 +272,7 @@ fn a_pull_killed_mid_way_resumes_with_what_it_had() {
     let text = fs::read_to_string(&config).unwrap();
     fs::write(
         &config,
-        text.replace("requests_in_flight = 32", "requests_in_flight = 1"),
+        text.replace("requests_in_flight = 12", "requests_in_flight = 1"),
     )
     .unwrap();
     let a_docs = a.add_folder("docs");

@@ -195,6 +195,8 @@ impl Index {
 
     /// Stores records a peer announced, in one transaction. A new epoch means
     /// the peer rebuilt its index: what was stored of it is dropped first.
+    /// Returns how many records differ from the local version (0: nothing to
+    /// pull, e.g. the peer announcing what it just pulled from here).
     pub fn store_remote(
         &mut self,
         folder: i64,
@@ -202,13 +204,14 @@ impl Index {
         epoch: u64,
         sequence: u64,
         files: &[RemoteFile],
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let dev = self
             .device_row(device)?
             .ok_or_else(|| IndexError::Corrupt(format!("device {device} is not paired")))?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut differ = 0;
         let stored: Option<i64> = tx
             .query_row(
                 "SELECT epoch FROM remote_index WHERE folder = ?1 AND device = ?2",
@@ -229,7 +232,15 @@ impl Index {
                      groups)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?;
+            let mut local =
+                tx.prepare_cached("SELECT version FROM files WHERE folder = ?1 AND path = ?2")?;
             for f in files {
+                let mine: Option<Vec<u8>> = local
+                    .query_row(params![folder, f.path.as_str()], |r| r.get(0))
+                    .optional()?;
+                if mine.as_deref() != Some(&f.version.encode()[..]) {
+                    differ += 1;
+                }
                 upsert.execute(params![
                     folder,
                     dev,
@@ -257,7 +268,7 @@ impl Index {
             params![folder, dev, epoch as i64, sequence as i64],
         )?;
         tx.commit()?;
-        Ok(())
+        Ok(differ)
     }
 
     /// Every record peers announced for a folder, with the announcing device.
@@ -270,11 +281,20 @@ impl Index {
         )?;
         let mut rows = stmt.query([folder])?;
         let mut out = Vec::new();
+        // Parsing a device id decompresses a curve point: once per device.
+        let mut ids: HashMap<String, DeviceId> = HashMap::new();
         while let Some(r) = rows.next()? {
             let dev: String = r.get(12)?;
-            let dev: DeviceId = dev
-                .parse()
-                .map_err(|e| IndexError::Corrupt(format!("device id {dev:?}: {e}")))?;
+            let dev = match ids.get(&dev) {
+                Some(d) => *d,
+                None => {
+                    let d: DeviceId = dev
+                        .parse()
+                        .map_err(|e| IndexError::Corrupt(format!("device id {dev:?}: {e}")))?;
+                    ids.insert(dev, d);
+                    d
+                }
+            };
             out.push((dev, remote_from_row(r)?));
         }
         Ok(out)
@@ -456,41 +476,39 @@ impl Index {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let old: Option<i64> = tx
-            .query_row(
-                "SELECT id FROM files WHERE folder = ?1 AND path = ?2 AND deleted = 0",
-                params![folder, path.as_str()],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT id FROM files WHERE folder = ?1 AND path = ?2 AND deleted = 0")?
+            .query_row(params![folder, path.as_str()], |r| r.get(0))
             .optional()?;
         let history = match (superseded, old) {
             (Some(reason), Some(old)) => {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO history (folder, path, kind, size, mtime_ns, permissions, hash,
                          symlink_target, version, modified_by, superseded_at, reason)
                      SELECT folder, path, kind, size, mtime_ns, permissions, hash,
                          symlink_target, version, modified_by, ?2, ?3
                      FROM files WHERE id = ?1",
-                    params![old, now_secs(), reason.as_sql()],
-                )?;
+                )?
+                .execute(params![old, now_secs(), reason.as_sql()])?;
                 let hid = tx.last_insert_rowid();
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO history_chunks (version, idx, offset, size, hash)
                      SELECT ?2, idx, offset, size, hash FROM chunks WHERE file = ?1",
-                    [old, hid],
-                )?;
+                )?
+                .execute([old, hid])?;
                 Some(hid)
             }
             _ => None,
         };
         let meta = place(history)?.unwrap_or(pulled.meta);
-        let seq: i64 = tx.query_row(
-            "UPDATE folders SET sequence = sequence + 1 WHERE id = ?1 RETURNING sequence",
-            [folder],
-            |r| r.get(0),
-        )?;
+        let seq: i64 = tx
+            .prepare_cached(
+                "UPDATE folders SET sequence = sequence + 1 WHERE id = ?1 RETURNING sequence",
+            )?
+            .query_row([folder], |r| r.get(0))?;
         let r = pulled.remote;
-        let id: i64 = tx.query_row(
-            "INSERT INTO files (folder, path, kind, size, mtime_ns, permissions, inode, dev,
+        let id: i64 = tx
+            .prepare_cached(
+                "INSERT INTO files (folder, path, kind, size, mtime_ns, permissions, inode, dev,
                                 hash, symlink_target, deleted, sequence, version, modified_by)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
              ON CONFLICT(folder, path) DO UPDATE SET
@@ -501,25 +519,28 @@ impl Index {
                 sequence = excluded.sequence, version = excluded.version,
                 modified_by = excluded.modified_by
              RETURNING id",
-            params![
-                folder,
-                path.as_str(),
-                r.kind.to_sql(),
-                if r.deleted { 0 } else { r.size as i64 },
-                meta.mtime_ns,
-                meta.permissions,
-                meta.inode as i64,
-                meta.dev as i64,
-                r.hash.map(|h| h.0.to_vec()),
-                r.symlink_target,
-                r.deleted,
-                seq,
-                pulled.version.encode(),
-                r.modified_by.0 as i64,
-            ],
-            |row| row.get(0),
-        )?;
-        tx.execute("DELETE FROM chunks WHERE file = ?1", [id])?;
+            )?
+            .query_row(
+                params![
+                    folder,
+                    path.as_str(),
+                    r.kind.to_sql(),
+                    if r.deleted { 0 } else { r.size as i64 },
+                    meta.mtime_ns,
+                    meta.permissions,
+                    meta.inode as i64,
+                    meta.dev as i64,
+                    r.hash.map(|h| h.0.to_vec()),
+                    r.symlink_target,
+                    r.deleted,
+                    seq,
+                    pulled.version.encode(),
+                    r.modified_by.0 as i64,
+                ],
+                |row| row.get(0),
+            )?;
+        tx.prepare_cached("DELETE FROM chunks WHERE file = ?1")?
+            .execute([id])?;
         {
             let mut add = tx.prepare_cached(
                 "INSERT INTO chunks (file, idx, offset, size, hash) VALUES (?1, ?2, ?3, ?4, ?5)",

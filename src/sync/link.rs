@@ -250,13 +250,17 @@ async fn receive_index(
         }
         let row = f.row;
         let n = records.len();
-        engine
+        let differ = engine
             .index
             .run(move |i| i.store_remote(row, &peer, epoch, sequence, &records))
             .await
             .map_err(|e| e.to_string())?;
-        tracing::debug!(device = %peer, %folder, records = n, sequence, "index update stored");
-        if let Some(h) = engine.folder(&folder) {
+        tracing::debug!(device = %peer, %folder, records = n, differ, sequence, "index update stored");
+        // Records that match ours (a peer announcing what it pulled from here)
+        // need no pull pass. An empty update is a nudge to retry now.
+        if (differ > 0 || n == 0)
+            && let Some(h) = engine.folder(&folder)
+        {
             h.remote_changed.notify_one();
         }
     }

@@ -822,6 +822,17 @@ async fn chunk_list(
             known.insert(group_hash(part.iter().map(|(h, s)| (h, *s))), part);
         }
     }
+    // A file of one chunk: that chunk is the whole file, so its hash is the
+    // file's hash and its list needs no request (checked against the group).
+    if let [g] = remote.groups[..]
+        && g.chunks == 1
+        && let Ok(size) = u32::try_from(g.size)
+    {
+        let only = (ChunkHash(hash.0), size);
+        if group_hash([(&only.0, only.1)]) == g.hash {
+            known.insert(g.hash, vec![only]);
+        }
+    }
     let missing: Vec<u32> = remote
         .groups
         .iter()

@@ -44,6 +44,9 @@ pub fn watch(
     let marker = marker_dir(root);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let relevant = match &res {
+            // Opening or reading a file changes nothing (and the scanner's own
+            // walk opens every directory: counting those would rescan forever).
+            Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => false,
             // Our own temp files and versions live under the marker.
             Ok(ev) => ev.need_rescan() || ev.paths.iter().any(|p| !p.starts_with(&marker)),
             Err(_) => true,
@@ -95,6 +98,26 @@ fn to_error(root: &Path, e: notify::Error) -> WatchError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn reading_files_and_listing_directories_is_not_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(marker_dir(dir.path())).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/f"), b"x").unwrap();
+        let (_w, mut rx) = watch(dir.path(), 100).unwrap();
+        for _ in 0..5 {
+            let _ = std::fs::read_dir(dir.path()).unwrap().count();
+            let _ = std::fs::read_dir(dir.path().join("sub")).unwrap().count();
+            let _ = std::fs::read(dir.path().join("sub/f")).unwrap();
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(600), rx.recv())
+                .await
+                .is_err(),
+            "reads woke the folder"
+        );
+    }
 
     #[tokio::test]
     async fn a_burst_of_writes_gives_one_signal_and_marker_writes_none() {
