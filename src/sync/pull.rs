@@ -770,6 +770,21 @@ fn ensure_parents(root: &Path, rel: &RelPath) -> io::Result<()> {
     Ok(())
 }
 
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
@@ -1052,9 +1067,19 @@ async fn assemble(
     let tmp2 = tmp.clone();
     let ok = tokio::task::spawn_blocking(move || -> io::Result<bool> {
         file.sync_all()?;
-        // Memory-mapped and hashed on all cores (large files), or read.
+        // Read in large blocks, each hashed on all cores: fast, and memory
+        // stays flat whatever the size (a memory map would count the whole
+        // file in the agent's resident memory).
         let mut hasher = blake3::Hasher::new();
-        hasher.update_mmap_rayon(&tmp2)?;
+        let mut f = File::open(&tmp2)?;
+        let mut buf = vec![0u8; 4 << 20];
+        loop {
+            let n = read_full(&mut f, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update_rayon(&buf[..n]);
+        }
         if hasher.finalize().as_bytes() != &expect.0 {
             return Ok(false);
         }
