@@ -1064,6 +1064,7 @@ async fn assemble(
     let expect: FileHash = remote.hash.expect("files have a hash");
     let mtime = system_time(remote.mtime_ns);
     let perms = remote.permissions;
+    let size = remote.size;
     let tmp2 = tmp.clone();
     let ok = tokio::task::spawn_blocking(move || -> io::Result<bool> {
         file.sync_all()?;
@@ -1072,7 +1073,7 @@ async fn assemble(
         // file in the agent's resident memory).
         let mut hasher = blake3::Hasher::new();
         let mut f = File::open(&tmp2)?;
-        let mut buf = vec![0u8; 4 << 20];
+        let mut buf = vec![0u8; (size as usize).clamp(1, 4 << 20)];
         loop {
             let n = read_full(&mut f, &mut buf)?;
             if n == 0 {
