@@ -132,12 +132,14 @@ pub fn decode_groups(b: &[u8]) -> Result<Vec<ChunkGroup>> {
         .collect())
 }
 
-fn remote_from_row(r: &rusqlite::Row<'_>) -> Result<RemoteFile> {
-    // path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
-    // version, modified_by, sequence, groups
+/// The columns both record queries start with, in this order.
+const RECORD_COLUMNS: &str = "path, kind, size, mtime_ns, permissions, hash, symlink_target, \
+                              deleted, version, modified_by, sequence";
+
+/// A record from a row starting with [`RECORD_COLUMNS`], without groups.
+fn record_from_row(r: &rusqlite::Row<'_>) -> Result<RemoteFile> {
     let path: String = r.get(0)?;
     let version: Vec<u8> = r.get(8)?;
-    let groups: Vec<u8> = r.get(11)?;
     Ok(RemoteFile {
         path: RelPath::new(&path).map_err(|e| IndexError::Corrupt(format!("stored path: {e}")))?,
         kind: FileKind::from_sql(r.get(1)?)?,
@@ -151,7 +153,16 @@ fn remote_from_row(r: &rusqlite::Row<'_>) -> Result<RemoteFile> {
             .map_err(|e| IndexError::Corrupt(format!("{path}: {e}")))?,
         modified_by: ShortId(r.get::<_, i64>(9)? as u64),
         sequence: r.get::<_, i64>(10)? as u64,
+        groups: Vec::new(),
+    })
+}
+
+/// A peer's record: [`RECORD_COLUMNS`], then `groups`.
+fn remote_from_row(r: &rusqlite::Row<'_>) -> Result<RemoteFile> {
+    let groups: Vec<u8> = r.get(11)?;
+    Ok(RemoteFile {
         groups: decode_groups(&groups)?,
+        ..record_from_row(r)?
     })
 }
 
@@ -325,11 +336,10 @@ impl Index {
     /// Local records (tombstones included) with a sequence above `after`, in
     /// sequence order, at most `limit`.
     pub fn local_since(&self, folder: i64, after: u64, limit: usize) -> Result<Vec<LocalFile>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
-                    version, modified_by, sequence, inode, dev
-             FROM files WHERE folder = ?1 AND sequence > ?2 ORDER BY sequence LIMIT ?3",
-        )?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS}, inode, dev FROM files
+             WHERE folder = ?1 AND sequence > ?2 ORDER BY sequence LIMIT ?3"
+        ))?;
         let mut rows = stmt.query(params![folder, after as i64, limit as i64])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
@@ -340,11 +350,9 @@ impl Index {
 
     /// Every local record of a folder (tombstones included), by path.
     pub fn local_files(&self, folder: i64) -> Result<HashMap<String, LocalFile>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
-                    version, modified_by, sequence, inode, dev
-             FROM files WHERE folder = ?1",
-        )?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {RECORD_COLUMNS}, inode, dev FROM files WHERE folder = ?1"
+        ))?;
         let mut rows = stmt.query([folder])?;
         let mut out = HashMap::new();
         while let Some(r) = rows.next()? {
@@ -356,11 +364,9 @@ impl Index {
 
     /// One local record.
     pub fn local_file(&self, folder: i64, path: &RelPath) -> Result<Option<LocalFile>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
-                    version, modified_by, sequence, inode, dev
-             FROM files WHERE folder = ?1 AND path = ?2",
-        )?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS}, inode, dev FROM files WHERE folder = ?1 AND path = ?2"
+        ))?;
         let mut rows = stmt.query(params![folder, path.as_str()])?;
         match rows.next()? {
             Some(r) => Ok(Some(local_from_row(r)?)),
@@ -663,26 +669,9 @@ impl Index {
     }
 }
 
+/// A local record: [`RECORD_COLUMNS`], then `inode, dev`.
 fn local_from_row(r: &rusqlite::Row<'_>) -> Result<LocalFile> {
-    // path, kind, size, mtime_ns, permissions, hash, symlink_target, deleted,
-    // version, modified_by, sequence, inode, dev
-    let path: String = r.get(0)?;
-    let version: Vec<u8> = r.get(8)?;
-    let record = RemoteFile {
-        path: RelPath::new(&path).map_err(|e| IndexError::Corrupt(format!("stored path: {e}")))?,
-        kind: FileKind::from_sql(r.get(1)?)?,
-        size: r.get::<_, i64>(2)? as u64,
-        mtime_ns: r.get(3)?,
-        permissions: r.get(4)?,
-        hash: hash_from(r.get::<_, Option<Vec<u8>>>(5)?.as_deref())?,
-        symlink_target: r.get(6)?,
-        deleted: r.get(7)?,
-        version: VersionVector::decode(&version)
-            .map_err(|e| IndexError::Corrupt(format!("{path}: {e}")))?,
-        modified_by: ShortId(r.get::<_, i64>(9)? as u64),
-        sequence: r.get::<_, i64>(10)? as u64,
-        groups: Vec::new(),
-    };
+    let record = record_from_row(r)?;
     let meta = FileMeta {
         kind: record.kind,
         size: record.size,
