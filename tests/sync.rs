@@ -483,3 +483,37 @@ fn three_devices_converge_and_a_conflict_makes_one_copy_everywhere() {
         b"c's edit, later"
     );
 }
+
+#[test]
+fn a_mass_delete_waits_for_confirmation_before_reaching_peers() {
+    let lab = Lab::new();
+    let (a, _b, _aa, _ab, a_docs, b_docs) = two(&lab);
+    for i in 0..20 {
+        fs::write(a_docs.join(format!("f{i:02}.txt")), format!("file {i}")).unwrap();
+    }
+    wait_same(&a_docs, &b_docs);
+
+    // Most of the folder vanishes at once (an emptied disk?): held back.
+    for i in 0..15 {
+        fs::remove_file(a_docs.join(format!("f{i:02}.txt"))).unwrap();
+    }
+    wait_until("A reports held-back deletes", || {
+        a.run(&["status", "--json"]).ok().json()["folders"][0]["held_deletes"] == 15
+    });
+    let human = a.run(&["status"]).ok();
+    assert!(
+        human.stdout.contains("confirm-deletes docs"),
+        "status does not say what to do: {human}"
+    );
+    // A marker change proves the link works while the deletes stay home.
+    fs::write(a_docs.join("marker.txt"), b"m").unwrap();
+    wait_until("B has the marker", || b_docs.join("marker.txt").exists());
+    assert!(b_docs.join("f00.txt").exists(), "a held delete reached B");
+
+    let confirmed = a.run(&["folder", "confirm-deletes", "docs"]).ok();
+    assert!(confirmed.stdout.contains("15 deletes"), "{confirmed}");
+    wait_until("B applies the confirmed deletes", || {
+        !b_docs.join("f00.txt").exists() && !b_docs.join("f14.txt").exists()
+    });
+    wait_same(&a_docs, &b_docs);
+}
