@@ -555,7 +555,17 @@ async fn take(
 
     let row = folder.row;
     let path = remote.path.clone();
-    let superseded = if conflict.is_some() {
+    // Only what leaves the disk goes to the history: not a file whose content
+    // stays (a metadata or version change), nor a directory that stays one.
+    let stays = !remote.deleted
+        && match remote.kind {
+            FileKind::File => staged.is_none(),
+            FileKind::Dir => live_local
+                .as_ref()
+                .is_some_and(|l| l.record.kind == FileKind::Dir),
+            FileKind::Symlink => false,
+        };
+    let superseded = if conflict.is_some() || stays || live_local.is_none() {
         None
     } else if remote.deleted {
         Some(Superseded::Deleted)
