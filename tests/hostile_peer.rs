@@ -28,7 +28,7 @@ use iroh::Endpoint;
 use iroh::endpoint::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
 use serde_json::Value;
 
-use agent::{Agent, Lab, Node, PATIENCE, pair, wait_for, wait_until};
+use agent::{Agent, Lab, Node, PATIENCE, pair, pseudo_random, wait_for, wait_until};
 
 /// What Alice's folder holds before Mallory misbehaves.
 const HELLO: &[u8] = b"hello from alice\n";
@@ -42,18 +42,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime")
-}
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn now_ns() -> i64 {

@@ -11,7 +11,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use agent::{Agent, Lab, Node, pair, wait_until};
+use agent::{Agent, Lab, Node, pair, pseudo_random, wait_until};
 use serde_json::Value;
 
 /// What a tree holds, as sync must reproduce it: per relative path, the kind,
@@ -48,18 +48,6 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
         };
         out.insert(rel, desc);
     }
-}
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// `devices --json` entry of `peer` on `node`.

@@ -204,7 +204,7 @@ pub(super) fn need(home: &Home, folder: &str, json: bool) -> anyhow::Result<i32>
     let v = control::call(home.root(), &Request::Status, Duration::from_secs(10))?;
     let f = &v["folders"][folder];
     if f.is_null() {
-        anyhow::bail!("no folder with id {folder} (see `ferry folder list`)");
+        return Err(crate::folder::FolderError::Unknown(folder.to_owned()).into());
     }
     if json {
         println!("{}", serde_json::to_string_pretty(f)?);

@@ -376,10 +376,7 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             "folders": agent.engine.statuses(),
         })),
         Request::Revert { folder } => {
-            let h = agent
-                .engine
-                .folder(&folder)
-                .ok_or_else(|| format!("no folder with id {folder} (see `ferry folder list`)"))?;
+            let h = folder_handle(agent, &folder)?;
             if h.folder().folder_type != crate::folder::FolderType::ReceiveOnly {
                 return Err(format!(
                     "folder {folder} is not receive-only; only a receive-only folder's local changes can be reverted"
@@ -390,10 +387,7 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             Ok(json!({ "reverting": folder }))
         }
         Request::ConfirmDeletes { folder } => {
-            let h = agent
-                .engine
-                .folder(&folder)
-                .ok_or_else(|| format!("no folder with id {folder} (see `ferry folder list`)"))?;
+            let h = folder_handle(agent, &folder)?;
             let deleted = agent
                 .engine
                 .scan_folder(&h, true)
@@ -461,7 +455,7 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
                 .index
                 .run(move |i| {
                     if i.folder(&f2)?.is_none() {
-                        return Err(format!("no folder with id {f2} (see `ferry folder list`)"));
+                        return Err(unknown_folder(f2.as_str()));
                     }
                     if i.peer(&did)?.is_none() {
                         return Err(format!("no paired device {did} (see `ferry devices`)"));
@@ -475,6 +469,15 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             Ok(json!({ "folder": fid.as_str(), "device": did.to_string() }))
         }
     }
+}
+
+fn unknown_folder(id: &str) -> String {
+    folder::FolderError::Unknown(id.to_owned()).to_string()
+}
+
+/// The engine's handle of a folder, or the error the CLI shows.
+fn folder_handle(agent: &Agent, id: &str) -> Result<Arc<crate::sync::FolderHandle>, String> {
+    agent.engine.folder(id).ok_or_else(|| unknown_folder(id))
 }
 
 impl From<crate::index::IndexError> for String {
@@ -503,7 +506,7 @@ async fn invite(
                 .run(move |i| i.folder(&fid))
                 .await
                 .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("no folder with id {id} (see `ferry folder list`)"))?;
+                .ok_or_else(|| unknown_folder(&id))?;
             Some(FolderOffer {
                 id: f.id.to_string(),
                 label: f.label,

@@ -135,6 +135,8 @@ pub struct Folder {
     pub last_scan_at: Option<i64>,
     /// Deletes the last scan held back (too many at once) until confirmed.
     pub held_deletes: u64,
+    /// The index epoch peers see (random, never 0; see `schema`).
+    pub epoch: u64,
 }
 
 /// The stat fields that tell whether a file changed since it was hashed.
@@ -484,19 +486,7 @@ impl Index {
         {
             let mut get =
                 tx.prepare_cached("SELECT id, version FROM files WHERE folder = ?1 AND path = ?2")?;
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO files (folder, path, kind, size, mtime_ns, permissions, inode, dev,
-                                    hash, symlink_target, deleted, sequence, version, modified_by)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-                 ON CONFLICT(folder, path) DO UPDATE SET
-                    kind = excluded.kind, size = excluded.size, mtime_ns = excluded.mtime_ns,
-                    permissions = excluded.permissions, inode = excluded.inode,
-                    dev = excluded.dev, hash = excluded.hash,
-                    symlink_target = excluded.symlink_target, deleted = excluded.deleted,
-                    sequence = excluded.sequence, version = excluded.version,
-                    modified_by = excluded.modified_by
-                 RETURNING id",
-            )?;
+            let mut upsert = tx.prepare_cached(UPSERT_FILE)?;
             let mut refresh = tx.prepare_cached(
                 "UPDATE files SET inode = ?3, dev = ?4, mtime_ns = ?5
                  WHERE folder = ?1 AND path = ?2",
@@ -717,8 +707,31 @@ impl SharedIndex {
     }
 }
 
+/// Writes a file record (local changes and pulls alike); parameters: folder,
+/// path, kind, size, mtime_ns, permissions, inode, dev, hash, symlink_target,
+/// deleted, sequence, version, modified_by. Returns the row id.
+const UPSERT_FILE: &str = "INSERT INTO files (folder, path, kind, size, mtime_ns, permissions,
+        inode, dev, hash, symlink_target, deleted, sequence, version, modified_by)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+    ON CONFLICT(folder, path) DO UPDATE SET
+        kind = excluded.kind, size = excluded.size, mtime_ns = excluded.mtime_ns,
+        permissions = excluded.permissions, inode = excluded.inode, dev = excluded.dev,
+        hash = excluded.hash, symlink_target = excluded.symlink_target,
+        deleted = excluded.deleted, sequence = excluded.sequence, version = excluded.version,
+        modified_by = excluded.modified_by
+    RETURNING id";
+
+/// Takes the folder's next sequence number, inside the caller's transaction.
+fn next_sequence(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<i64> {
+    Ok(tx
+        .prepare_cached(
+            "UPDATE folders SET sequence = sequence + 1 WHERE id = ?1 RETURNING sequence",
+        )?
+        .query_row([folder], |r| r.get(0))?)
+}
+
 const FOLDER_COLUMNS: &str =
-    "id, folder_id, label, path, folder_type, sequence, error, last_scan_at, held_deletes";
+    "id, folder_id, label, path, folder_type, sequence, error, last_scan_at, held_deletes, epoch";
 
 fn folder_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Folder>> {
     let id: String = r.get(1)?;
@@ -739,6 +752,7 @@ fn folder_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Folder>> {
         error: r.get(6)?,
         last_scan_at: r.get(7)?,
         held_deletes: r.get::<_, i64>(8)? as u64,
+        epoch: r.get::<_, i64>(9)? as u64,
     }))
 }
 

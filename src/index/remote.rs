@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
-use super::{FileKind, FileMeta, Index, IndexError, Result, hash_from, now_secs};
+use super::{
+    FileKind, FileMeta, Index, IndexError, Result, UPSERT_FILE, hash_from, next_sequence, now_secs,
+};
 use crate::chunking::{ChunkGroup, ChunkHash, ChunkInfo, FileHash};
 use crate::device::{DeviceId, ShortId};
 use crate::relpath::RelPath;
@@ -176,15 +178,6 @@ impl Index {
                 |r| r.get(0),
             )
             .optional()?)
-    }
-
-    /// The folder's index epoch (random, never 0).
-    pub fn folder_epoch(&self, folder: i64) -> Result<u64> {
-        Ok(self
-            .conn
-            .query_row("SELECT epoch FROM folders WHERE id = ?1", [folder], |r| {
-                r.get::<_, i64>(0)
-            })? as u64)
     }
 
     /// The peer's index epoch and highest sequence held for a folder
@@ -506,45 +499,27 @@ impl Index {
             _ => None,
         };
         let meta = place(history)?.unwrap_or(pulled.meta);
-        let seq: i64 = tx
-            .prepare_cached(
-                "UPDATE folders SET sequence = sequence + 1 WHERE id = ?1 RETURNING sequence",
-            )?
-            .query_row([folder], |r| r.get(0))?;
+        let seq = next_sequence(&tx, folder)?;
         let r = pulled.remote;
-        let id: i64 = tx
-            .prepare_cached(
-                "INSERT INTO files (folder, path, kind, size, mtime_ns, permissions, inode, dev,
-                                hash, symlink_target, deleted, sequence, version, modified_by)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-             ON CONFLICT(folder, path) DO UPDATE SET
-                kind = excluded.kind, size = excluded.size, mtime_ns = excluded.mtime_ns,
-                permissions = excluded.permissions, inode = excluded.inode,
-                dev = excluded.dev, hash = excluded.hash,
-                symlink_target = excluded.symlink_target, deleted = excluded.deleted,
-                sequence = excluded.sequence, version = excluded.version,
-                modified_by = excluded.modified_by
-             RETURNING id",
-            )?
-            .query_row(
-                params![
-                    folder,
-                    path.as_str(),
-                    r.kind.to_sql(),
-                    if r.deleted { 0 } else { r.size as i64 },
-                    meta.mtime_ns,
-                    meta.permissions,
-                    meta.inode as i64,
-                    meta.dev as i64,
-                    r.hash.map(|h| h.0.to_vec()),
-                    r.symlink_target,
-                    r.deleted,
-                    seq,
-                    pulled.version.encode(),
-                    r.modified_by.0 as i64,
-                ],
-                |row| row.get(0),
-            )?;
+        let id: i64 = tx.prepare_cached(UPSERT_FILE)?.query_row(
+            params![
+                folder,
+                path.as_str(),
+                r.kind.to_sql(),
+                if r.deleted { 0 } else { r.size as i64 },
+                meta.mtime_ns,
+                meta.permissions,
+                meta.inode as i64,
+                meta.dev as i64,
+                r.hash.map(|h| h.0.to_vec()),
+                r.symlink_target,
+                r.deleted,
+                seq,
+                pulled.version.encode(),
+                r.modified_by.0 as i64,
+            ],
+            |row| row.get(0),
+        )?;
         tx.prepare_cached("DELETE FROM chunks WHERE file = ?1")?
             .execute([id])?;
         {
@@ -570,11 +545,7 @@ impl Index {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let seq: i64 = tx.query_row(
-            "UPDATE folders SET sequence = sequence + 1 WHERE id = ?1 RETURNING sequence",
-            [folder],
-            |r| r.get(0),
-        )?;
+        let seq = next_sequence(&tx, folder)?;
         tx.execute(
             "UPDATE files SET version = ?3, sequence = ?4 WHERE folder = ?1 AND path = ?2",
             params![folder, path.as_str(), version.encode(), seq],

@@ -102,12 +102,7 @@ async fn send_index(
         changes.borrow_and_update();
         for folder in engine.synced_with(peer).await {
             let id = folder.id.to_string();
-            let row = folder.row;
-            let epoch = engine
-                .index
-                .run(move |i| i.folder_epoch(row))
-                .await
-                .map_err(|e| e.to_string())?;
+            let (row, epoch) = (folder.row, folder.epoch);
             let from = match sent.get(&id) {
                 Some(&(e, s)) if e == epoch => s,
                 _ => theirs
@@ -206,7 +201,7 @@ async fn receive_index(
                     .counters(&peer)
                     .bad_records
                     .fetch_add(1, Ordering::Relaxed);
-                refuse(engine, conn, peer, &e.to_string());
+                refuse(conn, peer, &e.to_string());
                 return Err(e.to_string());
             }
         };
@@ -216,20 +211,13 @@ async fn receive_index(
             sequence,
             files,
         } = msg;
-        let mut shared = engine
+        // Folders added here (a join, an accept) are loaded before this device
+        // announces them, so a peer only sends indexes of folders known here.
+        let shared = engine
             .synced_with(peer)
             .await
             .into_iter()
             .find(|f| f.id.as_str() == folder);
-        if shared.is_none() {
-            // Perhaps added a moment ago (a join, an accept): look again.
-            let _ = engine.reload_folders().await;
-            shared = engine
-                .synced_with(peer)
-                .await
-                .into_iter()
-                .find(|f| f.id.as_str() == folder);
-        }
         let Some(f) = shared else {
             tracing::debug!(device = %peer, %folder, "index for a folder not shared with it; ignored");
             continue;
@@ -243,7 +231,7 @@ async fn receive_index(
                         .counters(&peer)
                         .bad_records
                         .fetch_add(1, Ordering::Relaxed);
-                    refuse(engine, conn, peer, &e.to_string());
+                    refuse(conn, peer, &e.to_string());
                     return Err(e.to_string());
                 }
             }
@@ -266,7 +254,7 @@ async fn receive_index(
     }
 }
 
-fn refuse(_engine: &Arc<Engine>, conn: &Connection, peer: DeviceId, why: &str) {
+fn refuse(conn: &Connection, peer: DeviceId, why: &str) {
     tracing::warn!(device = %peer, "refusing the device's link: it sent {why}");
     conn.close(
         CLOSE_PROTOCOL.into(),
@@ -288,7 +276,7 @@ async fn serve(engine: &Arc<Engine>, conn: &Connection, peer: DeviceId) {
             match tokio::time::timeout(REQUEST_TIMEOUT, serve_one(&engine, peer, send, recv)).await
             {
                 Ok(Ok(())) => {}
-                Ok(Err(ServeError::Protocol(e))) => refuse(&engine, &conn, peer, &e),
+                Ok(Err(ServeError::Protocol(e))) => refuse(&conn, peer, &e),
                 Ok(Err(ServeError::Link(e))) => {
                     tracing::debug!(device = %peer, "request: {e}");
                 }

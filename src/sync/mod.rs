@@ -101,6 +101,9 @@ pub struct FolderHandle {
     pub scan_now: Notify,
     /// Serialises scans and pulls of this folder.
     pub disk: tokio::sync::Mutex<()>,
+    /// The scanner's own index connection (so a scan never blocks the
+    /// agent's other index work), opened at the first scan.
+    scanner: Arc<Mutex<Option<crate::index::Index>>>,
     /// Live state.
     pub status: Mutex<FolderStatus>,
     /// The folder's filesystem treats names differing by case as one.
@@ -213,6 +216,7 @@ impl Engine {
                             remote_changed: Notify::new(),
                             scan_now: Notify::new(),
                             disk: tokio::sync::Mutex::new(()),
+                            scanner: Arc::new(Mutex::new(None)),
                             status: Mutex::new(FolderStatus {
                                 state: FolderActivity::Idle,
                                 error: None,
@@ -465,9 +469,14 @@ impl Engine {
         let mut opts = self.scan.clone();
         opts.confirm_deletes = confirm_deletes;
         let me = self.me.short();
+        let scanner = h.scanner.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let mut index = home.index().map_err(|e| e.to_string())?;
-            crate::scan::scan(&mut index, &folder, me, &opts, &crate::scan::NoProgress)
+            let mut slot = scanner.lock().unwrap_or_else(|p| p.into_inner());
+            let index = match slot.as_mut() {
+                Some(i) => i,
+                None => slot.insert(home.index().map_err(|e| e.to_string())?),
+            };
+            crate::scan::scan(index, &folder, me, &opts, &crate::scan::NoProgress)
                 .map_err(|e| e.to_string())
         })
         .await

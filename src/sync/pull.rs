@@ -328,17 +328,7 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
     if !Engine::receives(&folder) {
         set_need(
             h,
-            actions
-                .iter()
-                .filter_map(|a| match a {
-                    Action::Take { remote, .. } => Some(NeedItem {
-                        path: remote.path.to_string(),
-                        size: remote.size,
-                        reason: "send-only folder: remote changes are not applied".into(),
-                    }),
-                    _ => None,
-                })
-                .collect(),
+            needed(&actions, "send-only folder: remote changes are not applied"),
         );
         return Ok(Outcome::Done);
     }
@@ -347,20 +337,7 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         return Ok(Outcome::Done);
     }
     h.set_state(FolderActivity::Syncing);
-    set_need(
-        h,
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Take { remote, .. } => Some(NeedItem {
-                    path: remote.path.to_string(),
-                    size: remote.size,
-                    reason: "pending".into(),
-                }),
-                _ => None,
-            })
-            .collect(),
-    );
+    set_need(h, needed(&actions, "pending"));
 
     let mut outcome = Outcome::Done;
     let mut failed: Vec<NeedItem> = Vec::new();
@@ -453,6 +430,21 @@ fn collect(
             });
         }
     }
+}
+
+/// The items `actions` would pull, each with `reason`.
+fn needed(actions: &[Action], reason: &str) -> Vec<NeedItem> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Take { remote, .. } => Some(NeedItem {
+                path: remote.path.to_string(),
+                size: remote.size,
+                reason: reason.to_owned(),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 fn set_need(h: &FolderHandle, items: Vec<NeedItem>) {

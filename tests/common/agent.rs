@@ -471,3 +471,16 @@ pub fn wait_linked(a: &Node, b: &Node) {
         || a.connected_to(&b_id) && b.connected_to(&a_id),
     );
 }
+
+/// Deterministic incompressible bytes (xorshift), for file contents.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
