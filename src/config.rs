@@ -1,7 +1,13 @@
 //! The device's TOML configuration: its typed form, defaults, and the commented
 //! file `ferry init` writes.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+
+use crate::folder::FolderId;
+use crate::history::retention::{Policy, Retention};
 
 /// Everything in `config.toml`. Unknown keys are refused, so a typo is reported
 /// instead of silently ignored.
@@ -18,7 +24,61 @@ pub struct Config {
     pub network: NetworkConfig,
     /// `[sync]`
     pub sync: SyncConfig,
+    /// `[history]`
+    pub history: HistoryConfig,
 }
+
+/// `[history]`: how long earlier versions are kept, with per-folder overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// `staggered` or `keep-all`.
+    pub retention: Retention,
+    /// Versions older than this many days are pruned; 0 keeps them forever.
+    pub max_age_days: u32,
+    /// Cap on each folder's history in MiB; 0 for no cap.
+    pub max_size_mb: u64,
+    /// Also keep versions replaced by local edits the scanner sees.
+    pub local: bool,
+    /// `[history.folders."<folder id>"]`: overrides for one folder.
+    pub folders: BTreeMap<String, HistoryOverride>,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            retention: Retention::Staggered,
+            max_age_days: 365,
+            max_size_mb: 0,
+            local: false,
+            folders: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[history.folders."<folder id>"]`: any of the `[history]` settings, for one
+/// folder; those left out come from `[history]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryOverride {
+    /// Overrides `history.retention`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+    /// Overrides `history.max_age_days`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age_days: Option<u32>,
+    /// Overrides `history.max_size_mb`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_size_mb: Option<u64>,
+    /// Overrides `history.local`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local: Option<bool>,
+}
+
+/// Largest `max_age_days` accepted (100 years).
+const MAX_AGE_DAYS: u32 = 36_500;
+/// Largest `max_size_mb` accepted (1 PiB).
+const MAX_SIZE_MB: u64 = 1 << 30;
 
 /// `[sync]`: the background sync of folders.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,7 +229,7 @@ pub enum ConfigError {
     #[error("{key} = {value} is not allowed: {allowed}")]
     Invalid {
         /// The dotted key.
-        key: &'static str,
+        key: String,
         /// The value found.
         value: String,
         /// What is allowed instead.
@@ -186,9 +246,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, value: String, allowed| {
+        let invalid = |key: &str, value: String, allowed| {
             Err(ConfigError::Invalid {
-                key,
+                key: key.to_owned(),
                 value,
                 allowed,
             })
@@ -272,7 +332,65 @@ impl Config {
                 "0 to 600000",
             );
         }
+        self.validate_history()
+    }
+
+    fn validate_history(&self) -> Result<(), ConfigError> {
+        let h = &self.history;
+        let age = |key: String, days: u32| {
+            if days > MAX_AGE_DAYS {
+                return Err(ConfigError::Invalid {
+                    key,
+                    value: days.to_string(),
+                    allowed: "0 (forever) to 36500 days",
+                });
+            }
+            Ok(())
+        };
+        let size = |key: String, mb: u64| {
+            if mb > MAX_SIZE_MB {
+                return Err(ConfigError::Invalid {
+                    key,
+                    value: mb.to_string(),
+                    allowed: "0 (no cap) to 1073741824 MiB",
+                });
+            }
+            Ok(())
+        };
+        age("history.max_age_days".into(), h.max_age_days)?;
+        size("history.max_size_mb".into(), h.max_size_mb)?;
+        for (id, o) in &h.folders {
+            let key = toml::Value::String(id.clone());
+            if FolderId::new(id).is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "history.folders".into(),
+                    value: key.to_string(),
+                    allowed: "folder ids as `ferry folder list` shows them: 1 to 64 of \
+                              A-Z a-z 0-9 . _ -, not starting with .",
+                });
+            }
+            if let Some(days) = o.max_age_days {
+                age(format!("history.folders.{key}.max_age_days"), days)?;
+            }
+            if let Some(mb) = o.max_size_mb {
+                size(format!("history.folders.{key}.max_size_mb"), mb)?;
+            }
+        }
         Ok(())
+    }
+
+    /// The history policy of a folder: `[history]` with the folder's overrides.
+    pub fn history_policy(&self, folder: &FolderId) -> Policy {
+        let h = &self.history;
+        let o = h.folders.get(folder.as_str()).cloned().unwrap_or_default();
+        let days = o.max_age_days.unwrap_or(h.max_age_days);
+        let mb = o.max_size_mb.unwrap_or(h.max_size_mb);
+        Policy {
+            retention: o.retention.unwrap_or(h.retention),
+            max_age: (days > 0).then(|| Duration::from_secs(u64::from(days) * 86_400)),
+            max_bytes: (mb > 0).then(|| mb.saturating_mul(1 << 20)),
+            keep_local: o.local.unwrap_or(h.local),
+        }
     }
 
     /// The file `ferry init` writes: every setting with its default and a comment.
@@ -334,7 +452,33 @@ rescan_interval_secs = {rescan}
 requests_in_flight = {inflight}
 # Files pulled at the same time per folder.
 parallel_files = {pfiles}
-"#,
+
+[history]
+# Each device keeps its own copies of the versions that sync replaces or
+# deletes, stored once per chunk however many versions share it.
+# "staggered" thins them out with age: every version from the last hour, then
+# one per hour for a day, one per day for 30 days and one per week after that;
+# "keep-all" keeps every version. Nothing from the last hour is ever removed.
+retention = {retention}
+# Versions older than this many days are removed; 0 keeps them forever.
+max_age_days = {max_age}
+# Cap on each folder's history, in MiB: over it, the oldest versions go first.
+# 0 means no cap.
+max_size_mb = {max_size}
+# Also keep the versions that local edits replace, as the scanner sees them
+# (not only those that sync replaces or deletes).
+local = {hlocal}
+
+# Settings for one folder, by folder id: any of the four above, e.g.
+# [history.folders."docs"]
+# retention = "keep-all"
+# max_age_days = 0
+{overrides}"#,
+            retention = toml::Value::String(self.history.retention.as_str().into()),
+            max_age = self.history.max_age_days,
+            max_size = self.history.max_size_mb,
+            hlocal = self.history.local,
+            overrides = self.history_overrides_toml(),
             debounce = self.sync.debounce_ms,
             rescan = self.sync.rescan_interval_secs,
             inflight = self.sync.requests_in_flight,
@@ -351,6 +495,33 @@ parallel_files = {pfiles}
             hold_pct = self.scan.hold_deletes_percent,
             hold_min = self.scan.hold_deletes_min,
         )
+    }
+
+    /// The `[history.folders."<id>"]` tables, for the commented file.
+    fn history_overrides_toml(&self) -> String {
+        let mut out = String::new();
+        for (id, o) in &self.history.folders {
+            out.push_str(&format!(
+                "\n[history.folders.{}]\n",
+                toml::Value::String(id.clone())
+            ));
+            if let Some(r) = o.retention {
+                out.push_str(&format!(
+                    "retention = {}\n",
+                    toml::Value::String(r.as_str().into())
+                ));
+            }
+            if let Some(d) = o.max_age_days {
+                out.push_str(&format!("max_age_days = {d}\n"));
+            }
+            if let Some(m) = o.max_size_mb {
+                out.push_str(&format!("max_size_mb = {m}\n"));
+            }
+            if let Some(l) = o.local {
+                out.push_str(&format!("local = {l}\n"));
+            }
+        }
+        out
     }
 }
 
@@ -374,5 +545,99 @@ mod tests {
             err.to_string(),
             "scan.hash_threads = 0 is not allowed: 1 to 64"
         );
+    }
+
+    #[test]
+    fn history_defaults_to_staggered_for_a_year_without_a_cap() {
+        let c = Config::from_toml_str("").unwrap();
+        let p = c.history_policy(&FolderId::new("docs").unwrap());
+        assert_eq!(p, Policy::default());
+        assert_eq!(p.retention, Retention::Staggered);
+        assert_eq!(p.max_age, Some(Duration::from_secs(365 * 86_400)));
+        assert_eq!(p.max_bytes, None);
+        assert!(!p.keep_local);
+    }
+
+    #[test]
+    fn history_folder_overrides_replace_only_the_keys_they_name() {
+        let text = r#"
+            [history]
+            retention = "keep-all"
+            max_age_days = 30
+            max_size_mb = 100
+            local = true
+
+            [history.folders."photos"]
+            retention = "staggered"
+            max_age_days = 0
+
+            [history.folders.scratch]
+            max_size_mb = 0
+            local = false
+        "#;
+        let c = Config::from_toml_str(text).unwrap();
+        let policy = |id| c.history_policy(&FolderId::new(id).unwrap());
+        assert_eq!(
+            policy("docs"),
+            Policy {
+                retention: Retention::KeepAll,
+                max_age: Some(Duration::from_secs(30 * 86_400)),
+                max_bytes: Some(100 << 20),
+                keep_local: true,
+            }
+        );
+        assert_eq!(
+            policy("photos"),
+            Policy {
+                retention: Retention::Staggered,
+                max_age: None,
+                max_bytes: Some(100 << 20),
+                keep_local: true,
+            }
+        );
+        assert_eq!(
+            policy("scratch"),
+            Policy {
+                retention: Retention::KeepAll,
+                max_age: Some(Duration::from_secs(30 * 86_400)),
+                max_bytes: None,
+                keep_local: false,
+            }
+        );
+        // The commented file keeps the overrides.
+        assert_eq!(Config::from_toml_str(&c.to_commented_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_history_values_are_refused_with_what_is_allowed() {
+        let err = Config::from_toml_str("[history]\nretention = \"weekly\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("retention") && msg.contains("staggered") && msg.contains("keep-all"),
+            "{msg}"
+        );
+        let err = Config::from_toml_str("[history]\nmax_age_days = 99999\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "history.max_age_days = 99999 is not allowed: 0 (forever) to 36500 days"
+        );
+        let err = Config::from_toml_str("[history]\nmax_age_days = -1\n").unwrap_err();
+        assert!(err.to_string().contains("max_age_days"), "{err}");
+        let err = Config::from_toml_str("[history.folders.docs]\nmax_size_mb = 9999999999999\n")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "history.folders.\"docs\".max_size_mb = 9999999999999 is not allowed: \
+             0 (no cap) to 1073741824 MiB"
+        );
+        let err =
+            Config::from_toml_str("[history.folders.\".hidden\"]\nlocal = true\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("history.folders = \".hidden\" is not allowed: folder ids"),
+            "{err}"
+        );
+        let err = Config::from_toml_str("[history.folders.docs]\nkeep = 3\n").unwrap_err();
+        assert!(err.to_string().contains("keep"), "{err}");
     }
 }

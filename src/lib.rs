@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod folder;
+pub mod history;
 pub mod home;
 pub mod index;
 pub mod pairing;

@@ -5,12 +5,14 @@
 mod devices;
 mod remote;
 pub mod schema;
+mod store;
 
 pub use devices::{Offer, Peer};
 pub use remote::{
     ChunkSource, ConflictRecord, LocalFile, Pulled, RemoteFile, Superseded, decode_groups,
     encode_groups,
 };
+pub use store::{ChunkLocation, DroppedChunks, PackRow, PackUsage, StoreTotals, StoredChunk};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -889,6 +891,36 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
             .unwrap();
         assert_eq!(history, 0);
+        let totals = idx.store_totals().unwrap();
+        assert_eq!(totals, StoreTotals::default());
+        assert!(idx.store_unstored_history_chunks().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_5_database_gains_an_empty_chunk_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            migrate(&mut conn, &path, 5).unwrap();
+            conn.execute_batch(
+                "INSERT INTO folders (folder_id, label, path, folder_type, created_at)
+                 VALUES ('docs', 'Docs', '/srv/docs', 'send-receive', 0);
+                 INSERT INTO history (folder, path, kind, size, mtime_ns, permissions, hash,
+                                      version, modified_by, superseded_at, reason)
+                 VALUES (1, 'a.txt', 0, 3, 7, 420, zeroblob(32), X'', 1, 5, 'replaced');
+                 INSERT INTO history_chunks (version, idx, offset, size, hash)
+                 VALUES (1, 0, 0, 3, zeroblob(32));",
+            )
+            .unwrap();
+        }
+        let idx = Index::open(&path, Duration::ZERO).unwrap();
+        assert!(idx.schema_version().unwrap() >= 6);
+        assert_eq!(idx.store_totals().unwrap(), StoreTotals::default());
+        assert_eq!(
+            idx.store_unstored_history_chunks().unwrap(),
+            vec![ChunkHash([0; 32])]
+        );
     }
 
     #[test]

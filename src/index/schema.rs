@@ -21,6 +21,14 @@
 //!   bytes per group: hash, chunk count (u32 BE), size (u64 BE);
 //! - `remote_index` holds, per folder and peer, the peer's index epoch and the
 //!   highest sequence of its records stored, which the hello sends back.
+//! - `store_packs.name` is a pack's random id (32 lowercase hex characters);
+//!   its file is `<home>/store/packs/<first 2 characters>/<name>.pack`, laid out
+//!   as `history::store` documents. A pack row (and its `store_chunks` rows) is
+//!   committed only once the file is complete, fsynced and in place;
+//! - `store_chunks` says where each chunk of the history is stored, once however
+//!   many versions share it: `offset` is the byte offset of the chunk's entry
+//!   (its 36-byte entry header) in the pack, `length` the chunk's data bytes. A
+//!   chunk is live while some `history_chunks.hash` names it.
 
 /// `PRAGMA application_id` of a ferry index: "FRRY".
 pub const APPLICATION_ID: i32 = 0x4652_5259;
@@ -186,5 +194,22 @@ CREATE TABLE remote_index (
     // 5: deletes a scan held back because there were too many at once.
     r#"
 ALTER TABLE folders ADD COLUMN held_deletes INTEGER NOT NULL DEFAULT 0;
+"#,
+    // 6: the history's chunk store: pack files and where each chunk is in them.
+    r#"
+CREATE TABLE store_packs (
+    id         INTEGER PRIMARY KEY,
+    name       TEXT    NOT NULL UNIQUE,
+    size       INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+
+CREATE TABLE store_chunks (
+    hash   BLOB    PRIMARY KEY,
+    pack   INTEGER NOT NULL REFERENCES store_packs(id),
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX store_chunks_by_pack ON store_chunks(pack, offset);
 "#,
 ];
