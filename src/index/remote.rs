@@ -564,6 +564,7 @@ impl Index {
         local: &VersionVector,
         remote: &VersionVector,
         remote_device: &DeviceId,
+        local_won: bool,
     ) -> Result<bool> {
         let (l, r) = (local.encode(), remote.encode());
         let exists: Option<i64> = self
@@ -581,8 +582,8 @@ impl Index {
         }
         self.conn.execute(
             "INSERT INTO conflicts (folder, path, conflict_path, local_version, remote_version,
-                                    remote_device, detected_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                                    remote_device, detected_at, local_won)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 folder,
                 path.as_str(),
@@ -590,7 +591,8 @@ impl Index {
                 l,
                 r,
                 remote_device.to_string(),
-                now_secs()
+                now_secs(),
+                local_won
             ],
         )?;
         Ok(true)
@@ -614,6 +616,9 @@ pub struct ConflictRecord {
     pub detected_at: i64,
     /// When it was resolved, if it was.
     pub resolved_at: Option<i64>,
+    /// Whether this device's version stayed at `path` (else it is the copy at
+    /// `conflict_path`); unknown for conflicts recorded before schema v7.
+    pub local_won: Option<bool>,
 }
 
 impl Index {
@@ -621,7 +626,7 @@ impl Index {
     pub fn conflicts(&self) -> Result<Vec<ConflictRecord>> {
         let mut stmt = self.conn.prepare(
             "SELECT c.id, f.folder_id, c.path, c.conflict_path, c.remote_device, c.detected_at,
-                    c.resolved_at
+                    c.resolved_at, c.local_won
              FROM conflicts c JOIN folders f ON f.id = c.folder
              ORDER BY c.detected_at DESC, c.id DESC",
         )?;
@@ -634,6 +639,7 @@ impl Index {
                 remote_device: r.get(4)?,
                 detected_at: r.get(5)?,
                 resolved_at: r.get(6)?,
+                local_won: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -28,7 +28,12 @@
 //! - `store_chunks` says where each chunk of the history is stored, once however
 //!   many versions share it: `offset` is the byte offset of the chunk's entry
 //!   (its 36-byte entry header) in the pack, `length` the chunk's data bytes. A
-//!   chunk is live while some `history_chunks.hash` names it.
+//!   chunk is live while some `history_chunks.hash` names it;
+//! - `history.stored` is 0 while a replaced file's bytes are still the whole
+//!   file `<folder>/.ferry/versions/<history id>` (a rename, so pulls stay fast)
+//!   and 1 once they are in the chunk store (or the version has no bytes);
+//! - `conflicts.local_won` is 1 when this device's version stayed at `path`, 0
+//!   when it became the copy at `conflict_path`.
 
 /// `PRAGMA application_id` of a ferry index: "FRRY".
 pub const APPLICATION_ID: i32 = 0x4652_5259;
@@ -211,5 +216,14 @@ CREATE TABLE store_chunks (
     length INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX store_chunks_by_pack ON store_chunks(pack, offset);
+"#,
+    // 7: where a history version's bytes are (0: still the whole file under the
+    // folder's `.ferry/versions/<history id>`, 1: in the chunk store), and which
+    // side of a conflict stayed at the path on this device.
+    r#"
+ALTER TABLE history ADD COLUMN stored INTEGER NOT NULL DEFAULT 0 CHECK (stored IN (0, 1));
+UPDATE history SET stored = 1 WHERE kind != 0 OR size = 0;
+CREATE INDEX history_pending ON history(stored) WHERE stored = 0;
+ALTER TABLE conflicts ADD COLUMN local_won INTEGER CHECK (local_won IN (0, 1));
 "#,
 ];

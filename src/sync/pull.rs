@@ -479,7 +479,7 @@ async fn apply(
         } => {
             let new = engine
                 .index
-                .run(move |i| i.record_conflict(row, &path, &copy, &local, &remote, &device))
+                .run(move |i| i.record_conflict(row, &path, &copy, &local, &remote, &device, true))
                 .await?;
             if new {
                 tracing::info!(folder = %folder.id, "conflict: the local version won");
@@ -616,7 +616,7 @@ async fn take(
         let rv = remote.version.clone();
         engine
             .index
-            .run(move |i| i.record_conflict(row, &path, &copy, &lv, &rv, &device))
+            .run(move |i| i.record_conflict(row, &path, &copy, &lv, &rv, &device, false))
             .await?;
         tracing::info!(folder = %folder.id, path = %remote.path, "conflict: kept the local version as a conflict copy");
     }
