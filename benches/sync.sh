@@ -32,9 +32,11 @@
 #                        [--work DIR] [--keep] [--tools ferry,rsync,syncthing]
 #
 # FERRY=/path/to/ferry uses that binary; otherwise ferry is built in release
-# mode (honouring CARGO_TARGET_DIR). Needs python3 and about 3 GiB free under
-# the work dir (default /tmp/ferry-bench; the corpus stays there for the next
-# invocation); --compare needs the Debian packages rsync and syncthing
+# mode (honouring CARGO_TARGET_DIR). Needs python3 and, under the work dir
+# (default /tmp/ferry-bench; the corpus stays there for the next invocation),
+# about 1.5 GiB for the corpus plus 2.5 GiB per tool and run: run directories
+# are removed only after all runs, so one run's mass delete does not slow the
+# next one's file creation; --compare needs the Debian packages rsync and syncthing
 # (apt-get install -y rsync syncthing). On 2 cores: about 2 minutes for the
 # default (ferry, 3 runs) and 4 with --compare, after the one-off corpus.
 set -euo pipefail

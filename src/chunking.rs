@@ -341,6 +341,21 @@ pub fn groups(chunks: &[ChunkInfo]) -> Vec<ChunkGroup> {
         .collect()
 }
 
+/// Deterministic incompressible test data (xorshift), for unit tests across
+/// the crate.
+#[cfg(test)]
+pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,18 +367,6 @@ mod tests {
         avg: 1024,
         max: 4096,
     };
-
-    fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect()
-    }
 
     fn reassemble(data: &[u8], digest: &FileDigest) -> Vec<u8> {
         let mut out = Vec::new();

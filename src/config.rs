@@ -393,6 +393,20 @@ impl Config {
         }
     }
 
+    /// Which folders keep the versions local edits replace (`history.local`
+    /// and its per-folder overrides), for the index.
+    pub fn local_history(&self) -> crate::index::LocalHistory {
+        crate::index::LocalHistory {
+            default: self.history.local,
+            folders: self
+                .history
+                .folders
+                .iter()
+                .filter_map(|(id, o)| o.local.map(|l| (id.clone(), l)))
+                .collect(),
+        }
+    }
+
     /// The file `ferry init` writes: every setting with its default and a comment.
     pub fn to_commented_toml(&self) -> String {
         let name = toml::Value::String(self.device.name.clone());

@@ -214,14 +214,16 @@ impl Home {
         self.root.join(CONFIG_FILE)
     }
 
-    /// Opens the index database.
+    /// Opens the index database, told which folders keep local versions.
     pub fn index(&self) -> Result<Index, HomeError> {
         let path = self.root.join(DB_FILE);
-        Index::open(
+        let mut index = Index::open(
             &path,
             Duration::from_millis(self.config.database.busy_timeout_ms),
         )
-        .map_err(|source| HomeError::Index { path, source })
+        .map_err(|source| HomeError::Index { path, source })?;
+        index.set_local_history(self.config.local_history());
+        Ok(index)
     }
 }
 

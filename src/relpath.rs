@@ -8,6 +8,12 @@ use std::path::{Component, Path, PathBuf};
 /// ferry's temp files. Never indexed, never synced.
 pub const MARKER_DIR: &str = ".ferry";
 
+/// How the names of ferry's temp files begin. A file being pulled is
+/// assembled beside its final place (as rsync and Syncthing do: no single
+/// directory takes every create, and the rename stays in one directory), under
+/// a name no synced path may have.
+pub const TEMP_PREFIX: &str = ".ferry-tmp-";
+
 /// Longest path accepted, in bytes (Linux's `PATH_MAX`).
 pub const MAX_PATH_LEN: usize = 4096;
 /// Longest single name accepted, in bytes (Linux's `NAME_MAX`).
@@ -42,8 +48,10 @@ pub enum RelPathError {
     /// Over [`MAX_PATH_LEN`] or with a name over [`MAX_NAME_LEN`].
     #[error("path of {0} bytes is too long")]
     TooLong(usize),
-    /// Inside ferry's marker directory.
-    #[error("path {0:?} is inside ferry's reserved {MARKER_DIR}/ directory")]
+    /// Inside ferry's marker directory, or named like ferry's temp files.
+    #[error(
+        "path {0:?} is reserved for ferry (its {MARKER_DIR}/ directory or a {TEMP_PREFIX}* temp file)"
+    )]
     Reserved(String),
     /// A file name that is not UTF-8.
     #[error("name {0:?} is not valid UTF-8")]
@@ -70,6 +78,9 @@ impl RelPath {
                 ".." => return Err(RelPathError::ParentDir(s.to_owned())),
                 "" | "." => return Err(RelPathError::NotNormal(s.to_owned())),
                 MARKER_DIR if i == 0 => return Err(RelPathError::Reserved(s.to_owned())),
+                n if n.starts_with(TEMP_PREFIX) => {
+                    return Err(RelPathError::Reserved(s.to_owned()));
+                }
                 n if n.len() > MAX_NAME_LEN => return Err(RelPathError::TooLong(n.len())),
                 _ => {}
             }
@@ -157,6 +168,7 @@ mod tests {
             "a\0b",
             ".ferry",
             ".ferry/tmp/x",
+            "a/.ferry-tmp-0123-4567.part",
         ] {
             assert!(RelPath::new(bad).is_err(), "{bad:?} was accepted");
         }

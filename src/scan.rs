@@ -108,6 +108,25 @@ pub struct ScanReport {
     pub changing: Vec<String>,
     /// Paths that could not be scanned.
     pub issues: Vec<ScanIssue>,
+    /// Temp files of pulls that never finished, untouched for a day: the sync
+    /// engine removes them (the scanner writes nothing into the folder).
+    pub stale_temps: Vec<std::path::PathBuf>,
+}
+
+/// How long an untouched temp file of a pull is kept for a resume.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+fn is_stale_temp(entry: &fs::DirEntry) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    entry
+        .file_name()
+        .to_string_lossy()
+        .starts_with(crate::relpath::TEMP_PREFIX)
+        && entry.metadata().is_ok_and(|m| {
+            // ctime: set_modified gives a finished temp the remote's mtime.
+            let age = crate::index::now_secs().saturating_sub(m.ctime());
+            age >= STALE_TEMP.as_secs() as i64
+        })
 }
 
 /// Why a scan stopped.
@@ -269,7 +288,12 @@ pub fn scan(
             };
             let rel = match RelPath::join(dir.as_ref(), &entry.file_name()) {
                 Ok(r) => r,
-                Err(RelPathError::Reserved(_)) => continue,
+                Err(RelPathError::Reserved(_)) => {
+                    if is_stale_temp(&entry) {
+                        report.stale_temps.push(entry.path());
+                    }
+                    continue;
+                }
                 Err(e) => {
                     report.issues.push(ScanIssue {
                         path: entry.path().display().to_string(),

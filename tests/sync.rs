@@ -51,6 +51,24 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
 }
 
 /// `devices --json` entry of `peer` on `node`.
+/// The content hashes of every version `node` keeps in its history of `folder`.
+fn kept(node: &Node, folder: &str) -> Vec<String> {
+    let v = node
+        .run(&["history", &format!("{folder}:"), "--json"])
+        .ok()
+        .json();
+    v["versions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no versions list: {v}"))
+        .iter()
+        .filter_map(|v| v["hash"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn hash_of(content: &[u8]) -> String {
+    blake3::hash(content).to_hex().to_string()
+}
+
 fn peer_info(node: &Node, peer: &Node) -> Value {
     node.device(&peer.id()).expect("paired")
 }
@@ -162,11 +180,10 @@ fn a_tree_syncs_and_changes_flow_both_ways() {
     wait_until("B deletes readme.txt", || {
         !b_docs.join("readme.txt").exists()
     });
-    let kept: Vec<_> = fs::read_dir(b_docs.join(".ferry/versions"))
-        .expect("a versions directory")
-        .map(|e| fs::read(e.unwrap().path()).unwrap())
-        .collect();
-    assert!(kept.iter().any(|c| c == b"hello\n"), "readme.txt not kept");
+    assert!(
+        kept(&b, "docs").contains(&hash_of(b"hello\n")),
+        "readme.txt not kept"
+    );
     wait_same(&a_docs, &b_docs);
 }
 
@@ -210,6 +227,18 @@ fn concurrent_edits_become_one_conflict_copy_and_an_offline_device_catches_up() 
     fs::write(a_docs.join("while-away.txt"), b"new on a").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(50));
     fs::write(b_docs.join("notes.txt"), b"edited on b, later").unwrap();
+    // A's status says what the offline peer still lacks.
+    let peer_of = |n: &Node| n.status()["folders"][0]["peers"][0].clone();
+    wait_until("A counts what B lacks", || {
+        peer_of(&a)["need_items"].as_u64() == Some(2)
+    });
+    let p = peer_of(&a);
+    assert_eq!(p["name"], "b", "{p}");
+    assert!(p["completion"].as_f64().unwrap() < 100.0, "{p}");
+    assert!(
+        a.run(&["status"]).ok().stdout.contains("2 items"),
+        "the human status does not say what B lacks"
+    );
     let _ab = Agent::start(&b);
 
     wait_until("B catches up with the file made while it was away", || {
@@ -247,6 +276,12 @@ fn concurrent_edits_become_one_conflict_copy_and_an_offline_device_catches_up() 
         assert_eq!(list.as_array().unwrap().len(), 1, "{}: {list}", n.name);
         assert_eq!(list[0]["path"], "notes.txt");
     }
+    for (n, other) in [(&a, "b"), (&b, "a")] {
+        wait_until("each side sees the other complete", || {
+            let p = peer_of(n);
+            p["name"] == other && p["completion"].as_f64() == Some(100.0)
+        });
+    }
     drop(aa);
 }
 
@@ -275,8 +310,15 @@ fn a_pull_killed_mid_way_resumes_with_what_it_had() {
         &["--folder", "docs"],
         &["--into", b_docs.to_str().unwrap()],
     );
-    // Kill B once a good part of the file is in its temp file.
-    let tmp = b_docs.join(".ferry/tmp");
+    // Kill B once a good part of the file is in its temp file (beside the
+    // target, named `.ferry-tmp-*`).
+    let temps = || -> Vec<String> {
+        fs::read_dir(&b_docs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".ferry-tmp-"))
+            .collect()
+    };
     wait_until("B is half-way through the pull", || {
         chunk_bytes_in(&b, &a) > 16 * 1024 * 1024
     });
@@ -285,8 +327,7 @@ fn a_pull_killed_mid_way_resumes_with_what_it_had() {
         !b_docs.join("large.bin").exists(),
         "the file was in place before it was complete"
     );
-    let parts: Vec<_> = fs::read_dir(&tmp).unwrap().collect();
-    assert_eq!(parts.len(), 1, "one partial file");
+    assert_eq!(temps().len(), 1, "one partial file");
 
     let _ab = Agent::start(&b);
     wait_until("B finishes the file", || {
@@ -298,7 +339,7 @@ fn a_pull_killed_mid_way_resumes_with_what_it_had() {
         second < data.len() as u64 - 8 * 1024 * 1024,
         "the second run fetched {second} bytes: it did not resume"
     );
-    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "temp file left");
+    assert_eq!(temps(), Vec::<String>::new(), "temp file left");
     drop(aa);
 }
 
@@ -376,12 +417,9 @@ fn a_receive_only_folder_keeps_local_changes_to_itself_until_reverted() {
             && !b_docs.join("local-only.txt").exists()
     });
     // Both local versions are kept in B's history.
-    let kept: Vec<Vec<u8>> = fs::read_dir(b_docs.join(".ferry/versions"))
-        .unwrap()
-        .map(|e| fs::read(e.unwrap().path()).unwrap())
-        .collect();
-    assert!(kept.iter().any(|c| c == b"changed on b"));
-    assert!(kept.iter().any(|c| c == b"b only"));
+    let kept = kept(&b, "docs");
+    assert!(kept.contains(&hash_of(b"changed on b")), "{kept:?}");
+    assert!(kept.contains(&hash_of(b"b only")), "{kept:?}");
 }
 
 #[test]
@@ -504,4 +542,41 @@ fn a_mass_delete_waits_for_confirmation_before_reaching_peers() {
         !b_docs.join("f00.txt").exists() && !b_docs.join("f14.txt").exists()
     });
     wait_same(&a_docs, &b_docs);
+}
+
+#[test]
+fn out_of_inotify_watches_the_agent_says_so_and_still_syncs_by_scanning() {
+    let lab = Lab::new();
+    let a = lab.node("a");
+    let b = lab.node("b");
+    let a_docs = a.add_folder("docs");
+    for i in 0..20 {
+        fs::create_dir_all(a_docs.join(format!("d{i}"))).unwrap();
+    }
+    let b_docs = b.path("docs");
+    let Some(_aa) = Agent::start_with_watch_limit(&a, 5) else {
+        eprintln!("skipped: this machine has no user namespaces to limit inotify in");
+        return;
+    };
+    let _ab = Agent::start(&b);
+    pair(
+        &a,
+        &b,
+        &["--folder", "docs"],
+        &["--into", b_docs.to_str().unwrap()],
+    );
+    // The status names the limit and how to raise it.
+    let notice = a.status()["folders"][0]["notice"].clone();
+    let notice = notice.as_str().unwrap_or_default().to_owned();
+    assert!(
+        notice.contains("max_user_watches") && notice.contains("sysctl"),
+        "notice: {notice:?}"
+    );
+    assert!(a.run(&["status"]).ok().stdout.contains("max_user_watches"));
+    wait_same(&a_docs, &b_docs);
+    // Changes are still noticed, by the periodic scans.
+    fs::write(a_docs.join("d7/new.txt"), b"seen without a watcher").unwrap();
+    wait_until("B gets the file A's periodic scan found", || {
+        fs::read(b_docs.join("d7/new.txt")).is_ok_and(|c| c == b"seen without a watcher")
+    });
 }

@@ -4,9 +4,12 @@
 mod agent;
 mod conflicts;
 mod folder;
+mod history;
 mod init;
 mod ls;
 mod output;
+mod resolve;
+mod restore;
 mod scan;
 mod status;
 
@@ -133,6 +136,51 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the versions kept of a file, newest first (the current one on
+    /// top); or prune, verify or total the history.
+    History(history::HistoryArgs),
+    /// Put an earlier version of a file back (by default the newest kept), in
+    /// place (a new change that syncs; what it replaces is kept) or --to DEST.
+    #[command(disable_version_flag = true)]
+    Restore {
+        /// A file, or with --recursive a directory, in a synced folder: a path
+        /// on disk, or FOLDER:PATH (FOLDER: for the whole folder).
+        path: String,
+        /// The version to restore (an id from `ferry history`).
+        #[arg(long, conflicts_with = "at")]
+        version: Option<i64>,
+        /// Restore what was current at this time: YYYY-MM-DD[ HH:MM[:SS]] in
+        /// UTC, RFC 3339 (2024-05-01T14:30:00+02:00), or @UNIX-SECONDS.
+        #[arg(long, value_name = "TIME", value_parser = crate::history::time::parse_utc)]
+        at: Option<i64>,
+        /// Write it to DEST instead (a file; with --recursive a directory).
+        #[arg(long, value_name = "DEST")]
+        to: Option<PathBuf>,
+        /// Replace DEST if it exists.
+        #[arg(long, requires = "to")]
+        force: bool,
+        /// Restore the whole tree below PATH as it was at --at TIME, deleted
+        /// files included (files made or changed since, without a version
+        /// from then, are left as they are).
+        #[arg(long, short = 'r', requires = "at")]
+        recursive: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolve an open conflict: keep this device's version, the other's,
+    /// both, or a version from the history.
+    Resolve {
+        /// The conflicting file (or its conflict copy): a path on disk, or
+        /// FOLDER:PATH.
+        path: String,
+        /// local, remote, both, or a version id from `ferry history`.
+        #[arg(long, value_name = "local|remote|both|VERSION")]
+        keep: crate::history::resolve::Keep,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List what the index holds for the files of a folder.
     Ls {
         /// The folder id.
@@ -229,11 +277,47 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(EXIT_OK)
         }
+        Command::History(args) => history::run(&Home::open(&root)?, args),
+        Command::Restore {
+            path,
+            version,
+            at,
+            to,
+            force,
+            recursive,
+            json,
+        } => restore::run(
+            &Home::open(&root)?,
+            restore::RestoreArgs {
+                path,
+                version,
+                at,
+                to,
+                force,
+                recursive,
+                json,
+            },
+        ),
+        Command::Resolve { path, keep, json } => {
+            resolve::run(&Home::open(&root)?, &path, keep, json)
+        }
         Command::Ls {
             folder,
             path,
             deleted,
             json,
         } => ls::run(&Home::open(&root)?, &folder, path.as_deref(), deleted, json),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

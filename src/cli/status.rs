@@ -13,10 +13,12 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
     let index = home.index()?;
     let folders = index.folders()?;
     let mut entries = Vec::new();
+    let mut peers_of = Vec::new();
     for f in &folders {
         let stats = index.folder_stats(f.row)?;
         let (state, error) = state(f);
         entries.push((f, stats, state, error));
+        peers_of.push(index.peer_completion(f.row)?);
     }
     let agent = super::agent::agent_status(home);
     let offers = index.offers()?;
@@ -29,7 +31,7 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
             "agent": agent,
             "offers": offers,
             "peers": peers,
-            "folders": entries.iter().map(|(f, s, state, error)| {
+            "folders": entries.iter().zip(&peers_of).map(|((f, s, state, error), peers)| {
                 let live = live(&agent, f.id.as_str());
                 json!({
                     "id": f.id.as_str(), "label": f.label, "path": f.path,
@@ -42,6 +44,10 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
                     "notice": live.notice,
                     "global_bytes": s.bytes + live.need_bytes,
                     "completion": completion(s.bytes, live.need_bytes, live.need_items),
+                    "peers": peers.iter().map(|p| json!({
+                        "device": p.device, "name": p.name, "completion": p.completion(),
+                        "need_items": p.need_items, "need_bytes": p.need_bytes,
+                    })).collect::<Vec<_>>(),
                 })
             }).collect::<Vec<_>>(),
         });
@@ -110,8 +116,23 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
         ],
         &rows,
     );
-    for (f, _, _, error) in &entries {
+    for ((f, _, _, error), peers) in entries.iter().zip(&peers_of) {
         let live = live(&agent, f.id.as_str());
+        for p in peers {
+            let short = &p.device[..p.device.len().min(12)];
+            if p.need_items == 0 {
+                println!("{}: {} ({short}) has all of it", f.id, p.name);
+            } else {
+                println!(
+                    "{}: {} ({short}) is at {:.0}%, {} items ({}) to go",
+                    f.id,
+                    p.name,
+                    p.completion(),
+                    p.need_items,
+                    output::bytes(p.need_bytes)
+                );
+            }
+        }
         if let Some(e) = live.error.or(error.clone()) {
             println!("{}: {e}", f.id);
         }

@@ -23,6 +23,19 @@
 //! - `{"cmd":"revert","folder":ID}` → `{reverting: ID}` (receive-only folders)
 //! - `{"cmd":"reload"}` → `{reloaded: true}` (the CLI sends it after changing
 //!   folders, so the agent picks them up at once instead of within 5 s)
+//! - `{"cmd":"restore","folder":ID,"path":REL|null,"version":N|null,
+//!   "at":UNIX_SECS|null,"recursive":BOOL}` → `{restored: [{path, version,
+//!   size, kept, written_to}], unchanged: [PATH], left: [{path, reason}]}`:
+//!   restores in place (the newest version, version N of `path`, or what was
+//!   current at `at`; with `recursive`, the tree at or below `path`, the whole
+//!   folder when `path` is null, as it was at `at`). Each version replaced is
+//!   kept in the history first (`kept`: its id); the agent scans before and
+//!   after, so the restore syncs as a local change. `version` is `null` for a
+//!   path restored from the current file.
+//! - `{"cmd":"resolve","folder":ID,"path":REL,"keep":"local"|"remote"|"both"|N}`
+//!   → `{conflict, path, conflict_path, copy_removed, kept: [ID], resolution}`:
+//!   resolves the newest open conflict whose path or conflict copy is `path`
+//!   (`N`: a history id restored at the path).
 //!
 //! Answers: `{"ok":true,"result":…}` or `{"ok":false,"error":"one line"}`.
 
@@ -82,6 +95,31 @@ pub enum Request {
     RemoveDevice {
         /// Its id.
         id: String,
+    },
+    /// Restore versions in place.
+    Restore {
+        /// The folder id.
+        folder: String,
+        /// The path in the folder (`None`: the folder root, with `recursive`).
+        path: Option<String>,
+        /// A history id to restore.
+        #[serde(default)]
+        version: Option<i64>,
+        /// Restore what was current at this time (Unix seconds).
+        #[serde(default)]
+        at: Option<i64>,
+        /// Restore the tree at or below `path` as it was at `at`.
+        #[serde(default)]
+        recursive: bool,
+    },
+    /// Resolve an open conflict.
+    Resolve {
+        /// The folder id.
+        folder: String,
+        /// The path or its conflict copy.
+        path: String,
+        /// `local`, `remote`, `both` or a history id.
+        keep: String,
     },
     /// Offer a folder to a paired device.
     Share {

@@ -3,6 +3,7 @@
 //! API, and shuts all of it down cleanly on SIGINT/SIGTERM.
 
 pub mod control;
+mod history;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -24,6 +25,7 @@ use self::control::{Request, Response};
 use crate::config::NetworkConfig;
 use crate::device::DeviceId;
 use crate::folder::{self, FolderId, NewFolder};
+use crate::history::store::ChunkStore;
 use crate::home::Home;
 use crate::index::{SharedIndex, now_secs};
 use crate::pairing::code::InviteCode;
@@ -67,6 +69,9 @@ pub enum DaemonError {
     /// The endpoint could not be set up.
     #[error(transparent)]
     Transport(#[from] transport::TransportError),
+    /// The history's chunk store could not be opened.
+    #[error(transparent)]
+    History(#[from] crate::history::store::StoreError),
     /// A file of the agent's could not be used.
     #[error("{path}: {source}")]
     Io {
@@ -127,6 +132,7 @@ struct Agent {
     peers: Arc<Peers>,
     engine: Arc<Engine>,
     invites: Arc<Invites>,
+    store: ChunkStore,
 }
 
 #[derive(Debug, Clone)]
@@ -187,7 +193,9 @@ impl ProtocolHandler for PairHandler {
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(home: Home, opts: DaemonOptions) -> Result<(), DaemonError> {
     let _lock = lock_home(home.root())?;
-    let index = SharedIndex::new(home.index()?);
+    let index = home.index()?;
+    let store = ChunkStore::open(&crate::history::store_dir(home.root()), &index)?;
+    let index = SharedIndex::new(index);
 
     let mut net: NetworkConfig = home.config().network.clone();
     if opts.offline {
@@ -221,6 +229,7 @@ pub async fn run(home: Home, opts: DaemonOptions) -> Result<(), DaemonError> {
         peers: peers.clone(),
         engine: engine.clone(),
         invites: Arc::new(Invites::default()),
+        store: store.clone(),
     });
     let router = Router::builder(ep.clone())
         .accept(SYNC_ALPN, SyncHandler(peers.clone()))
@@ -235,6 +244,12 @@ pub async fn run(home: Home, opts: DaemonOptions) -> Result<(), DaemonError> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(&sock))?;
     let control_task = tokio::spawn(serve_control(listener, agent.clone(), shutdown.clone()));
+    let history_task = tokio::spawn(history::run(
+        home.clone(),
+        store,
+        engine.clone(),
+        shutdown.child_token(),
+    ));
 
     tracing::info!(
         device = %home.device_id(),
@@ -255,6 +270,7 @@ pub async fn run(home: Home, opts: DaemonOptions) -> Result<(), DaemonError> {
     tracing::info!("shutting down");
     shutdown.cancel();
     let _ = control_task.await;
+    let _ = history_task.await;
     peers.shutdown().await;
     engine.shutdown().await;
     if let Err(e) = router.shutdown().await {
@@ -408,6 +424,16 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             }
             Ok(json!({ "reloaded": true }))
         }
+        Request::Restore {
+            folder,
+            path,
+            version,
+            at,
+            recursive,
+        } => history::restore(agent.history(), folder, path, version, at, recursive).await,
+        Request::Resolve { folder, path, keep } => {
+            history::resolve(agent.history(), folder, path, keep).await
+        }
         Request::Invite {
             folder,
             expires_secs,
@@ -467,6 +493,16 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             agent.engine.shares_changed();
             agent.peers.announce_folders(&did).await;
             Ok(json!({ "folder": fid.as_str(), "device": did.to_string() }))
+        }
+    }
+}
+
+impl Agent {
+    fn history(&self) -> history::Ctx<'_> {
+        history::Ctx {
+            home: &self.home,
+            store: &self.store,
+            engine: &self.engine,
         }
     }
 }
@@ -644,5 +680,27 @@ mod tests {
         );
         let line = serde_json::to_string(&Request::RemoveDevice { id: "x".into() }).unwrap();
         assert_eq!(line, r#"{"cmd":"remove-device","id":"x"}"#);
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"restore","folder":"docs","path":"a.txt"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Restore {
+                folder: "docs".into(),
+                path: Some("a.txt".into()),
+                version: None,
+                at: None,
+                recursive: false
+            }
+        );
+        let line = serde_json::to_string(&Request::Resolve {
+            folder: "docs".into(),
+            path: "a.txt".into(),
+            keep: "local".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"cmd":"resolve","folder":"docs","path":"a.txt","keep":"local"}"#
+        );
     }
 }

@@ -1077,15 +1077,8 @@ mod tests {
     }
 
     fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect()
+        // Seeds here are small counters: spread them so nearby ones differ.
+        crate::chunking::pseudo_random(len, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
     fn chunk(seed: u64, len: usize) -> (ChunkHash, Vec<u8>) {

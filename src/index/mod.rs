@@ -3,14 +3,19 @@
 //! a transaction, so a crash leaves either the old state or the new one.
 
 mod devices;
+mod history;
 mod remote;
 pub mod schema;
 mod store;
 
 pub use devices::{Offer, Peer};
+pub use history::{
+    CaptureCandidate, EntryAt, HistoryReason, HistoryTotals, HistoryTx, HistoryVersion, Kept,
+    LocalHistory, OpenConflict, PathAt, PendingVersion,
+};
 pub use remote::{
-    ChunkSource, ConflictRecord, LocalFile, Pulled, RemoteFile, Superseded, decode_groups,
-    encode_groups,
+    ChunkSource, ConflictRecord, LocalFile, PeerCompletion, Pulled, RemoteFile, Superseded,
+    decode_groups, encode_groups,
 };
 pub use store::{ChunkLocation, DroppedChunks, PackRow, PackUsage, StoreTotals, StoredChunk};
 
@@ -258,6 +263,8 @@ pub struct Device {
 pub struct Index {
     conn: Connection,
     path: PathBuf,
+    /// Which folders keep the versions local edits replace.
+    local_history: history::LocalHistory,
 }
 
 /// The current time in Unix seconds.
@@ -286,10 +293,14 @@ impl Index {
             tracing::warn!(%mode, "could not switch the index to WAL mode");
         }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Room for every statement of the hot paths (pulls, scans, serving
+        // chunks), so none is parsed again per file.
+        conn.set_prepared_statement_cache_capacity(128);
         migrate(&mut conn, path, schema::MIGRATIONS.len())?;
         Ok(Self {
             conn,
             path: path.to_owned(),
+            local_history: history::LocalHistory::default(),
         })
     }
 
@@ -477,6 +488,7 @@ impl Index {
         me: ShortId,
         changes: &[LocalChange],
     ) -> Result<()> {
+        let keep_local = self.keeps_local_history(folder)?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -516,6 +528,12 @@ impl Index {
                         Ok((r.get(0)?, r.get(1)?))
                     })
                     .optional()?;
+                if keep_local
+                    && c.change != Change::Metadata
+                    && let Some((old, _)) = &existing
+                {
+                    history::keep_local_version(&tx, *old)?;
+                }
                 let version = match &existing {
                     Some((_, v)) => VersionVector::decode(v)
                         .map_err(|e| IndexError::Corrupt(format!("{}: {e}", c.path)))?,
@@ -655,9 +673,29 @@ impl Index {
         Ok(out)
     }
 
+    /// Runs `f` in one write transaction: what it records commits together,
+    /// once, or not at all if it returns an error. Pulls use it to record many
+    /// small files with one commit (each file in its own savepoint).
+    pub fn batch<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(self) {
+            Ok(v) => match self.conn.execute_batch("COMMIT") {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     /// The chunks of a live file, in order.
     pub fn file_chunks(&self, folder: i64, path: &RelPath) -> Result<Vec<ChunkInfo>> {
-        let mut stmt = self.conn.prepare(
+        let mut stmt = self.conn.prepare_cached(
             "SELECT c.offset, c.size, c.hash FROM chunks c JOIN files f ON f.id = c.file
              WHERE f.folder = ?1 AND f.path = ?2 ORDER BY c.idx",
         )?;
@@ -724,7 +762,7 @@ const UPSERT_FILE: &str = "INSERT INTO files (folder, path, kind, size, mtime_ns
     RETURNING id";
 
 /// Takes the folder's next sequence number, inside the caller's transaction.
-fn next_sequence(tx: &rusqlite::Transaction<'_>, folder: i64) -> Result<i64> {
+fn next_sequence(tx: &Connection, folder: i64) -> Result<i64> {
     Ok(tx
         .prepare_cached(
             "UPDATE folders SET sequence = sequence + 1 WHERE id = ?1 RETURNING sequence",

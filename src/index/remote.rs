@@ -427,13 +427,15 @@ impl Index {
 
     /// The chunk list of some live local file whose content hashes to `hash`.
     pub fn chunks_of_content(&self, hash: &FileHash) -> Result<Option<Vec<ChunkInfo>>> {
+        // `hash IS NOT NULL` lets the partial index serve whatever is bound,
+        // so SQLite does not re-prepare the statement on every call.
         let id: Option<i64> = self
             .conn
-            .query_row(
-                "SELECT id FROM files WHERE hash = ?1 AND deleted = 0 AND kind = 0 LIMIT 1",
-                [&hash.0[..]],
-                |r| r.get(0),
-            )
+            .prepare_cached(
+                "SELECT id FROM files
+                 WHERE hash = ?1 AND hash IS NOT NULL AND deleted = 0 AND kind = 0 LIMIT 1",
+            )?
+            .query_row([&hash.0[..]], |r| r.get(0))
             .optional()?;
         let Some(id) = id else { return Ok(None) };
         let mut stmt = self
@@ -471,9 +473,9 @@ impl Index {
         superseded: Option<Superseded>,
         place: impl FnOnce(Option<i64>) -> std::io::Result<Option<FileMeta>>,
     ) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // A savepoint: on its own it is a transaction, inside [`Index::batch`]
+        // it rolls back only this file if `place` fails.
+        let tx = self.conn.savepoint()?;
         let old: Option<i64> = tx
             .prepare_cached("SELECT id FROM files WHERE folder = ?1 AND path = ?2 AND deleted = 0")?
             .query_row(params![folder, path.as_str()], |r| r.get(0))
@@ -561,8 +563,7 @@ impl Index {
         folder: i64,
         path: &RelPath,
         conflict_path: &RelPath,
-        local: &VersionVector,
-        remote: &VersionVector,
+        (local, remote): (&VersionVector, &VersionVector),
         remote_device: &DeviceId,
         local_won: bool,
     ) -> Result<bool> {
@@ -621,7 +622,75 @@ pub struct ConflictRecord {
     pub local_won: Option<bool>,
 }
 
+/// How much of this device's current state of a folder a peer has, as far as
+/// the peer's announced index says.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PeerCompletion {
+    /// The peer's device id.
+    pub device: String,
+    /// Its name here.
+    pub name: String,
+    /// Live items here (files, directories, symlinks).
+    pub items: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Items the peer lacks or holds in another version (deletes it has not
+    /// applied included).
+    pub need_items: u64,
+    /// Bytes of the files it lacks.
+    pub need_bytes: u64,
+}
+
+impl PeerCompletion {
+    /// Percent of the bytes the peer has (items when the folder has no bytes).
+    pub fn completion(&self) -> f64 {
+        if self.need_items == 0 {
+            100.0
+        } else if self.bytes > 0 {
+            100.0 * (self.bytes - self.need_bytes.min(self.bytes)) as f64 / self.bytes as f64
+        } else {
+            100.0 * (self.items - self.need_items.min(self.items)) as f64 / self.items.max(1) as f64
+        }
+    }
+}
+
 impl Index {
+    /// For each device `folder` is shared with, how much of this device's
+    /// current state it has.
+    pub fn peer_completion(&self, folder: i64) -> Result<Vec<PeerCompletion>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT d.device_id, d.name,
+                (SELECT COUNT(*) FROM files f WHERE f.folder = ?1 AND f.deleted = 0),
+                (SELECT COALESCE(SUM(f.size), 0) FROM files f WHERE f.folder = ?1 AND f.deleted = 0),
+                (SELECT COUNT(*) FROM files f LEFT JOIN remote_files r
+                   ON r.folder = f.folder AND r.device = d.id AND r.path = f.path
+                 WHERE f.folder = ?1 AND f.deleted = 0 AND (r.path IS NULL OR r.deleted = 1
+                   OR r.kind != f.kind OR r.hash IS NOT f.hash
+                   OR r.symlink_target IS NOT f.symlink_target)),
+                (SELECT COALESCE(SUM(f.size), 0) FROM files f LEFT JOIN remote_files r
+                   ON r.folder = f.folder AND r.device = d.id AND r.path = f.path
+                 WHERE f.folder = ?1 AND f.deleted = 0 AND (r.path IS NULL OR r.deleted = 1
+                   OR r.kind != f.kind OR r.hash IS NOT f.hash
+                   OR r.symlink_target IS NOT f.symlink_target)),
+                (SELECT COUNT(*) FROM files f JOIN remote_files r
+                   ON r.folder = f.folder AND r.device = d.id AND r.path = f.path
+                 WHERE f.folder = ?1 AND f.deleted = 1 AND r.deleted = 0)
+             FROM folder_devices fd JOIN devices d ON d.id = fd.device
+             WHERE fd.folder = ?1 ORDER BY d.name, d.device_id",
+        )?;
+        let rows = stmt.query_map([folder], |r| {
+            Ok(PeerCompletion {
+                device: r.get(0)?,
+                name: r.get(1)?,
+                items: r.get::<_, i64>(2)? as u64,
+                bytes: r.get::<_, i64>(3)? as u64,
+                need_items: (r.get::<_, i64>(4)? + r.get::<_, i64>(6)?) as u64,
+                need_bytes: r.get::<_, i64>(5)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Every conflict, newest first.
     pub fn conflicts(&self) -> Result<Vec<ConflictRecord>> {
         let mut stmt = self.conn.prepare(

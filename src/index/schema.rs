@@ -28,7 +28,9 @@
 //! - `store_chunks` says where each chunk of the history is stored, once however
 //!   many versions share it: `offset` is the byte offset of the chunk's entry
 //!   (its 36-byte entry header) in the pack, `length` the chunk's data bytes. A
-//!   chunk is live while some `history_chunks.hash` names it;
+//!   chunk is live while some `history_chunks.hash` names it (or, in a folder
+//!   with `history.local`, a live file's chunk list does: its version is stored
+//!   as it is seen);
 //! - `history.stored` is 0 while a replaced file's bytes are still the whole
 //!   file `<folder>/.ferry/versions/<history id>` (a rename, so pulls stay fast)
 //!   and 1 once they are in the chunk store (or the version has no bytes);

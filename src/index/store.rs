@@ -209,23 +209,40 @@ impl Index {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Deletes the rows of chunks no `history_chunks` row refers to, and of
-    /// packs left without chunks, in one transaction that is durable before it
-    /// returns (the caller deletes files next).
+    /// Deletes the rows of chunks no `history_chunks` row refers to (nor a
+    /// live file of a folder that keeps local versions: those chunks were
+    /// captured so that the version can be kept when a local edit replaces
+    /// it), and of packs left without chunks, in one transaction that is
+    /// durable before it returns (the caller deletes files next).
     pub fn store_drop_unreferenced(&mut self) -> Result<DroppedChunks> {
+        let local: Vec<String> = self
+            .local_history_folders()?
+            .iter()
+            .map(i64::to_string)
+            .collect();
+        let unreferenced = if local.is_empty() {
+            "NOT EXISTS (SELECT 1 FROM history_chunks h WHERE h.hash = store_chunks.hash)"
+                .to_owned()
+        } else {
+            format!(
+                "NOT EXISTS (SELECT 1 FROM history_chunks h WHERE h.hash = store_chunks.hash)
+                 AND NOT EXISTS (SELECT 1 FROM chunks c JOIN files f ON f.id = c.file
+                     WHERE c.hash = store_chunks.hash AND f.folder IN ({}))",
+                local.join(", ")
+            )
+        };
         self.durably(|tx| {
-            const UNREFERENCED: &str = "NOT EXISTS
-                (SELECT 1 FROM history_chunks h WHERE h.hash = store_chunks.hash)";
+            let unreferenced = unreferenced.as_str();
             let (chunks, bytes): (i64, i64) = tx.query_row(
                 &format!(
                     "SELECT COUNT(*), COALESCE(SUM(length), 0) FROM store_chunks
-                     WHERE {UNREFERENCED}"
+                     WHERE {unreferenced}"
                 ),
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             tx.execute(
-                &format!("DELETE FROM store_chunks WHERE {UNREFERENCED}"),
+                &format!("DELETE FROM store_chunks WHERE {unreferenced}"),
                 [],
             )?;
             let empty_packs = {
@@ -323,7 +340,10 @@ impl Index {
     /// Runs `f` in an immediate transaction whose commit is fsynced (WAL with
     /// `synchronous = FULL`), for commits that files are deleted after: with the
     /// usual `NORMAL` a power cut could undo the commit but not the deletes.
-    fn durably<R>(&mut self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<R>) -> Result<R> {
+    pub(super) fn durably<R>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<R>,
+    ) -> Result<R> {
         self.conn.pragma_update(None, "synchronous", "FULL")?;
         let result = match self
             .conn

@@ -9,6 +9,8 @@
 //! and verified; [`conflict`] names the copies of concurrent changes.
 
 pub mod conflict;
+mod follow;
+mod history_hooks;
 pub mod link;
 pub mod pull;
 pub mod watch;
@@ -484,6 +486,10 @@ impl Engine {
         let mut st = h.status.lock().expect("status lock");
         match result {
             Ok(report) => {
+                for t in &report.stale_temps {
+                    tracing::info!(path = %t.display(), "removing the temp file of a pull abandoned a day ago");
+                    let _ = std::fs::remove_file(t);
+                }
                 st.state = FolderActivity::Idle;
                 st.error = None;
                 st.held_deletes = report.held_deletes;

@@ -326,6 +326,15 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// Replaces `from` with `to` in the config file (which must hold `from`);
+    /// takes effect at the next agent start.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let path = self.home.join("config.toml");
+        let text = fs::read_to_string(&path).expect("read config");
+        assert!(text.contains(from), "no {from:?} in {text}");
+        fs::write(&path, text.replacen(from, to, 1)).expect("write config");
+    }
+
     /// The UDP port the agent remembered in `agent.port`.
     pub fn port(&self) -> u16 {
         let text = fs::read_to_string(self.home.join("agent.port")).expect("read agent.port");
@@ -342,13 +351,43 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent of `node` and waits until its control socket answers.
     pub fn start(node: &Node) -> Self {
+        Self::start_in(node, Command::new(env!("CARGO_BIN_EXE_ferry")))
+    }
+
+    /// Starts the agent in a user namespace of its own whose inotify watch
+    /// limit is `watches` (`None` when the machine does not allow user
+    /// namespaces).
+    pub fn start_with_watch_limit(node: &Node, watches: u32) -> Option<Self> {
+        let probe = Command::new("unshare")
+            .args([
+                "-Ur",
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/user/max_inotify_watches",
+            ])
+            .status();
+        if !probe.is_ok_and(|s| s.success()) {
+            return None;
+        }
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "-Ur",
+            "sh",
+            "-c",
+            &format!("echo {watches} > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_ferry"),
+        ]);
+        Some(Self::start_in(node, cmd))
+    }
+
+    fn start_in(node: &Node, mut cmd: Command) -> Self {
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&node.log)
             .expect("open agent log");
         writeln!(log, "----- starting the agent -----").expect("write agent log");
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        let child = cmd
             .arg("--home")
             .arg(&node.home)
             .args([
