@@ -9,7 +9,6 @@
 //! and verified; [`conflict`] names the copies of concurrent changes.
 
 pub mod conflict;
-mod follow;
 mod history_hooks;
 pub mod link;
 pub mod pull;

@@ -18,7 +18,6 @@ use iroh::endpoint::Connection;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::conflict::{conflict_path, wins};
-use super::follow::Follower;
 use super::link::{FetchError, fetch_chunk, fetch_groups, read_verified};
 use super::{Engine, FolderActivity, FolderHandle, NeedItem};
 use crate::chunking::{ChunkHash, ChunkInfo, FileHash, group_hash, group_ranges};
@@ -650,9 +649,6 @@ async fn take(
     Ok(())
 }
 
-/// Files over this size are hashed as their chunks land ([`Follower`]).
-const FOLLOW_ABOVE: u64 = 16 << 20;
-
 /// Files up to this size are pulled more at a time than larger ones.
 const SMALL_FILE: u64 = 256 << 10;
 
@@ -926,6 +922,23 @@ fn ensure_parents(root: &Path, rel: &RelPath) -> io::Result<()> {
     Ok(())
 }
 
+/// The blake3 hash of the file at `path`, read in large blocks each hashed on
+/// all cores: fast, and memory stays flat whatever the size (a memory map
+/// would count the whole file in the agent's resident memory).
+fn hash_file(path: &Path, size: u64) -> io::Result<blake3::Hash> {
+    let mut hasher = blake3::Hasher::new();
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; (size as usize).clamp(1, 4 << 20)];
+    loop {
+        let n = read_full(&mut f, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update_rayon(&buf[..n]);
+    }
+    Ok(hasher.finalize())
+}
+
 /// Reads until `buf` is full or the file ends; returns the bytes read.
 fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     use std::io::Read;
@@ -1098,13 +1111,6 @@ async fn assemble(
     );
     let resumed = file.metadata()?.len() == remote.size;
     file.set_len(remote.size)?;
-    // Large files are hashed as they land; small ones once, at the end.
-    let (follower, followed) = if remote.size > FOLLOW_ABOVE {
-        let (f, h) = Follower::start(file.clone(), remote.size, chunks.len());
-        (Some(f), Some(h))
-    } else {
-        (None, None)
-    };
 
     // Which chunks still need bytes, grouped by hash (a chunk may repeat).
     let mut todo: HashMap<ChunkHash, Vec<&ChunkInfo>> = HashMap::new();
@@ -1130,8 +1136,6 @@ async fn assemble(
         for c in chunks {
             if !present.contains(&c.offset) {
                 todo.entry(c.hash).or_default().push(c);
-            } else if let Some(f) = &follower {
-                f.done(c.offset, c.len);
             }
         }
     }
@@ -1166,9 +1170,6 @@ async fn assemble(
             Some(bytes) => {
                 for c in &places {
                     file.write_all_at(&bytes, c.offset)?;
-                    if let Some(f) = &follower {
-                        f.done(c.offset, c.len);
-                    }
                 }
             }
             None => remote_todo.push((h, places.into_iter().copied().collect())),
@@ -1202,7 +1203,6 @@ async fn assemble(
             let file = file.clone();
             let folder_id = folder.id.to_string();
             let path = remote.path.clone();
-            let follower = follower.clone();
             set.spawn(async move {
                 let _permit = permit;
                 let first = places[0];
@@ -1223,9 +1223,6 @@ async fn assemble(
                                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             for c in &places {
                                 file.write_all_at(&bytes, c.offset)?;
-                                if let Some(f) = &follower {
-                                    f.done(c.offset, c.len);
-                                }
                             }
                             return Ok(());
                         }
@@ -1264,47 +1261,27 @@ async fn assemble(
     let perms = remote.permissions;
     let size = remote.size;
     let tmp2 = tmp.clone();
-    drop(follower);
-    let followed = match followed {
-        Some(h) => Some(
-            h.await
-                .map_err(|e| io::Error::other(e.to_string()))??
-                .ok_or_else(|| io::Error::other("a range of the file never arrived"))?,
-        ),
-        None => None,
-    };
     // A file of one chunk is that chunk, whose bytes were checked against its
     // hash before they were written.
     let one_chunk = matches!(chunks, [c] if c.hash.0 == expect.0 && c.len as u64 == size);
     let ok = tokio::task::spawn_blocking(move || -> io::Result<bool> {
-        file.sync_all()?;
-        if one_chunk || followed.is_some() {
-            if followed.is_some_and(|hash| hash.as_bytes() != &expect.0) {
-                return Ok(false);
-            }
-            file.set_modified(mtime)?;
-            fs::set_permissions(&tmp2, fs::Permissions::from_mode(perms))?;
-            return Ok(true);
-        }
-        // Read in large blocks, each hashed on all cores: fast, and memory
-        // stays flat whatever the size (a memory map would count the whole
-        // file in the agent's resident memory).
-        let mut hasher = blake3::Hasher::new();
-        let mut f = File::open(&tmp2)?;
-        let mut buf = vec![0u8; (size as usize).clamp(1, 4 << 20)];
-        loop {
-            let n = read_full(&mut f, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update_rayon(&buf[..n]);
-        }
-        if hasher.finalize().as_bytes() != &expect.0 {
-            return Ok(false);
-        }
+        // Metadata first, so the one fsync makes it durable too.
         file.set_modified(mtime)?;
         fs::set_permissions(&tmp2, fs::Permissions::from_mode(perms))?;
-        Ok(true)
+        if one_chunk {
+            file.sync_all()?;
+            return Ok(true);
+        }
+        // The fsync waits on the disk while the hash keeps the cores busy:
+        // run them side by side.
+        std::thread::scope(|s| {
+            let synced = s.spawn(|| file.sync_all());
+            let hashed = hash_file(&tmp2, size);
+            synced
+                .join()
+                .map_err(|_| io::Error::other("fsync thread panicked"))??;
+            Ok(hashed?.as_bytes() == &expect.0)
+        })
     })
     .await
     .map_err(|e| io::Error::other(e.to_string()))??;
