@@ -922,6 +922,31 @@ fn ensure_parents(root: &Path, rel: &RelPath) -> io::Result<()> {
     Ok(())
 }
 
+/// A chunk to copy from local files: its hash, where it goes, where it is.
+type LocalCopy = (ChunkHash, Vec<ChunkInfo>, Vec<crate::index::ChunkSource>);
+
+/// Copies chunks found in local files into `file`, each checked against its
+/// hash as it is read. One thread: writes to one file serialise on its inode
+/// lock anyway (two threads measured slower for a 1 GiB edit). Returns the
+/// chunks no local file had intact.
+fn copy_local(file: &File, jobs: Vec<LocalCopy>) -> io::Result<Vec<(ChunkHash, Vec<ChunkInfo>)>> {
+    let mut missed = Vec::new();
+    for (h, places, sources) in jobs {
+        let found = sources
+            .iter()
+            .find_map(|s| read_verified(&s.path, s.offset, s.size, &h));
+        match found {
+            Some(bytes) => {
+                for c in &places {
+                    file.write_all_at(&bytes, c.offset)?;
+                }
+            }
+            None => missed.push((h, places)),
+        }
+    }
+    Ok(missed)
+}
+
 /// The blake3 hash of the file at `path`, read in large blocks each hashed on
 /// all cores: fast, and memory stays flat whatever the size (a memory map
 /// would count the whole file in the agent's resident memory).
@@ -1142,7 +1167,7 @@ async fn assemble(
 
     // Local copies first.
     let hashes: Vec<ChunkHash> = todo.keys().copied().collect();
-    let local = match prefetched {
+    let mut local = match prefetched {
         Some(known) => known,
         None => {
             engine
@@ -1161,19 +1186,20 @@ async fn assemble(
         }
     };
     let mut remote_todo: Vec<(ChunkHash, Vec<ChunkInfo>)> = Vec::new();
+    let mut local_jobs: Vec<LocalCopy> = Vec::new();
     for (h, places) in todo {
-        let found = local.get(&h).and_then(|srcs| {
-            srcs.iter()
-                .find_map(|s| read_verified(&s.path, s.offset, s.size, &h))
-        });
-        match found {
-            Some(bytes) => {
-                for c in &places {
-                    file.write_all_at(&bytes, c.offset)?;
-                }
-            }
-            None => remote_todo.push((h, places.into_iter().copied().collect())),
+        let places: Vec<ChunkInfo> = places.into_iter().copied().collect();
+        match local.remove(&h) {
+            Some(sources) => local_jobs.push((h, places, sources)),
+            None => remote_todo.push((h, places)),
         }
+    }
+    if !local_jobs.is_empty() {
+        let f = file.clone();
+        let missed = tokio::task::spawn_blocking(move || copy_local(&f, local_jobs))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))??;
+        remote_todo.extend(missed);
     }
 
     // The rest from peers, spread over those that have this version.

@@ -8,6 +8,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::folder::marker_dir;
+use crate::relpath::TEMP_PREFIX;
 
 /// Why a folder cannot be watched (the agent then scans it periodically).
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +48,18 @@ pub fn watch(
             // Opening or reading a file changes nothing (and the scanner's own
             // walk opens every directory: counting those would rescan forever).
             Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => false,
-            // Our own temp files and versions live under the marker.
-            Ok(ev) => ev.need_rescan() || ev.paths.iter().any(|p| !p.starts_with(&marker)),
+            // Our own versions live under the marker, and pulls assemble in
+            // `.ferry-tmp-*` files (renaming one into place still counts, by
+            // its target).
+            Ok(ev) => {
+                ev.need_rescan()
+                    || ev.paths.iter().any(|p| {
+                        !p.starts_with(&marker)
+                            && !p
+                                .file_name()
+                                .is_some_and(|n| n.to_string_lossy().starts_with(TEMP_PREFIX))
+                    })
+            }
             Err(_) => true,
         };
         if relevant {
@@ -125,11 +136,12 @@ mod tests {
         std::fs::create_dir_all(marker_dir(dir.path())).unwrap();
         let (_w, mut rx) = watch(dir.path(), 100).unwrap();
         std::fs::write(marker_dir(dir.path()).join("tmp"), b"x").unwrap();
+        std::fs::write(dir.path().join(format!("{TEMP_PREFIX}x.part")), b"x").unwrap();
         assert!(
             tokio::time::timeout(Duration::from_millis(500), rx.recv())
                 .await
                 .is_err(),
-            "a write under the marker woke the folder"
+            "a write under the marker or to a temp file woke the folder"
         );
         for i in 0..20 {
             std::fs::write(dir.path().join(format!("f{i}")), b"x").unwrap();
