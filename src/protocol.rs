@@ -56,7 +56,7 @@ pub const PAIR_ALPN: &[u8] = b"ferry/pair/1";
 /// ALPN of links between paired devices.
 pub const SYNC_ALPN: &[u8] = b"ferry/sync/1";
 /// Minor revision of both protocols.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame payload accepted, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Longest device name or folder label accepted from a peer, in bytes.
@@ -80,6 +80,10 @@ pub const MAX_GROUPS_PER_REQUEST: usize = 64;
 pub const MAX_CHUNK: u32 = 1 << 20;
 /// Most entries in a version vector.
 pub const MAX_VERSION_ENTRIES: usize = 1024;
+/// Most versions one [`Reply::History`] may list.
+pub const MAX_VERSIONS_PER_REPLY: usize = 1000;
+/// Most chunk entries one [`Reply::Chunks`] page may hold.
+pub const MAX_CHUNKS_PER_REPLY: usize = 16_384;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +247,35 @@ pub struct WireFile {
     pub groups: Vec<WireGroup>,
 }
 
+/// A version of a file as the device holding it keeps it in its history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireVersion {
+    /// The holder's history id (what [`Request::VersionChunks`] names).
+    pub id: i64,
+    /// The path it was at (`/`-separated; validated by the receiver).
+    pub path: String,
+    /// 0 file, 1 directory, 2 symlink.
+    pub kind: u8,
+    /// Size in bytes (files).
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Unix permission bits.
+    pub permissions: u32,
+    /// Whole-file blake3 (files).
+    pub hash: Option<[u8; 32]>,
+    /// Link target (symlinks).
+    pub symlink_target: Option<String>,
+    /// Short id of the device that made this version.
+    pub modified_by: u64,
+    /// That device's name, if the holder knows it.
+    pub device: Option<String>,
+    /// When it left its path on the holder (Unix seconds).
+    pub superseded_at: i64,
+    /// Why it left (`replaced`, `deleted`, `conflict`, `restored-over`, `local`).
+    pub reason: String,
+}
+
 /// Messages on the index uni-stream of a sync link.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IndexMessage {
@@ -287,6 +320,23 @@ pub enum Request {
         /// Which groups, by index in the record's group list.
         groups: Vec<u32>,
     },
+    /// The versions the server keeps in its history of a path, or of every
+    /// path below it (revision 2).
+    History {
+        /// The folder id.
+        folder: String,
+        /// The path (empty: the whole folder).
+        path: String,
+    },
+    /// A page of the chunk list of one version the server keeps (revision 2).
+    VersionChunks {
+        /// The folder id (the version must be of this folder).
+        folder: String,
+        /// The version's history id on the server.
+        id: i64,
+        /// Index of the first chunk wanted.
+        start: u32,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -306,6 +356,20 @@ pub enum Reply {
     Unavailable {
         /// Why, for the log.
         reason: String,
+    },
+    /// The versions asked for, newest first.
+    History {
+        /// At most [`MAX_VERSIONS_PER_REPLY`] of them.
+        versions: Vec<WireVersion>,
+        /// More versions are kept than the reply could carry.
+        truncated: bool,
+    },
+    /// A page of a version's chunk list, in file order.
+    Chunks {
+        /// The chunks from the `start` asked for.
+        chunks: Vec<WireChunk>,
+        /// More chunks follow this page.
+        more: bool,
     },
 }
 
@@ -412,6 +476,29 @@ impl Bounded for WireFile {
     }
 }
 
+fn check_path(what: &str, s: &str) -> Result<(), String> {
+    if s.len() > MAX_PATH {
+        return Err(format!("{what} of {} bytes", s.len()));
+    }
+    Ok(())
+}
+
+impl Bounded for WireVersion {
+    fn check(&self) -> Result<(), String> {
+        check_path("a path", &self.path)?;
+        if self.kind > 2 {
+            return Err(format!("file kind {}", self.kind));
+        }
+        if let Some(t) = &self.symlink_target {
+            check_path("a link target", t)?;
+        }
+        if let Some(d) = &self.device {
+            check_name("device name", d)?;
+        }
+        check_name("reason", &self.reason)
+    }
+}
+
 impl Bounded for IndexMessage {
     fn check(&self) -> Result<(), String> {
         match self {
@@ -456,6 +543,11 @@ impl Bounded for Request {
                 }
                 Ok(())
             }
+            Request::History { folder, path } => {
+                check_name("folder id", folder)?;
+                check_path("a path", path)
+            }
+            Request::VersionChunks { folder, .. } => check_name("folder id", folder),
         }
     }
 }
@@ -475,6 +567,21 @@ impl Bounded for Reply {
                 Ok(())
             }
             Reply::Unavailable { reason } => check_name("reason", reason),
+            Reply::History { versions, .. } => {
+                if versions.len() > MAX_VERSIONS_PER_REPLY {
+                    return Err(format!("{} versions in one reply", versions.len()));
+                }
+                versions.iter().try_for_each(Bounded::check)
+            }
+            Reply::Chunks { chunks, .. } => {
+                if chunks.len() > MAX_CHUNKS_PER_REPLY {
+                    return Err(format!("{} chunks in one reply", chunks.len()));
+                }
+                if let Some(c) = chunks.iter().find(|c| c.size == 0 || c.size > MAX_CHUNK) {
+                    return Err(format!("a chunk of {} bytes", c.size));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -613,5 +720,127 @@ mod tests {
         let frame = encode(&msg);
         let err = decode::<SyncMessage>(&frame[4..]).unwrap_err();
         assert!(matches!(err, ProtocolError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn revision_1_requests_and_replies_decode_unchanged() {
+        // Bytes a revision-1 ferry sends (the seeds in fuzz/corpus/wire_messages).
+        let mut chunk = vec![0, 4, b'd', b'o', b'c', b's', 1, b'a', 0, 0x80, 0x80, 4];
+        chunk.extend([3u8; 32]);
+        assert_eq!(
+            decode::<Request>(&chunk).unwrap(),
+            Request::Chunk {
+                folder: "docs".into(),
+                path: "a".into(),
+                offset: 0,
+                size: 65536,
+                hash: [3; 32],
+            }
+        );
+        let unavailable = [2, 4, b'g', b'o', b'n', b'e'];
+        assert_eq!(
+            decode::<Reply>(&unavailable).unwrap(),
+            Reply::Unavailable {
+                reason: "gone".into()
+            }
+        );
+        assert_eq!(decode::<Reply>(&[0, 9]).unwrap(), Reply::Chunk { size: 9 });
+    }
+
+    fn version(path: &str) -> WireVersion {
+        WireVersion {
+            id: 7,
+            path: path.into(),
+            kind: 0,
+            size: 3,
+            mtime_ns: -5,
+            permissions: 0o644,
+            hash: Some([1; 32]),
+            symlink_target: None,
+            modified_by: 42,
+            device: Some("laptop".into()),
+            superseded_at: 1_700_000_000,
+            reason: "replaced".into(),
+        }
+    }
+
+    #[test]
+    fn history_messages_round_trip_within_their_limits() {
+        let msgs = [
+            Reply::History {
+                versions: vec![version("a/b.txt")],
+                truncated: true,
+            },
+            Reply::Chunks {
+                chunks: vec![WireChunk {
+                    hash: [2; 32],
+                    size: 3,
+                }],
+                more: false,
+            },
+        ];
+        for m in msgs {
+            assert_eq!(decode::<Reply>(&encode(&m)[4..]).unwrap(), m);
+        }
+        let reqs = [
+            Request::History {
+                folder: "docs".into(),
+                path: String::new(),
+            },
+            Request::VersionChunks {
+                folder: "docs".into(),
+                id: 7,
+                start: 16_384,
+            },
+        ];
+        for r in reqs {
+            assert_eq!(decode::<Request>(&encode(&r)[4..]).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn over_long_history_fields_are_refused() {
+        let refused = |m: Reply| {
+            let err = decode::<Reply>(&encode(&m)[4..]).unwrap_err();
+            assert!(matches!(err, ProtocolError::Malformed(_)), "{err}");
+        };
+        refused(Reply::History {
+            versions: vec![version(&"x".repeat(MAX_PATH + 1))],
+            truncated: false,
+        });
+        let mut v = version("a");
+        v.kind = 3;
+        refused(Reply::History {
+            versions: vec![v],
+            truncated: false,
+        });
+        let mut v = version("a");
+        v.reason = "r".repeat(MAX_NAME + 1);
+        refused(Reply::History {
+            versions: vec![v],
+            truncated: false,
+        });
+        refused(Reply::Chunks {
+            chunks: vec![
+                WireChunk {
+                    hash: [0; 32],
+                    size: 1
+                };
+                MAX_CHUNKS_PER_REPLY + 1
+            ],
+            more: true,
+        });
+        refused(Reply::Chunks {
+            chunks: vec![WireChunk {
+                hash: [0; 32],
+                size: MAX_CHUNK + 1,
+            }],
+            more: false,
+        });
+        let r = Request::History {
+            folder: "docs".into(),
+            path: "p".repeat(MAX_PATH + 1),
+        };
+        assert!(decode::<Request>(&encode(&r)[4..]).is_err());
     }
 }

@@ -505,3 +505,153 @@ fn conflicts_are_resolved_each_way_and_the_copies_go_everywhere() {
     };
     assert_eq!((resolved(&a), resolved(&b)), (2, 2));
 }
+
+#[test]
+fn a_local_overwrite_is_restored_from_the_history_a_peer_keeps() {
+    let lab = Lab::new();
+    let (a, b, _aa, ab, a_docs, b_docs) = two(&lab);
+    let v1 = pseudo_random(900_000, 31);
+    let v2 = pseudo_random(700_000, 32);
+    fs::write(a_docs.join("report.bin"), &v1).unwrap();
+    wait_same(&a_docs, &b_docs);
+
+    // A overwrites locally (it keeps no local versions): the old bytes live on
+    // only in B's history, kept when the change reached B.
+    fs::write(a_docs.join("report.bin"), &v2).unwrap();
+    wait_until("B has the overwrite", || {
+        fs::read(b_docs.join("report.bin")).is_ok_and(|c| c == v2)
+    });
+    let b_id = b.id();
+    let v1_hash = blake3::hash(&v1).to_hex().to_string();
+    let listed = wait_for("A lists the version B keeps", || {
+        let h = history(&a, "docs:report.bin");
+        h["peer_versions"]
+            .as_array()?
+            .iter()
+            .find(|v| v["hash"] == v1_hash.as_str())
+            .cloned()
+    });
+    let h = history(&a, "docs:report.bin");
+    assert!(h["versions"].as_array().unwrap().is_empty(), "{h}");
+    assert!(h["peer_errors"].as_array().unwrap().is_empty(), "{h}");
+    assert_eq!(listed["device_holding"], b_id.as_str());
+    assert_eq!(listed["device_holding_name"], "b");
+    assert_eq!(listed["reason"], "replaced");
+    assert_eq!(listed["size"], 900_000);
+    let id = listed["id"].as_i64().unwrap().to_string();
+    let human = a.run(&["history", s(&a_docs.join("report.bin"))]).ok();
+    assert!(
+        human.stdout.contains("HELD BY") && human.stdout.contains("--from DEVICE"),
+        "{human}"
+    );
+
+    // Bad input: one line, nothing changed.
+    let refused = |args: &[&str], needle: &str| {
+        let before = files(&a_docs);
+        let run = a.run(args).exits(1);
+        let line = run.error_line();
+        assert!(line.contains(needle), "{needle:?} not in {line:?}");
+        assert!(
+            files(&a_docs) == before,
+            "`{}` changed A's folder",
+            args.join(" ")
+        );
+    };
+    refused(
+        &[
+            "restore",
+            "docs:report.bin",
+            "--version",
+            "999999",
+            "--from",
+            "b",
+        ],
+        "b keeps no version 999999 of docs:report.bin",
+    );
+    refused(
+        &[
+            "restore",
+            "docs:report.bin",
+            "--version",
+            &id,
+            "--from",
+            "nobody",
+        ],
+        "no paired device nobody",
+    );
+    let existing = a.path("existing.bin");
+    fs::write(&existing, b"mine").unwrap();
+    refused(
+        &[
+            "restore",
+            "docs:report.bin",
+            "--version",
+            &id,
+            "--from",
+            "b",
+            "--to",
+            s(&existing),
+        ],
+        "already exists; pass --force",
+    );
+    assert_eq!(fs::read(&existing).unwrap(), b"mine");
+
+    // To a new file: the exact old bytes.
+    let out = a.path("out.bin");
+    let run = a
+        .run(&[
+            "restore",
+            "docs:report.bin",
+            "--version",
+            &id,
+            "--from",
+            &b_id,
+            "--to",
+            s(&out),
+        ])
+        .ok();
+    assert!(run.stdout.contains("from b"), "{run}");
+    assert_eq!(fs::read(&out).unwrap(), v1);
+
+    // In place: A gets the exact old bytes back, keeps what it replaced, and
+    // the restore syncs to B.
+    let run = a
+        .run(&[
+            "restore",
+            "docs:report.bin",
+            "--version",
+            &id,
+            "--from",
+            "b",
+        ])
+        .ok();
+    assert!(run.stdout.contains("from b"), "{run}");
+    assert_eq!(fs::read(a_docs.join("report.bin")).unwrap(), v1);
+    let mine = history(&a, "docs:report.bin");
+    assert_eq!(mine["versions"][0]["reason"], "restored-over", "{mine}");
+    assert_eq!(
+        mine["versions"][0]["hash"],
+        blake3::hash(&v2).to_hex().as_str()
+    );
+    wait_until("B gets the restored version", || {
+        fs::read(b_docs.join("report.bin")).is_ok_and(|c| c == v1)
+    });
+    wait_same(&a_docs, &b_docs);
+
+    // B gone: its versions cannot be fetched, and listing still works.
+    ab.stop();
+    wait_until("A sees B gone", || !a.connected_to(&b_id));
+    refused(
+        &[
+            "restore",
+            "docs:report.bin",
+            "--version",
+            &id,
+            "--from",
+            "b",
+        ],
+        "b is not connected",
+    );
+    let h = history(&a, "docs:report.bin");
+    assert!(h["peer_versions"].as_array().unwrap().is_empty(), "{h}");
+}

@@ -20,7 +20,7 @@ use ferry::device::DeviceId;
 use ferry::home::Home;
 use ferry::protocol::{
     FolderOffer, IndexMessage, PROTOCOL_VERSION, Reply, Request, SYNC_ALPN, SyncMessage, WireChunk,
-    WireFile, WireGroup, read_msg, write_msg,
+    WireFile, WireGroup, WireVersion, read_msg, write_msg,
 };
 use ferry::sync::link::CLOSE_PROTOCOL;
 use ferry::transport::{self, AllowList};
@@ -357,6 +357,49 @@ async fn answer(
             };
             let _ = write_msg(&mut send, &reply).await;
         }
+        // One version of `content` "kept" at whatever path is asked, id 1.
+        Request::History { path, .. } => {
+            let version = WireVersion {
+                id: 1,
+                path: if path.is_empty() {
+                    "evil.bin".into()
+                } else {
+                    path
+                },
+                kind: 0,
+                size: content.digest.size,
+                mtime_ns: now_ns(),
+                permissions: 0o644,
+                hash: Some(content.digest.hash.0),
+                symlink_target: None,
+                modified_by: 1,
+                device: None,
+                superseded_at: 1,
+                reason: "replaced".into(),
+            };
+            let reply = Reply::History {
+                versions: vec![version],
+                truncated: false,
+            };
+            let _ = write_msg(&mut send, &reply).await;
+        }
+        Request::VersionChunks { id: 1, start, .. } => {
+            let reply = Reply::Chunks {
+                chunks: chunks
+                    .iter()
+                    .skip(start as usize)
+                    .map(|c| WireChunk {
+                        hash: c.hash.0,
+                        size: c.len,
+                    })
+                    .collect(),
+                more: false,
+            };
+            let _ = write_msg(&mut send, &reply).await;
+        }
+        Request::VersionChunks { .. } => {
+            let _ = write_msg(&mut send, &unavailable).await;
+        }
     }
     let _ = send.finish();
 }
@@ -556,5 +599,207 @@ fn a_malformed_record_closes_the_link_and_is_counted() {
         1,
         "a refused record is counted whichever check refused it"
     );
+    rt.block_on(mallory.ep.close());
+}
+
+/// One request from Mallory on its own stream; the reply and, for a chunk,
+/// its bytes.
+async fn ask(conn: &Connection, req: &Request) -> (Reply, Vec<u8>) {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open a request stream");
+    write_msg(&mut send, req).await.expect("send the request");
+    send.finish().expect("finish the request");
+    let reply = read_msg::<Reply>(&mut recv)
+        .await
+        .expect("a reply reads")
+        .expect("a reply");
+    let mut data = Vec::new();
+    if let Reply::Chunk { size } = reply {
+        data = vec![0u8; size as usize];
+        recv.read_exact(&mut data).await.expect("the chunk's bytes");
+    }
+    (reply, data)
+}
+
+fn chunk_of(folder: &str, path: &str, content: &[u8]) -> Request {
+    Request::Chunk {
+        folder: folder.into(),
+        path: path.into(),
+        offset: 0,
+        size: content.len() as u32,
+        hash: *blake3::hash(content).as_bytes(),
+    }
+}
+
+#[test]
+fn a_peer_reads_the_history_of_a_shared_folder_but_never_of_another() {
+    const SECRET: &[u8] = b"the old secret, kept in private's history\n";
+    const OLD_DOC: &[u8] = b"the old doc, kept in docs' history\n";
+    let lab = Lab::new();
+    let a = lab.node("alice");
+    let m = lab.node("mallory");
+    a.edit_config("\nlocal = false\n", "\nlocal = true\n");
+    let docs = a.add_folder("docs");
+    let private = a.add_folder("private");
+    fs::write(docs.join("doc.txt"), OLD_DOC).unwrap();
+    fs::write(private.join("secret.txt"), SECRET).unwrap();
+    let _agent_a = Agent::start(&a);
+    let agent_m = Agent::start(&m);
+    let m_docs = m.path("docs");
+    pair(
+        &a,
+        &m,
+        &["--folder", "docs"],
+        &["--into", m_docs.to_str().unwrap()],
+    );
+    wait_until("mallory's agent has doc.txt", || {
+        m_docs.join("doc.txt").exists()
+    });
+    agent_m.stop();
+    let m_id = m.id();
+    wait_until("alice sees mallory's agent gone", || !a.connected_to(&m_id));
+    // Local edits: the old contents live on only in Alice's history.
+    let history = |path: &str| -> Value { a.run(&["history", path, "--json"]).ok().json() };
+    let kept = |path: &str| {
+        wait_for(&format!("alice keeps the old {path}"), || {
+            history(path)["versions"][0]["id"].as_i64()
+        })
+    };
+    // (A local version is kept if its chunks were stored when it was seen.)
+    wait_until("alice stored both files' chunks", || {
+        let st = a.run(&["history", "stats", "--json"]).ok().json();
+        st["store"]["chunk_bytes"].as_u64().unwrap() >= (SECRET.len() + OLD_DOC.len()) as u64
+    });
+    fs::write(docs.join("doc.txt"), b"new doc").unwrap();
+    fs::write(private.join("secret.txt"), b"new secret").unwrap();
+    let doc_version = kept("docs:doc.txt");
+    let secret_version = kept("private:secret.txt");
+
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &m, &a);
+    let link = rt.block_on(mallory.link());
+    rt.block_on(async {
+        // docs is shared: its versions are listed, paged and served.
+        let (r, _) = ask(
+            &link.conn,
+            &Request::History {
+                folder: "docs".into(),
+                path: "doc.txt".into(),
+            },
+        )
+        .await;
+        let Reply::History {
+            versions,
+            truncated,
+        } = r
+        else {
+            panic!("expected docs' versions, got {r:?}");
+        };
+        assert!(!truncated);
+        assert_eq!(versions[0].id, doc_version);
+        assert_eq!(versions[0].hash, Some(*blake3::hash(OLD_DOC).as_bytes()));
+        let (r, _) = ask(
+            &link.conn,
+            &Request::VersionChunks {
+                folder: "docs".into(),
+                id: doc_version,
+                start: 0,
+            },
+        )
+        .await;
+        assert!(
+            matches!(&r, Reply::Chunks { chunks, more: false } if chunks.len() == 1),
+            "{r:?}"
+        );
+        let (r, data) = ask(&link.conn, &chunk_of("docs", "doc.txt", OLD_DOC)).await;
+        assert!(matches!(r, Reply::Chunk { .. }), "{r:?}");
+        assert_eq!(data, OLD_DOC);
+
+        // private is not shared: nothing of its history, by any name.
+        for req in [
+            chunk_of("docs", "secret.txt", SECRET),
+            chunk_of("docs", "doc.txt", SECRET),
+            chunk_of("private", "secret.txt", SECRET),
+            Request::VersionChunks {
+                folder: "docs".into(),
+                id: secret_version,
+                start: 0,
+            },
+            Request::History {
+                folder: "private".into(),
+                path: String::new(),
+            },
+        ] {
+            let (r, data) = ask(&link.conn, &req).await;
+            assert!(matches!(r, Reply::Unavailable { .. }), "{req:?} got {r:?}");
+            assert!(data.is_empty());
+        }
+        let (r, _) = ask(
+            &link.conn,
+            &Request::History {
+                folder: "docs".into(),
+                path: String::new(),
+            },
+        )
+        .await;
+        let Reply::History { versions, .. } = r else {
+            panic!("expected docs' versions, got {r:?}");
+        };
+        assert!(versions.iter().all(|v| v.id != secret_version));
+    });
+    assert!(link.conn.close_reason().is_none());
+    rt.block_on(mallory.ep.close());
+}
+
+#[test]
+fn a_version_fetched_from_a_peer_that_does_not_match_its_hash_is_refused_naming_the_peer() {
+    let lab = Lab::new();
+    let (a, m, _agent_a, docs) = alice_and_mallory(&lab);
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &m, &a);
+    let old = Content::new(pseudo_random(300 * 1024, 0xfeed));
+    let honest = Arc::new(AtomicBool::new(false));
+    let link = rt.block_on(mallory.link());
+    rt.spawn(serve(link.conn.clone(), old.clone(), honest.clone()));
+    let target = docs.join("old.bin");
+
+    let listed = wait_for("alice lists the version mallory keeps", || {
+        let h = a.run(&["history", "docs:old.bin", "--json"]).ok().json();
+        h["peer_versions"].as_array()?.first().cloned()
+    });
+    assert_eq!(listed["device_holding_name"], "mallory", "{listed}");
+    assert_eq!(listed["id"], 1);
+
+    let run = a
+        .run(&[
+            "restore",
+            "docs:old.bin",
+            "--version",
+            "1",
+            "--from",
+            "mallory",
+        ])
+        .exits(1);
+    let line = run.error_line();
+    assert!(
+        line.contains("mallory sent data") && line.contains("does not match its hash"),
+        "{line}"
+    );
+    assert!(!target.exists());
+    if let Some(f) = corrupt_bytes_on_disk(&docs) {
+        panic!("corrupt chunk bytes were written to {}", f.display());
+    }
+
+    // Honest bytes: restored exactly.
+    honest.store(true, Ordering::SeqCst);
+    a.run(&[
+        "restore",
+        "docs:old.bin",
+        "--version",
+        "1",
+        "--from",
+        "mallory",
+    ])
+    .ok();
+    assert_eq!(fs::read(&target).unwrap(), *old.data);
     rt.block_on(mallory.ep.close());
 }

@@ -37,6 +37,15 @@ pub(super) fn daemon(
     offline: bool,
     listen: Option<SocketAddr>,
 ) -> anyhow::Result<i32> {
+    // glibc gives each thread that allocates its own arena (up to 8 per
+    // core), and freed memory stays in them: two arenas cut the agent's peak
+    // RSS in the 10,000-file sync from about 90 to 71 MiB (benches/sync.sh).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before the
+    // agent starts its threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ferry-agent")

@@ -6,9 +6,15 @@
 //! - `history PATH`: `{folder, path, current: {path, kind, size, mtime_ns,
 //!   permissions, hash, symlink_target, modified_by, device, deleted} | null,
 //!   versions: [{id, path, kind, size, mtime_ns, permissions, hash,
-//!   symlink_target, modified_by, device, superseded_at, reason, stored}]}`,
-//!   newest first (`path` is null for a whole folder; a directory lists the
-//!   versions of every path below it);
+//!   symlink_target, modified_by, device, superseded_at, reason, stored,
+//!   device_holding, device_holding_name}], peer_versions: [the same without
+//!   stored], peer_errors: [{device, name, error}], peers_truncated:
+//!   [DEVICE-ID], peers_asked: BOOL}`, newest first (`path` is null for a
+//!   whole folder; a directory lists the versions of every path below it).
+//!   `versions` are this device's own (`device_holding` is its id);
+//!   `peer_versions` those the connected peers keep, asked through the agent
+//!   when it runs (`peers_asked`), restorable with `ferry restore PATH
+//!   --version ID --from DEVICE`;
 //! - `history prune`: `{versions, bytes, gc: {chunks_removed, packs_deleted,
 //!   packs_rewritten, bytes_freed, damaged} | null, gc_busy}`;
 //! - `history verify`: `{packs, chunks, bytes, pending, versions_affected,
@@ -18,12 +24,14 @@
 //!   bytes, pending, pending_bytes}]}`.
 
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use super::output;
+use crate::daemon::control;
 use crate::folder::FolderId;
 use crate::history::store::ChunkStore;
 use crate::history::{self, prune, verify};
@@ -164,14 +172,32 @@ fn device(short: crate::device::ShortId, name: Option<&str>) -> String {
     name.map(str::to_owned).unwrap_or_else(|| short.to_string())
 }
 
-fn version_json(v: &HistoryVersion) -> Value {
+fn version_json(v: &HistoryVersion, me: &str, my_name: &str) -> Value {
     json!({
         "id": v.id, "path": v.path.as_str(), "kind": v.kind, "size": v.size,
         "mtime_ns": v.mtime_ns, "permissions": format!("{:04o}", v.permissions),
         "hash": v.hash.map(|h| h.to_hex()), "symlink_target": v.symlink_target,
         "modified_by": v.modified_by.to_string(), "device": v.device,
         "superseded_at": v.superseded_at, "reason": v.reason, "stored": v.stored,
+        "device_holding": me, "device_holding_name": my_name,
     })
+}
+
+/// What the connected peers keep of the target, through the agent (`None`
+/// when it is not running).
+fn peer_versions(home: &Home, t: &Target) -> Option<Value> {
+    let req = control::Request::History {
+        folder: t.folder.id.to_string(),
+        path: t.path.as_ref().map(|p| p.as_str().to_owned()),
+    };
+    match control::call(home.root(), &req, Duration::from_secs(30)) {
+        Ok(v) => Some(v),
+        Err(control::ControlError::NotRunning(_)) => None,
+        Err(e) => {
+            eprintln!("warning: cannot list the versions your other devices keep: {e}");
+            None
+        }
+    }
 }
 
 fn current_json(l: &LocalFile, device_name: Option<&str>) -> Value {
@@ -212,7 +238,17 @@ fn list(home: &Home, arg: &str, json: bool) -> anyhow::Result<i32> {
             .is_some_and(|c| c.record.kind == FileKind::Dir);
     let versions = index.history_of(t.folder.row, t.path.as_ref(), below)?;
     let current = current.filter(|c| !c.record.deleted && c.record.kind != FileKind::Dir);
-    if versions.is_empty() && current.is_none() && !below {
+    let peers = peer_versions(home, &t);
+    let empty = Vec::new();
+    let peer_list = peers
+        .as_ref()
+        .and_then(|p| p["versions"].as_array())
+        .unwrap_or(&empty);
+    let peer_errors = peers
+        .as_ref()
+        .and_then(|p| p["errors"].as_array())
+        .unwrap_or(&empty);
+    if versions.is_empty() && current.is_none() && peer_list.is_empty() && !below {
         anyhow::bail!(
             "nothing is known of {}: no versions kept, and not in the index",
             t.name()
@@ -222,18 +258,34 @@ fn list(home: &Home, arg: &str, json: bool) -> anyhow::Result<i32> {
         Some(c) => index.device_name(c.record.modified_by)?,
         None => None,
     };
+    let me = home.device_id().to_string();
+    let my_name = home.config().device.name.clone();
     if json {
         let v = json!({
             "folder": t.folder.id.as_str(),
             "path": t.path.as_ref().map(RelPath::as_str),
             "current": current.as_ref().map(|c| current_json(c, current_device.as_deref())),
-            "versions": versions.iter().map(version_json).collect::<Vec<_>>(),
+            "versions": versions.iter().map(|v| version_json(v, &me, &my_name)).collect::<Vec<_>>(),
+            "peer_versions": peer_list,
+            "peer_errors": peer_errors,
+            "peers_truncated": peers.as_ref().map_or(Value::Array(Vec::new()), |p| p["truncated"].clone()),
+            "peers_asked": peers.is_some(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(super::EXIT_OK);
     }
-    if versions.is_empty() && current.is_none() {
+    let failed = || {
+        for e in peer_errors {
+            println!(
+                "Could not ask {}: {}",
+                e["name"].as_str().unwrap_or("a device"),
+                e["error"].as_str().unwrap_or("unknown error")
+            );
+        }
+    };
+    if versions.is_empty() && current.is_none() && peer_list.is_empty() {
         println!("No versions of {} are kept.", t.name());
+        failed();
         return Ok(super::EXIT_OK);
     }
     let short_hash = |h: Option<crate::chunking::FileHash>| {
@@ -255,12 +307,15 @@ fn list(home: &Home, arg: &str, json: bool) -> anyhow::Result<i32> {
             device(r.modified_by, current_device.as_deref()),
             "-".to_owned(),
             short_hash(r.hash),
+            "this device".to_owned(),
         ];
         if below {
             row.push(r.path.to_string());
         }
         rows.push(row);
     }
+    // This device's versions and the peers', newest first.
+    let mut listed: Vec<(i64, Vec<String>)> = Vec::new();
     for v in &versions {
         let mut row = vec![
             v.id.to_string(),
@@ -270,12 +325,52 @@ fn list(home: &Home, arg: &str, json: bool) -> anyhow::Result<i32> {
             device(v.modified_by, v.device.as_deref()),
             v.reason.as_str().to_owned(),
             short_hash(v.hash),
+            "this device".to_owned(),
         ];
         if below {
             row.push(v.path.to_string());
         }
-        rows.push(row);
+        listed.push((v.superseded_at, row));
     }
+    for v in peer_list {
+        let text = |k: &str| v[k].as_str().unwrap_or("-").to_owned();
+        let kind = match v["kind"].as_str() {
+            Some("symlink") => FileKind::Symlink,
+            Some("dir") => FileKind::Dir,
+            _ => FileKind::File,
+        };
+        let superseded = v["superseded_at"].as_i64().unwrap_or(0);
+        let mut row = vec![
+            v["id"].as_i64().unwrap_or(0).to_string(),
+            output::time(superseded),
+            output::time(
+                v["mtime_ns"]
+                    .as_i64()
+                    .unwrap_or(0)
+                    .div_euclid(1_000_000_000),
+            ),
+            size(
+                kind,
+                v["size"].as_u64().unwrap_or(0),
+                v["symlink_target"].as_str(),
+            ),
+            v["device"]
+                .as_str()
+                .map_or_else(|| text("modified_by"), str::to_owned),
+            text("reason"),
+            v["hash"]
+                .as_str()
+                .map_or_else(|| "-".to_owned(), |h| h.chars().take(16).collect()),
+            text("device_holding_name"),
+        ];
+        if below {
+            row.push(text("path"));
+        }
+        listed.push((superseded, row));
+    }
+    // Stable: equal times keep this device's first.
+    listed.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+    rows.extend(listed.into_iter().map(|(_, r)| r));
     let mut header = vec![
         "VERSION",
         "SUPERSEDED (UTC)",
@@ -284,12 +379,19 @@ fn list(home: &Home, arg: &str, json: bool) -> anyhow::Result<i32> {
         "DEVICE",
         "REASON",
         "HASH",
+        "HELD BY",
     ];
     if below {
         header.push("PATH");
     }
     println!("{}", t.name());
     output::table(&header, &rows);
+    if !peer_list.is_empty() {
+        println!(
+            "A version held by another device is restored with `ferry restore PATH --version ID --from DEVICE`."
+        );
+    }
+    failed();
     Ok(super::EXIT_OK)
 }
 

@@ -164,6 +164,10 @@ pub enum Command {
         /// from then, are left as they are).
         #[arg(long, short = 'r', requires = "at")]
         recursive: bool,
+        /// Fetch --version ID from the history this connected device (id or
+        /// name) keeps, as `ferry history` lists it (needs the agent).
+        #[arg(long, value_name = "DEVICE", requires = "version", conflicts_with_all = ["at", "recursive"])]
+        from: Option<String>,
         /// Print as JSON.
         #[arg(long)]
         json: bool,
@@ -285,6 +289,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             to,
             force,
             recursive,
+            from,
             json,
         } => restore::run(
             &Home::open(&root)?,
@@ -295,6 +300,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 to,
                 force,
                 recursive,
+                from,
                 json,
             },
         ),

@@ -2,13 +2,17 @@
 //! puts an earlier version back. In place it goes through the agent, which
 //! holds the folder's disk lock, keeps the version it replaces, and rescans so
 //! the restore syncs; `--to` writes elsewhere without the agent.
+//! `--version ID --from DEVICE` restores a version a connected peer keeps
+//! (the agent fetches it, in place or `--to` DEST).
 //!
 //! `--json`: `{folder, path, to, restored: [{path, version, size, kept,
-//! written_to}], unchanged: [PATH], left: [{path, reason}]}`.
+//! written_to}], unchanged: [PATH], left: [{path, reason}]}`, with `from:
+//! {device, name}` when fetched from a peer.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use serde_json::json;
 
 use super::history::{Target, target};
@@ -31,6 +35,7 @@ pub(super) struct RestoreArgs {
     pub(super) to: Option<PathBuf>,
     pub(super) force: bool,
     pub(super) recursive: bool,
+    pub(super) from: Option<String>,
     pub(super) json: bool,
 }
 
@@ -38,6 +43,9 @@ pub(super) struct RestoreArgs {
 pub(super) fn run(home: &Home, a: RestoreArgs) -> anyhow::Result<i32> {
     let index = home.index()?;
     let t = target(&index, &a.path)?;
+    if let Some(device) = &a.from {
+        return from_peer(home, &t, &a, device);
+    }
     let pick = match (a.version, a.at) {
         (Some(v), _) => Pick::Version(v),
         (None, Some(at)) => Pick::At(at),
@@ -103,6 +111,70 @@ pub(super) fn run(home: &Home, a: RestoreArgs) -> anyhow::Result<i32> {
         return Ok(super::EXIT_OK);
     }
     report(&t, &a, &outcome);
+    Ok(super::EXIT_OK)
+}
+
+/// `--from DEVICE`: the agent fetches the version from that peer.
+fn from_peer(home: &Home, t: &Target, a: &RestoreArgs, device: &str) -> anyhow::Result<i32> {
+    let Some(path) = &t.path else {
+        anyhow::bail!(
+            "{} is a folder: give the file whose version to fetch",
+            t.name()
+        );
+    };
+    let version = a.version.context("--from needs --version ID")?;
+    let to = a.to.as_deref().map(std::path::absolute).transpose()?;
+    let v = control::call(
+        home.root(),
+        &Request::RestoreRemote {
+            folder: t.folder.id.to_string(),
+            path: path.as_str().to_owned(),
+            device: device.to_owned(),
+            version,
+            to: to.clone(),
+            force: a.force,
+        },
+        RESTORE_LIMIT,
+    )?;
+    let name = v["device_name"].as_str().unwrap_or(device).to_owned();
+    let held_by = json!({ "device": v["device"], "name": name });
+    let outcome: Outcome = serde_json::from_value(v)
+        .map_err(|e| control::ControlError::BadAnswer(format!("restore result: {e}")))?;
+    if a.json {
+        let v = json!({
+            "folder": t.folder.id.as_str(),
+            "path": path.as_str(),
+            "to": to,
+            "from": held_by,
+            "restored": outcome.restored,
+            "unchanged": outcome.unchanged,
+            "left": outcome.left,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(super::EXIT_OK);
+    }
+    match (outcome.restored.first(), &to) {
+        (Some(r), Some(dest)) => println!(
+            "Wrote version {version} of {} from {name} ({}) to {}.",
+            t.name(),
+            output::bytes(r.size),
+            dest.display()
+        ),
+        (Some(r), None) => {
+            println!(
+                "Restored {} to version {version} from {name} ({}); it syncs to your other devices.",
+                t.name(),
+                output::bytes(r.size)
+            );
+            if let Some(k) = r.kept {
+                println!("The version it replaced is kept as version {k}.");
+            }
+        }
+        (None, _) => println!(
+            "{} already holds version {version} from {name}: nothing to do.",
+            t.name()
+        ),
+    }
     Ok(super::EXIT_OK)
 }
 

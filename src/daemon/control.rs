@@ -36,6 +36,22 @@
 //!   → `{conflict, path, conflict_path, copy_removed, kept: [ID], resolution}`:
 //!   resolves the newest open conflict whose path or conflict copy is `path`
 //!   (`N`: a history id restored at the path).
+//! - `{"cmd":"history","folder":ID,"path":REL|null}` → `{folder, path,
+//!   versions: [{id, path, kind, size, mtime_ns, permissions, hash,
+//!   symlink_target, modified_by, device, superseded_at, reason,
+//!   device_holding, device_holding_name}], truncated: [DEVICE-ID], errors:
+//!   [{device, name, error}]}`: the versions the connected peers that sync the
+//!   folder keep of `path` (and below it; the whole folder when null), newest
+//!   first; `id` is the holder's. Peers are asked at once, each within 10 s; one
+//!   that fails is listed in `errors`. `truncated`: peers that keep more than
+//!   they sent.
+//! - `{"cmd":"restore-remote","folder":ID,"path":REL,"device":ID|NAME,
+//!   "version":N,"to":PATH|null,"force":BOOL}` → `{device, device_name,
+//!   restored: [{path, version, size, kept, written_to}], unchanged: [PATH],
+//!   left: []}`: fetches version N (the holder's id) of `path` from that
+//!   connected peer, every chunk and the whole file hash-checked, and writes
+//!   it in place like `restore` (the version it replaces kept, then a scan so
+//!   it syncs) or to `to` (refused if it exists, unless `force`).
 //!
 //! Answers: `{"ok":true,"result":…}` or `{"ok":false,"error":"one line"}`.
 
@@ -120,6 +136,31 @@ pub enum Request {
         path: String,
         /// `local`, `remote`, `both` or a history id.
         keep: String,
+    },
+    /// The versions connected peers keep of a path.
+    History {
+        /// The folder id.
+        folder: String,
+        /// The path in the folder (`None`: the whole folder).
+        #[serde(default)]
+        path: Option<String>,
+    },
+    /// Restore a version a peer keeps.
+    RestoreRemote {
+        /// The folder id.
+        folder: String,
+        /// The path in the folder.
+        path: String,
+        /// The peer holding the version: its id or its name.
+        device: String,
+        /// The version's history id on that peer.
+        version: i64,
+        /// Write it here instead of in place.
+        #[serde(default)]
+        to: Option<PathBuf>,
+        /// Replace `to` if it exists.
+        #[serde(default)]
+        force: bool,
     },
     /// Offer a folder to a paired device.
     Share {

@@ -2,9 +2,10 @@
 //! the versions pulls set aside into the chunk store shortly after each pull
 //! (and at start), captures local versions for folders that keep them, and
 //! applies the retention policy daily; and the control requests that change
-//! a folder's files (restore in place, resolve a conflict), which run under
-//! the folder's disk lock and are followed by a scan, so they sync as local
-//! changes.
+//! a folder's files (restore in place, resolve a conflict, restore a version
+//! a peer keeps), which run under the folder's disk lock and are followed by
+//! a scan, so they sync as local changes; and listing the versions connected
+//! peers keep.
 //!
 //! The task uses an index connection of its own, so the agent's shared index
 //! is never held while files are read and packs written.
@@ -13,15 +14,19 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::folder::check_root;
+use crate::chunking::FileHash;
+use crate::device::{DeviceId, ShortId};
+use crate::folder::{check_root, temp_dir};
 use crate::history::restore::{self, Pick};
 use crate::history::store::ChunkStore;
 use crate::history::{HistoryError, ingest, local, prune, resolve};
 use crate::home::Home;
-use crate::index::{Index, now_secs};
+use crate::index::{FileKind, Index, now_secs};
 use crate::relpath::RelPath;
 use crate::sync::Engine;
 
@@ -300,4 +305,180 @@ pub(super) async fn resolve(
         engine.scan_folder(&h, false).await;
     }
     Ok(serde_json::to_value(done?).expect("resolutions serialize"))
+}
+
+/// `history`: the versions the connected peers keep of a path.
+pub(super) async fn peer_history(
+    Ctx { engine, .. }: Ctx<'_>,
+    folder: String,
+    path: Option<String>,
+) -> Result<Value, String> {
+    if engine.folder(&folder).is_none() {
+        return Err(crate::folder::FolderError::Unknown(folder).to_string());
+    }
+    let rel = path
+        .as_deref()
+        .map(|p| p.trim_matches('/'))
+        .filter(|p| !p.is_empty())
+        .map(RelPath::new)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let mesh = engine.peer_history(&folder, rel.as_ref()).await;
+    let mut versions: Vec<(i64, i64, Value)> = Vec::new();
+    for p in &mesh.peers {
+        for v in &p.versions {
+            versions.push((v.superseded_at, v.id, peer_version_json(v, p)));
+        }
+    }
+    versions.sort_by_key(|v| std::cmp::Reverse((v.0, v.1)));
+    Ok(json!({
+        "folder": folder,
+        "path": rel.as_ref().map(RelPath::as_str),
+        "versions": versions.into_iter().map(|(_, _, v)| v).collect::<Vec<_>>(),
+        "truncated": mesh.peers.iter().filter(|p| p.truncated)
+            .map(|p| p.device.to_string()).collect::<Vec<_>>(),
+        "errors": mesh.errors.iter().map(|e| json!({
+            "device": e.device.to_string(), "name": e.name, "error": e.error,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+fn peer_version_json(
+    v: &crate::protocol::WireVersion,
+    p: &crate::sync::mesh::PeerVersions,
+) -> Value {
+    json!({
+        "id": v.id, "path": v.path, "kind": FileKind::from_wire(v.kind), "size": v.size,
+        "mtime_ns": v.mtime_ns, "permissions": format!("{:04o}", v.permissions),
+        "hash": v.hash.map(|h| FileHash(h).to_hex()), "symlink_target": v.symlink_target,
+        "modified_by": ShortId(v.modified_by).to_string(), "device": v.device,
+        "superseded_at": v.superseded_at, "reason": v.reason,
+        "device_holding": p.device.to_string(), "device_holding_name": p.name,
+    })
+}
+
+/// What `restore-remote` was asked.
+pub(super) struct RemoteRestore {
+    pub(super) folder: String,
+    pub(super) path: String,
+    pub(super) device: String,
+    pub(super) version: i64,
+    pub(super) to: Option<PathBuf>,
+    pub(super) force: bool,
+}
+
+/// `restore-remote`: fetches a version a peer keeps and writes it in place
+/// (under the folder's disk lock, scanning before and after, like `restore`)
+/// or to `to`.
+pub(super) async fn restore_remote(
+    Ctx { home, engine, .. }: Ctx<'_>,
+    r: RemoteRestore,
+) -> Result<Value, String> {
+    let h = engine
+        .folder(&r.folder)
+        .ok_or_else(|| crate::folder::FolderError::Unknown(r.folder.clone()).to_string())?;
+    let rel = RelPath::new(r.path.trim_matches('/')).map_err(|e| e.to_string())?;
+    let peer = paired_device(home, &r.device).await?;
+    let name = engine.device_label(peer).await;
+    let outcome = match r.to {
+        Some(dest) => {
+            if !dest.is_absolute() {
+                return Err(format!("{} is not an absolute path", dest.display()));
+            }
+            let exists = std::fs::symlink_metadata(&dest).ok();
+            if exists.is_some() && !r.force {
+                return Err(HistoryError::DestExists(dest).to_string());
+            }
+            if exists.is_some_and(|m| m.is_dir()) {
+                return Err(format!(
+                    "{} is a directory; give the file to write",
+                    dest.display()
+                ));
+            }
+            let parent = dest
+                .parent()
+                .ok_or_else(|| format!("{} is not a file name", dest.display()))?
+                .to_owned();
+            let fetched = engine
+                .fetch_peer_version(&r.folder, &rel, peer, r.version, &parent)
+                .await
+                .map_err(|e| e.to_string())?;
+            let size = fetched.size;
+            let tmp = fetched.tmp;
+            let to = dest.clone();
+            tokio::task::spawn_blocking(move || {
+                let moved = std::fs::rename(&tmp, &to)
+                    .and_then(|()| std::fs::File::open(&parent)?.sync_all());
+                if moved.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                moved.map_err(|e| format!("{}: {e}", to.display()))
+            })
+            .await
+            .map_err(|e| format!("the restore task failed: {e}"))??;
+            restore::Outcome {
+                restored: vec![restore::Restored {
+                    path: rel.to_string(),
+                    version: Some(r.version),
+                    size,
+                    kept: None,
+                    written_to: dest,
+                }],
+                ..restore::Outcome::default()
+            }
+        }
+        None => {
+            engine
+                .scan_folder(&h, false)
+                .await
+                .ok_or_else(|| format!("the scan of {} failed; see `ferry status`", r.folder))?;
+            let f = h.folder();
+            check_root(&f).map_err(|e| e.to_string())?;
+            let fetched = engine
+                .fetch_peer_version(&r.folder, &rel, peer, r.version, &temp_dir(&f.path))
+                .await
+                .map_err(|e| e.to_string())?;
+            let outcome = {
+                let _disk = h.disk.lock().await;
+                let f = h.folder();
+                with_index(home, move |index| {
+                    restore::restore_fetched_in_place(index, &f, &rel, fetched)
+                })
+                .await
+            };
+            if outcome.as_ref().is_ok_and(|o| !o.restored.is_empty()) {
+                engine.scan_folder(&h, false).await;
+            }
+            outcome?
+        }
+    };
+    let mut v = serde_json::to_value(outcome).expect("outcomes serialize");
+    v["device"] = json!(peer.to_string());
+    v["device_name"] = json!(name);
+    Ok(v)
+}
+
+/// A paired device by id or by name.
+async fn paired_device(home: &Home, which: &str) -> Result<DeviceId, String> {
+    let home = home.clone();
+    let which = which.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let index = home.index().map_err(|e| e.to_string())?;
+        let peers = index.peers().map_err(|e| e.to_string())?;
+        if let Ok(id) = which.parse::<DeviceId>()
+            && peers.iter().any(|p| p.id == id)
+        {
+            return Ok(id);
+        }
+        let named: Vec<_> = peers.iter().filter(|p| p.name == which).collect();
+        match named[..] {
+            [p] => Ok(p.id),
+            [] => Err(format!("no paired device {which} (see `ferry devices`)")),
+            _ => Err(format!(
+                "several paired devices are named {which}; give its id (see `ferry devices`)"
+            )),
+        }
+    })
+    .await
+    .map_err(|e| format!("the restore task failed: {e}"))?
 }

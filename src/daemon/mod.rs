@@ -434,6 +434,30 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
         Request::Resolve { folder, path, keep } => {
             history::resolve(agent.history(), folder, path, keep).await
         }
+        Request::History { folder, path } => {
+            history::peer_history(agent.history(), folder, path).await
+        }
+        Request::RestoreRemote {
+            folder,
+            path,
+            device,
+            version,
+            to,
+            force,
+        } => {
+            history::restore_remote(
+                agent.history(),
+                history::RemoteRestore {
+                    folder,
+                    path,
+                    device,
+                    version,
+                    to,
+                    force,
+                },
+            )
+            .await
+        }
         Request::Invite {
             folder,
             expires_secs,
@@ -701,6 +725,29 @@ mod tests {
         assert_eq!(
             line,
             r#"{"cmd":"resolve","folder":"docs","path":"a.txt","keep":"local"}"#
+        );
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"restore-remote","folder":"docs","path":"a.txt","device":"b","version":7}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::RestoreRemote {
+                folder: "docs".into(),
+                path: "a.txt".into(),
+                device: "b".into(),
+                version: 7,
+                to: None,
+                force: false
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"cmd":"history","folder":"docs"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::History {
+                folder: "docs".into(),
+                path: None
+            }
         );
     }
 }

@@ -14,6 +14,7 @@ pub mod prune;
 pub mod resolve;
 pub mod restore;
 pub mod retention;
+pub mod serve;
 pub mod store;
 pub mod time;
 pub mod verify;

@@ -454,6 +454,12 @@ fn copy_live(root: &Path, l: &LocalFile, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
+/// A fresh name for a temp file of a restore in `dir` (one a scan skips and the
+/// agent's start-up sweep removes if a restore is interrupted).
+pub fn temp_path(dir: &Path) -> PathBuf {
+    dir.join(format!("{TEMP_PREFIX}restore-{}.part", random_suffix()))
+}
+
 /// A temp file (or link) holding restored content, removed on drop unless
 /// renamed away.
 pub(super) struct Staged {
@@ -485,7 +491,7 @@ pub(super) fn stage(
 ) -> Result<Staged> {
     fs::create_dir_all(dir).map_err(io_at(dir))?;
     let staged = Staged {
-        tmp: dir.join(format!("{TEMP_PREFIX}restore-{}.part", random_suffix())),
+        tmp: temp_path(dir),
     };
     let tmp = &staged.tmp;
     match source.kind() {
@@ -733,6 +739,102 @@ pub fn restore_in_place(
     }
     out.restored = done;
     Ok(out)
+}
+
+/// A version already written out in full: its bytes (or link) in a temp file
+/// in the folder's temp directory, verified against its hash, with its
+/// permissions and mtime, fsynced (a version fetched from a peer).
+#[derive(Debug)]
+pub struct Fetched {
+    /// The temp file ([`temp_path`] in the folder's temp directory); removed
+    /// unless it is moved into place.
+    pub tmp: PathBuf,
+    /// File or symlink.
+    pub kind: FileKind,
+    /// Whole-file hash (files).
+    pub hash: Option<FileHash>,
+    /// Link target (symlinks).
+    pub symlink_target: Option<String>,
+    /// Bytes.
+    pub size: u64,
+    /// Its history id where it is kept (on the peer).
+    pub version: i64,
+}
+
+/// Puts a [`Fetched`] version at `path` like [`restore_in_place`]: the version
+/// it replaces kept first (`restored-over`), as one transaction; a file
+/// changed on disk since the last scan is refused. The caller holds the
+/// folder's disk lock and rescans afterwards, so the restore syncs.
+pub fn restore_fetched_in_place(
+    index: &mut Index,
+    folder: &Folder,
+    path: &RelPath,
+    fetched: Fetched,
+) -> Result<Outcome> {
+    let staged = Staged { tmp: fetched.tmp };
+    check_root(folder)?;
+    let root = &folder.path;
+    let now = index.local_file(folder.row, path)?;
+    let live = now.as_ref().filter(|n| !n.record.deleted);
+    let same = live.is_some_and(|n| {
+        n.record.kind == fetched.kind
+            && match fetched.kind {
+                FileKind::File => n.record.hash == fetched.hash,
+                FileKind::Symlink => n.record.symlink_target == fetched.symlink_target,
+                FileKind::Dir => true,
+            }
+    });
+    if same {
+        return Ok(Outcome {
+            unchanged: vec![path.to_string()],
+            ..Outcome::default()
+        });
+    }
+    if live.is_some_and(|n| n.record.kind == FileKind::Dir) {
+        return Err(HistoryError::Refused(format!(
+            "{}:{path} is a directory now; move it away first",
+            folder.id
+        )));
+    }
+    check_disk(root, path, now.as_ref())?;
+    ensure_parents(root, path)?;
+    let mut moves = Moves::default();
+    let mut doomed = Vec::new();
+    let tx = index.history_tx()?;
+    let target = path.to_fs(root);
+    let result = (|| {
+        let kept = set_aside(
+            &tx,
+            &mut moves,
+            &mut doomed,
+            folder,
+            path,
+            HistoryReason::RestoredOver,
+        )?;
+        moves.rename(&staged.tmp, &target)?;
+        Ok(kept)
+    })();
+    let kept = match result.and_then(|k| Ok(tx.commit().map(|()| k)?)) {
+        Ok(k) => k,
+        Err(e) => {
+            moves.undo();
+            return Err(e);
+        }
+    };
+    moves.finish();
+    for d in doomed {
+        let _ = fs::remove_file(d);
+    }
+    Ok(Outcome {
+        restored: vec![Restored {
+            path: path.to_string(),
+            version: Some(fetched.version),
+            size: fetched.size,
+            kept,
+            written_to: target,
+        }],
+        ..Outcome::default()
+    })
 }
 
 fn left(list: Vec<(RelPath, String)>) -> Vec<LeftAlone> {

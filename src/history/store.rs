@@ -530,6 +530,15 @@ impl ChunkStore {
         Ok(store)
     }
 
+    /// A handle on the store in `dir` that someone else opened (the agent),
+    /// for reading: no crash cleanup, nothing created.
+    pub fn attach(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            pack_target: PACK_TARGET_SIZE,
+        }
+    }
+
     /// The store directory.
     pub fn dir(&self) -> &Path {
         &self.dir

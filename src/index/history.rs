@@ -177,6 +177,18 @@ pub struct CaptureCandidate {
     pub chunks: Vec<ChunkInfo>,
 }
 
+/// Where a version of a folder holds a chunk (see [`Index::history_chunk_in`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionChunk {
+    /// The version's history id.
+    pub version: i64,
+    /// Whether the version's bytes are in the chunk store (else in its
+    /// pending file).
+    pub stored: bool,
+    /// The chunk's offset in the version.
+    pub offset: u64,
+}
+
 /// Which folders keep the versions local edits replace (`history.local`), by
 /// folder id, as the config says.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -383,6 +395,31 @@ impl Index {
         )?;
         let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         chunk_list(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Versions of folder `folder` (only that folder's: what a peer sharing it
+    /// may read) that hold a chunk of this hash and size, at most `limit`.
+    pub fn history_chunk_in(
+        &self,
+        folder: i64,
+        hash: &ChunkHash,
+        size: u32,
+        limit: usize,
+    ) -> Result<Vec<VersionChunk>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT h.id, h.stored, c.offset
+             FROM history_chunks c JOIN history h ON h.id = c.version
+             WHERE c.hash = ?1 AND c.size = ?2 AND h.folder = ?3
+             ORDER BY h.stored DESC LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(params![&hash.0[..], size, folder, limit as i64], |r| {
+            Ok(VersionChunk {
+                version: r.get(0)?,
+                stored: r.get(1)?,
+                offset: r.get::<_, i64>(2)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Every file and symlink path of a folder at or below `under` (the whole
@@ -921,6 +958,29 @@ mod tests {
         assert_eq!((totals.versions, totals.pending), (2, 1));
         assert_eq!(idx.history_delete(&[v1, v2]).unwrap(), vec![v2]);
         assert!(idx.history_of(f, Some(&a), false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_history_chunk_is_found_only_in_its_own_folder() {
+        let (_d, mut idx, f) = index();
+        let other = idx
+            .add_folder(
+                &FolderId::new("private").unwrap(),
+                "private",
+                Path::new("/srv/private"),
+                FolderType::SendReceive,
+                || Ok(()),
+            )
+            .unwrap()
+            .row;
+        write(&mut idx, other, "secret", 9, 100);
+        let v = keep(&mut idx, other, "secret", 200);
+        let hash = ChunkHash([9; 32]);
+        let found = idx.history_chunk_in(other, &hash, 1, 8).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].version, found[0].offset), (v, 0));
+        assert!(idx.history_chunk_in(f, &hash, 1, 8).unwrap().is_empty());
+        assert!(idx.history_chunk_in(other, &hash, 2, 8).unwrap().is_empty());
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod store;
 pub use devices::{Offer, Peer};
 pub use history::{
     CaptureCandidate, EntryAt, HistoryReason, HistoryTotals, HistoryTx, HistoryVersion, Kept,
-    LocalHistory, OpenConflict, PathAt, PendingVersion,
+    LocalHistory, OpenConflict, PathAt, PendingVersion, VersionChunk,
 };
 pub use remote::{
     ChunkSource, ConflictRecord, LocalFile, PeerCompletion, Pulled, RemoteFile, Superseded,

@@ -1,6 +1,7 @@
 //! What runs on a link once hellos are exchanged: the index sender and
-//! receiver (one uni-stream each way), the chunk and group request server, and
-//! the client side of those requests.
+//! receiver (one uni-stream each way), the request server (chunks, groups, and
+//! the versions this device keeps in its history), and the client side of
+//! those requests.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,8 +18,9 @@ use crate::chunking::{ChunkHash, FileHash, group_ranges};
 use crate::device::DeviceId;
 use crate::index::{FileKind, IndexError};
 use crate::protocol::{
-    IndexMessage, IndexState, MAX_GROUPS_PER_REQUEST, ProtocolError, Reply, Request, WireChunk,
-    read_msg, write_msg,
+    IndexMessage, IndexState, MAX_CHUNKS_PER_REPLY, MAX_FRAME, MAX_GROUPS_PER_REQUEST,
+    MAX_VERSIONS_PER_REPLY, ProtocolError, Reply, Request, WireChunk, WireVersion, read_msg,
+    write_msg,
 };
 use crate::relpath::RelPath;
 
@@ -306,7 +308,10 @@ async fn serve_one(
         Err(e) => return Err(ServeError::Protocol(e.to_string())),
     };
     let folder_id = match &req {
-        Request::Chunk { folder, .. } | Request::Groups { folder, .. } => folder.clone(),
+        Request::Chunk { folder, .. }
+        | Request::Groups { folder, .. }
+        | Request::History { folder, .. }
+        | Request::VersionChunks { folder, .. } => folder.clone(),
     };
     let folder = engine
         .synced_with(peer)
@@ -350,20 +355,29 @@ async fn serve_one(
                 .ok()
                 .flatten()
             };
-            let data = match hinted {
+            let live = match hinted {
                 Some(d) => Some(d),
-                None => engine
-                    .index
-                    .run(move |i| i.chunk_sources_in(row, &hash, 8))
-                    .await
-                    .ok()
-                    .and_then(|sources| {
-                        sources.into_iter().find_map(|(p, o, s)| {
-                            (s == size)
-                                .then(|| read_verified(&p.to_fs(&root), o, s, &hash))
-                                .flatten()
+                None => {
+                    let root = root.clone();
+                    engine
+                        .index
+                        .run(move |i| i.chunk_sources_in(row, &hash, 8))
+                        .await
+                        .ok()
+                        .and_then(|sources| {
+                            sources.into_iter().find_map(|(p, o, s)| {
+                                (s == size)
+                                    .then(|| read_verified(&p.to_fs(&root), o, s, &hash))
+                                    .flatten()
+                            })
                         })
-                    }),
+                }
+            };
+            // No live file has it: a version this device keeps of this folder
+            // (a peer restoring from here) may.
+            let data = match live {
+                Some(d) => Some(d),
+                None => history_chunk(engine, row, root, hash, size).await,
             };
             match data {
                 Some(bytes) => {
@@ -444,7 +458,134 @@ async fn serve_one(
                 }
             }
         }
+        Request::History { path, .. } => {
+            let path = if path.is_empty() {
+                None
+            } else {
+                match RelPath::new(&path) {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        return Err(ServeError::Protocol(format!(
+                            "an unsafe path {path:?} in a request"
+                        )));
+                    }
+                }
+            };
+            let row = folder.row;
+            let got = engine
+                .index
+                .run(move |i| -> Result<_, IndexError> {
+                    let all = i.history_of(row, path.as_ref(), true)?;
+                    Ok(versions_reply(all))
+                })
+                .await;
+            let msg = match got {
+                Ok(r) => r,
+                Err(e) => Reply::Unavailable {
+                    reason: format!("cannot read the history: {e}")
+                        .chars()
+                        .take(200)
+                        .collect(),
+                },
+            };
+            reply(&mut send, &msg, None).await
+        }
+        Request::VersionChunks { id, start, .. } => {
+            let row = folder.row;
+            let got = engine
+                .index
+                .run(move |i| -> Result<Option<Reply>, IndexError> {
+                    match i.history_version(id)? {
+                        Some(v) if v.folder == row => {}
+                        _ => return Ok(None),
+                    }
+                    let all = i.history_chunks(id)?;
+                    let start = (start as usize).min(all.len());
+                    let end = (start + MAX_CHUNKS_PER_REPLY).min(all.len());
+                    Ok(Some(Reply::Chunks {
+                        chunks: all[start..end]
+                            .iter()
+                            .map(|c| WireChunk {
+                                hash: c.hash.0,
+                                size: c.len,
+                            })
+                            .collect(),
+                        more: end < all.len(),
+                    }))
+                })
+                .await
+                .ok()
+                .flatten();
+            let msg = got.unwrap_or_else(|| Reply::Unavailable {
+                reason: format!("no version {id} of that folder is kept here"),
+            });
+            reply(&mut send, &msg, None).await
+        }
     }
+}
+
+/// The newest versions of `all` that fit in one reply.
+fn versions_reply(all: Vec<crate::index::HistoryVersion>) -> Reply {
+    // Paths and link targets may be long: stay well under a frame.
+    let budget = MAX_FRAME / 2;
+    let total = all.len();
+    let mut bytes = 0;
+    let mut versions = Vec::new();
+    for v in all {
+        let w = WireVersion {
+            id: v.id,
+            path: v.path.as_str().to_owned(),
+            kind: v.kind.to_wire(),
+            size: v.size,
+            mtime_ns: v.mtime_ns,
+            permissions: v.permissions,
+            hash: v.hash.map(|h| h.0),
+            symlink_target: v.symlink_target,
+            modified_by: v.modified_by.0,
+            device: v.device.filter(|d| d.len() <= crate::protocol::MAX_NAME),
+            superseded_at: v.superseded_at,
+            reason: v.reason.as_str().to_owned(),
+        };
+        bytes += 128
+            + w.path.len()
+            + w.symlink_target.as_ref().map_or(0, String::len)
+            + w.device.as_ref().map_or(0, String::len);
+        if versions.len() == MAX_VERSIONS_PER_REPLY || bytes > budget {
+            break;
+        }
+        versions.push(w);
+    }
+    Reply::History {
+        truncated: versions.len() < total,
+        versions,
+    }
+}
+
+/// A chunk of a version kept of folder `row` (rooted at `root`), read from
+/// the chunk store or the version's pending file and checked against `hash`.
+async fn history_chunk(
+    engine: &Arc<Engine>,
+    row: i64,
+    root: std::path::PathBuf,
+    hash: ChunkHash,
+    size: u32,
+) -> Option<Vec<u8>> {
+    let found = engine
+        .index
+        .run(move |i| crate::history::serve::locate_chunk(i, row, &hash, size))
+        .await
+        .ok()?;
+    if found.versions.is_empty() {
+        return None;
+    }
+    let store =
+        crate::history::store::ChunkStore::attach(&crate::history::store_dir(engine.home.root()));
+    tokio::task::spawn_blocking(move || {
+        crate::history::serve::read_chunk(&store, &root, &found, &hash, size)
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 async fn reply(send: &mut SendStream, msg: &Reply, data: Option<&[u8]>) -> Result<(), ServeError> {
@@ -488,7 +629,12 @@ pub fn read_verified(
     (blake3::hash(&buf).as_bytes() == &hash.0).then_some(buf)
 }
 
-async fn request(conn: &Connection, req: &Request) -> Result<(Reply, RecvStream), FetchError> {
+/// Sends `req` on a new bi-stream and reads the reply frame (what follows it,
+/// such as chunk bytes, stays in the stream).
+pub(super) async fn request(
+    conn: &Connection,
+    req: &Request,
+) -> Result<(Reply, RecvStream), FetchError> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await

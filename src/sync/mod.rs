@@ -11,6 +11,7 @@
 pub mod conflict;
 mod history_hooks;
 pub mod link;
+pub mod mesh;
 pub mod pull;
 pub mod watch;
 pub mod wire;
