@@ -655,3 +655,143 @@ fn a_local_overwrite_is_restored_from_the_history_a_peer_keeps() {
     let h = history(&a, "docs:report.bin");
     assert!(h["peer_versions"].as_array().unwrap().is_empty(), "{h}");
 }
+
+#[test]
+fn a_prune_killed_during_garbage_collection_leaves_a_consistent_store() {
+    let lab = Lab::new();
+    let (a, agent, docs) = local_history(&lab);
+    // Ten versions of a file, each new content: about 80 MB in packs.
+    let versions: Vec<Vec<u8>> = (0..10)
+        .map(|i| pseudo_random(8 << 20, 301 + 2 * i)) // odd seeds: `seed | 1`
+        .collect();
+    let kept_now = || {
+        let r = a.run(&["history", "docs:big.bin", "--json"]);
+        if r.code != 0 {
+            return 0;
+        }
+        r.json()["versions"].as_array().map_or(0, |l| l.len())
+    };
+    for (i, v) in versions.iter().enumerate() {
+        // Swapped in whole, so the scanner never records a half-written one.
+        let staged = a.path("staged.bin");
+        fs::write(&staged, v).unwrap();
+        fs::rename(&staged, docs.join("big.bin")).unwrap();
+        // Each version is recorded (and so, once replaced, kept) before the
+        // next is written.
+        wait_until(&format!("version {i} is recorded"), || {
+            let r = a.run(&["history", "docs:big.bin", "--json"]);
+            r.code == 0
+                && r.json()["current"]["hash"].as_str() == Some(blake3::hash(v).to_hex().as_str())
+        });
+        wait_until(&format!("{i} versions kept"), || kept_now() == i);
+        // Local versions are kept from the store: let this one get there.
+        wait_stored(&a, (i as u64 + 1) * (8 << 20));
+    }
+    agent.stop();
+    // Age two versions in three past the default retention (365 days), so
+    // the prune leaves packs mostly dead and GC rewrites them.
+    let listed = history(&a, "docs:big.bin")["versions"].clone();
+    let ids: Vec<i64> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_i64().unwrap())
+        .collect();
+    let db = rusqlite::Connection::open(a.home.join("index.db")).unwrap();
+    let aged: Vec<i64> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 0)
+        .map(|(_, id)| *id)
+        .collect();
+    for id in &aged {
+        db.execute(
+            "UPDATE history SET superseded_at = ?2 WHERE id = ?1",
+            [*id, now_secs() - 400 * 86_400],
+        )
+        .unwrap();
+    }
+    drop(db);
+    let before = stats(&a)["store"]["chunk_bytes"].as_u64().unwrap();
+
+    // Kill the prune at moments spread over how long a whole one takes, each
+    // time from the same starting state, and check the store after each.
+    let pristine = a.path("pristine-home");
+    let cp = |from: &Path, to: &Path| {
+        let _ = fs::remove_dir_all(to);
+        let ok = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    cp(&a.home, &pristine);
+    let prune = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .arg("--home")
+            .arg(&a.home)
+            .args(["history", "prune"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let t = std::time::Instant::now();
+    assert!(prune().wait().unwrap().success());
+    let whole = t.elapsed();
+    let mut kills = 0;
+    for k in 1..=8u32 {
+        cp(&pristine, &a.home);
+        let mut child = prune();
+        std::thread::sleep(whole * k / 9);
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+        let run = a.run(&["history", "verify"]);
+        assert!(
+            run.stdout.contains("No damage"),
+            "after a kill at {k}/9 of {whole:?}: {run}"
+        );
+    }
+    eprintln!("a whole prune took {whole:?}; killed {kills} of 8 before they finished");
+
+    // A prune left to finish frees the aged versions' chunks; every version
+    // kept still restores byte for byte.
+    a.run(&["history", "prune"]).ok();
+    a.run(&["history", "verify"]).ok();
+    let after = stats(&a)["store"]["chunk_bytes"].as_u64().unwrap();
+    assert!(
+        after < before - 3 * (8 << 20),
+        "GC freed too little: {before} -> {after}"
+    );
+    let kept = history(&a, "docs:big.bin")["versions"].clone();
+    let kept = kept.as_array().unwrap();
+    assert_eq!(kept.len(), ids.len() - aged.len(), "{kept:?}");
+    for v in kept {
+        let id = v["id"].as_i64().unwrap();
+        let dest = a.path(&format!("restored-{id}"));
+        a.run(&[
+            "restore",
+            "docs:big.bin",
+            "--version",
+            &id.to_string(),
+            "--to",
+            s(&dest),
+        ])
+        .ok();
+        let got = fs::read(&dest).unwrap();
+        assert!(
+            versions.iter().any(|v| *v == got),
+            "version {id} restored bytes that were never written"
+        );
+        assert_eq!(
+            blake3::hash(&got).to_hex().to_string(),
+            v["hash"].as_str().unwrap(),
+            "version {id}"
+        );
+    }
+}
