@@ -785,7 +785,7 @@ fn a_prune_killed_during_garbage_collection_leaves_a_consistent_store() {
         .ok();
         let got = fs::read(&dest).unwrap();
         assert!(
-            versions.iter().any(|v| *v == got),
+            versions.contains(&got),
             "version {id} restored bytes that were never written"
         );
         assert_eq!(
