@@ -830,7 +830,18 @@ fn place(
                         || format!("unrecorded-{}", crate::index::now_secs()),
                         |id| id.to_string(),
                     );
-                    fs::rename(&target, dir.join(name))?;
+                    let dest = dir.join(&name);
+                    if fs::symlink_metadata(&dest).is_ok() {
+                        // Set aside by a pull killed before its commit (the
+                        // history id was handed out again): keep those bytes.
+                        let keep = dir.join(format!("orphan-{name}-{}", crate::index::now_secs()));
+                        tracing::warn!(
+                            kept = %keep.display(),
+                            "found the set-aside version of an interrupted pull; keeping it"
+                        );
+                        fs::rename(&dest, keep)?;
+                    }
+                    fs::rename(&target, dest)?;
                 }
                 Some(FileKind::Dir) => {
                     match remove_temps(&target).and_then(|()| fs::remove_dir(&target)) {
