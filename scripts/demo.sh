@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds ferry and shows its main job: two devices (two homes on this machine,
 # each with its own background agent, offline on 127.0.0.1) are paired with a
-# one-time code and keep a folder in sync both ways, with a conflict copy when
-# both edit the same file while apart. Everything lives under a temp dir that
+# one-time code and keep a folder in sync both ways, keep what remote edits
+# replace in their history (restorable), and make a conflict copy when both
+# edit the same file while apart. Everything lives under a temp dir that
 # is removed at the end (pass --keep to keep it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +62,11 @@ echo; echo "# an edit on the desktop reaches the laptop within about a second"
 echo "shopping: milk, bread, eggs" > "$work/desktop-docs/notes/todo.txt"
 wait_for "the edit" grep -q eggs "$work/laptop-docs/notes/todo.txt"
 step cat "$work/laptop-docs/notes/todo.txt"
+
+echo; echo "# the laptop kept the version the desktop's edit replaced, and can bring it back"
+step "$ferry" --home "$laptop" history docs:notes/todo.txt
+step "$ferry" --home "$laptop" restore docs:notes/todo.txt --to "$work/todo-before.txt"
+step cat "$work/todo-before.txt"
 
 echo; echo "# both edit the same file while the desktop's agent is stopped: nothing is lost"
 kill "${pids[1]}"; wait "${pids[1]}" 2>/dev/null || true
