@@ -12,6 +12,16 @@
 //! there ([`sweep`] deletes it). A file that does not match its version (it was
 //! changed or is damaged) is kept as it is, with a `<id>.damaged` marker beside
 //! it so it is not tried again, and reported by `ferry history verify`.
+//!
+//! First, history rows a killed pull reserved and never committed are settled
+//! ([`settle_reservations`]): a pull commits the row of the version it
+//! replaces before it moves the file, so a kill leaves either a row whose
+//! version never left its path (dropped) or one whose file was set aside
+//! (kept, and ingested like any other). Until then the row is not listed,
+//! counted, pruned, verified nor served: after a kill past the move the
+//! version shows up at the agent's first history pass once the row is
+//! [`RESERVATION_GRACE`] old, and the file under `.ferry/versions` is left
+//! alone meanwhile.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -23,12 +33,17 @@ use super::store::{ChunkStore, PackWriter, StoreError};
 use super::{Result, damaged_marker, io_at, pending_file, sync_dir, versions_dir};
 use crate::chunking::ChunkInfo;
 use crate::folder::check_root;
-use crate::index::{FileKind, Folder, Index, PendingVersion};
+use crate::index::{FileKind, Folder, Index, PendingVersion, ReservedVersion, now_secs};
 
 /// Versions put through one writer before their rows are committed.
 const BATCH_VERSIONS: usize = 64;
 /// ... or this many bytes, whichever comes first.
 const BATCH_BYTES: u64 = 256 << 20;
+/// Reservations at least this old (seconds) are settled: a pull commits its
+/// records right after reserving, so an older one was left by a kill (a
+/// younger one may be a pull between its two transactions, which a settle
+/// would only make try again).
+const RESERVATION_GRACE: i64 = 60;
 
 /// What an ingest pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -43,6 +58,11 @@ pub struct IngestReport {
     pub damaged: Vec<(i64, String)>,
     /// Versions left for later (folder root missing, file missing).
     pub deferred: u64,
+    /// Reservations of killed pulls whose version had left its path: kept as
+    /// versions.
+    pub reservations_kept: u64,
+    /// Reservations of killed pulls whose version never left: dropped.
+    pub reservations_dropped: u64,
 }
 
 /// Test seams: where an ingest stops as if the process were killed.
@@ -75,7 +95,64 @@ pub fn ingest_pending(
     skip: &mut HashSet<i64>,
     stop: &dyn Fn() -> bool,
 ) -> Result<IngestReport> {
-    ingest_until(index, store, skip, stop, CrashAt::Never)
+    let (kept, dropped) = settle_reservations(index, now_secs() - RESERVATION_GRACE)?;
+    let mut report = ingest_until(index, store, skip, stop, CrashAt::Never)?;
+    report.reservations_kept = kept;
+    report.reservations_dropped = dropped;
+    Ok(report)
+}
+
+/// Settles the history rows pulls reserved before `before` (Unix seconds)
+/// and never committed: a row whose version left its path (the file is under
+/// `.ferry/versions/<id>`; a link or directory is no longer at the path) is
+/// kept as a version, one whose version never left is dropped. Folders whose
+/// root is missing are left for later. Returns how many were kept and dropped.
+pub fn settle_reservations(index: &mut Index, before: i64) -> Result<(u64, u64)> {
+    let (mut kept, mut dropped) = (0, 0);
+    let mut roots_ok: std::collections::HashMap<i64, bool> = Default::default();
+    for r in index.history_reserved(before)? {
+        let root_ok = *roots_ok
+            .entry(r.folder)
+            .or_insert_with(|| check_root(&folder_stub(r.folder, &r.root)).is_ok());
+        if !root_ok {
+            continue;
+        }
+        match index.history_settle_reserved(r.id, left_its_path)? {
+            Some(true) => {
+                tracing::info!(version = r.id, path = %r.path, "kept the version an interrupted pull had set aside");
+                kept += 1;
+            }
+            Some(false) => {
+                tracing::debug!(version = r.id, path = %r.path, "dropped the history row of a pull killed before it moved anything");
+                dropped += 1;
+            }
+            None => {}
+        }
+    }
+    Ok((kept, dropped))
+}
+
+/// Whether a reserved version left its path (`None`: cannot tell now).
+fn left_its_path(v: &ReservedVersion) -> Option<bool> {
+    let at = v.path.to_fs(&v.root);
+    let gone = |r: io::Result<fs::Metadata>| match r {
+        Ok(_) => Some(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Some(true),
+        Err(_) => None,
+    };
+    match v.kind {
+        // A pull moves every file it replaces (empty ones too) aside.
+        FileKind::File => gone(fs::symlink_metadata(pending_file(&v.root, v.id))).map(|g| !g),
+        FileKind::Symlink => match fs::read_link(&at) {
+            Ok(t) => Some(t.to_str() != v.symlink_target.as_deref()),
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => Some(true),
+            Err(e) => gone(Err(e)),
+        },
+        FileKind::Dir => match fs::symlink_metadata(&at) {
+            Ok(m) => Some(!m.is_dir()),
+            r => gone(r),
+        },
+    }
 }
 
 fn ingest_until(
@@ -108,7 +185,7 @@ fn ingest_until(
             }
             let root_ok = *roots_ok
                 .entry(p.folder)
-                .or_insert_with(|| check_root(&folder_stub(p)).is_ok());
+                .or_insert_with(|| check_root(&folder_stub(p.folder, &p.root)).is_ok());
             if p.kind != FileKind::File || p.size == 0 {
                 ready.push(p);
                 continue;
@@ -178,12 +255,12 @@ fn ingest_until(
 }
 
 /// Enough of a folder for `check_root`.
-fn folder_stub(p: &PendingVersion) -> Folder {
+fn folder_stub(row: i64, root: &Path) -> Folder {
     Folder {
-        row: p.folder,
+        row,
         id: crate::folder::FolderId::new("pending").expect("valid id"),
         label: String::new(),
-        path: p.root.clone(),
+        path: root.to_owned(),
         folder_type: crate::folder::FolderType::SendReceive,
         sequence: 0,
         error: None,
@@ -518,6 +595,280 @@ pub(crate) mod tests {
             assert!(!pending_file(&f.folder.path, id).exists(), "{crash:?}");
             assert_eq!(f.restore_bytes(id), v1, "{crash:?}");
             assert!(f.store.verify(&f.index).unwrap().is_ok());
+        }
+    }
+
+    mod killed_pulls {
+        use std::os::unix::fs::MetadataExt;
+
+        use super::*;
+        use crate::history::verify::verify;
+        use crate::index::{IndexError, Pulled, RemoteFile, Superseded};
+        use crate::version_vector::VersionVector;
+
+        /// The record a peer announces for `data` at `path` (`None`: a
+        /// delete), with its chunk list.
+        fn remote(path: &str, data: Option<&[u8]>) -> (RemoteFile, Vec<ChunkInfo>) {
+            let d = data.map(|d| chunk_bytes(d, DEFAULT_PARAMS));
+            let r = RemoteFile {
+                path: RelPath::new(path).unwrap(),
+                kind: FileKind::File,
+                size: data.map_or(0, |d| d.len() as u64),
+                mtime_ns: 5_000_000_000,
+                permissions: 0o644,
+                hash: d.as_ref().map(|d| d.hash),
+                symlink_target: None,
+                deleted: data.is_none(),
+                version: VersionVector::new().with(ShortId(1), 9).with(ShortId(2), 1),
+                modified_by: ShortId(2),
+                sequence: 1,
+                groups: Vec::new(),
+            };
+            (r, d.map(|d| d.chunks).unwrap_or_default())
+        }
+
+        fn pulled<'a>(r: &'a RemoteFile, chunks: &'a [ChunkInfo]) -> Pulled<'a> {
+            Pulled {
+                remote: r,
+                version: r.version.clone(),
+                meta: FileMeta {
+                    kind: FileKind::File,
+                    size: 0,
+                    mtime_ns: r.mtime_ns,
+                    permissions: r.permissions,
+                    inode: 0,
+                    dev: 0,
+                },
+                chunks,
+            }
+        }
+
+        /// What `pull::place` does: the live file goes to
+        /// `.ferry/versions/<id>` and `next` (if any) takes its place.
+        fn place(
+            root: &Path,
+            path: &str,
+            id: Option<i64>,
+            next: Option<&[u8]>,
+        ) -> io::Result<Option<FileMeta>> {
+            let target = RelPath::new(path).unwrap().to_fs(root);
+            fs::create_dir_all(versions_dir(root))?;
+            fs::rename(&target, pending_file(root, id.expect("a version to keep")))?;
+            let Some(next) = next else { return Ok(None) };
+            fs::write(&target, next)?;
+            let m = fs::metadata(&target)?;
+            Ok(Some(FileMeta {
+                kind: FileKind::File,
+                size: m.len(),
+                mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+                permissions: 0o644,
+                inode: m.ino(),
+                dev: m.dev(),
+            }))
+        }
+
+        /// A restart after a kill: the index and store opened again.
+        fn restart(f: &mut Fixture) {
+            let db = f._dir.path().join("index.db");
+            f.index = Index::open(&db, Duration::from_secs(5)).unwrap();
+            f.store = ChunkStore::open(f.store.dir(), &f.index).unwrap();
+        }
+
+        fn listed(f: &Fixture, path: &str) -> Vec<i64> {
+            let p = RelPath::new(path).unwrap();
+            let list = f.index.history_of(f.folder.row, Some(&p), false).unwrap();
+            list.iter().map(|v| v.id).collect()
+        }
+
+        #[test]
+        fn a_kill_after_the_old_version_moved_aside_keeps_it_restorable() {
+            let mut f = fixture();
+            let v1 = data(400_000, 21);
+            f.record("a.bin", &v1);
+            let (row, root) = (f.folder.row, f.folder.path.clone());
+            let a = RelPath::new("a.bin").unwrap();
+            let (r, chunks) = remote("a.bin", Some(b"the new version"));
+            // First transaction: the row, committed before anything moves.
+            let id = f
+                .index
+                .reserve_superseded(row, &[(&a, Superseded::Replaced)])
+                .unwrap()[0]
+                .unwrap();
+            assert!(listed(&f, "a.bin").is_empty(), "not a version yet");
+            // Second: both renames happen, then the agent dies before the
+            // commit (the transaction is rolled back, as a kill leaves it).
+            let killed = f.index.batch(|i| {
+                i.record_pulled_reserved(row, &a, pulled(&r, &chunks), Some(id), |h| {
+                    place(&root, "a.bin", h, Some(b"the new version"))?;
+                    Err(io::Error::other("killed"))
+                })
+            });
+            assert!(killed.is_err());
+            restart(&mut f);
+            let live = f.index.local_file(row, &a).unwrap().unwrap();
+            assert_eq!(
+                live.record.hash,
+                Some(chunk_bytes(&v1, DEFAULT_PARAMS).hash)
+            );
+            assert_eq!(fs::read(pending_file(&root, id)).unwrap(), v1);
+            // Nothing reported damaged while it waits; a sweep leaves its file.
+            assert!(verify(&f.index, &f.store).unwrap().is_ok());
+            assert_eq!(sweep(&f.index, &root).unwrap(), 0);
+            // A reservation just made may be a pull in progress: left alone.
+            assert_eq!(settle_reservations(&mut f.index, 0).unwrap(), (0, 0));
+            assert_eq!(settle_reservations(&mut f.index, i64::MAX).unwrap(), (1, 0));
+            let report =
+                ingest_pending(&mut f.index, &f.store, &mut HashSet::new(), &|| false).unwrap();
+            assert_eq!((report.versions, report.bytes), (1, 400_000));
+            assert!(report.damaged.is_empty());
+            assert_eq!(listed(&f, "a.bin"), [id]);
+            assert!(!pending_file(&root, id).exists());
+            assert_eq!(f.restore_bytes(id), v1);
+            assert!(verify(&f.index, &f.store).unwrap().is_ok());
+        }
+
+        #[test]
+        fn a_kill_before_anything_moved_leaves_no_version_and_the_next_pull_keeps_it() {
+            let mut f = fixture();
+            let v1 = data(300_000, 22);
+            f.record("a.bin", &v1);
+            let (row, root) = (f.folder.row, f.folder.path.clone());
+            let a = RelPath::new("a.bin").unwrap();
+            let id = f
+                .index
+                .reserve_superseded(row, &[(&a, Superseded::Replaced)])
+                .unwrap()[0]
+                .unwrap();
+            restart(&mut f);
+            assert!(listed(&f, "a.bin").is_empty());
+            assert_eq!(f.index.history_totals(None).unwrap().versions, 0);
+            let check = verify(&f.index, &f.store).unwrap();
+            assert!(check.is_ok() && check.pending == 0, "{check:?}");
+            // The ingest drops it: the version is still the live file.
+            let report =
+                ingest_pending(&mut f.index, &f.store, &mut HashSet::new(), &|| false).unwrap();
+            assert_eq!(report.reservations_dropped, 0, "within the grace period");
+            assert_eq!(settle_reservations(&mut f.index, i64::MAX).unwrap(), (0, 1));
+            assert!(f.index.history_reserved(i64::MAX).unwrap().is_empty());
+            assert!(f.index.history_chunks(id).unwrap().is_empty());
+            let report =
+                ingest_pending(&mut f.index, &f.store, &mut HashSet::new(), &|| false).unwrap();
+            assert_eq!((report.versions, report.damaged.len()), (0, 0));
+            assert_eq!(fs::read(a.to_fs(&root)).unwrap(), v1);
+            // The pull again, to the end.
+            let (r, chunks) = remote("a.bin", Some(b"the new version"));
+            f.index
+                .record_pulled(
+                    row,
+                    &a,
+                    pulled(&r, &chunks),
+                    Some(Superseded::Replaced),
+                    |h| place(&root, "a.bin", h, Some(b"the new version")),
+                )
+                .unwrap();
+            let kept = listed(&f, "a.bin");
+            assert_eq!(kept.len(), 1);
+            ingest_pending(&mut f.index, &f.store, &mut HashSet::new(), &|| false).unwrap();
+            assert_eq!(f.restore_bytes(kept[0]), v1);
+            assert!(verify(&f.index, &f.store).unwrap().is_ok());
+        }
+
+        #[test]
+        fn a_pull_retried_after_a_kill_reuses_the_row_it_reserved() {
+            let mut f = fixture();
+            let v1 = data(200_000, 23);
+            f.record("a.bin", &v1);
+            let (row, root) = (f.folder.row, f.folder.path.clone());
+            let a = RelPath::new("a.bin").unwrap();
+            let first = f
+                .index
+                .reserve_superseded(row, &[(&a, Superseded::Replaced)])
+                .unwrap()[0];
+            restart(&mut f);
+            let again = f
+                .index
+                .reserve_superseded(row, &[(&a, Superseded::Deleted)])
+                .unwrap()[0];
+            assert_eq!(again, first);
+            let (r, chunks) = remote("a.bin", None);
+            f.index
+                .record_pulled_reserved(row, &a, pulled(&r, &chunks), again, |h| {
+                    place(&root, "a.bin", h, None)
+                })
+                .unwrap();
+            let list = f.index.history_of(row, Some(&a), false).unwrap();
+            assert_eq!(
+                list.iter().map(|v| v.id).collect::<Vec<_>>(),
+                [first.unwrap()]
+            );
+            assert_eq!(list[0].reason, HistoryReason::Deleted);
+            assert_eq!(settle_reservations(&mut f.index, i64::MAX).unwrap(), (0, 0));
+            ingest_pending(&mut f.index, &f.store, &mut HashSet::new(), &|| false).unwrap();
+            assert_eq!(f.restore_bytes(first.unwrap()), v1);
+        }
+
+        #[test]
+        fn a_delete_retried_after_a_kill_past_the_move_keeps_the_version_once() {
+            let mut f = fixture();
+            let v1 = data(200_000, 24);
+            f.record("a.bin", &v1);
+            let (row, root) = (f.folder.row, f.folder.path.clone());
+            let a = RelPath::new("a.bin").unwrap();
+            let (r, chunks) = remote("a.bin", None);
+            let id = f
+                .index
+                .reserve_superseded(row, &[(&a, Superseded::Deleted)])
+                .unwrap()[0];
+            let killed = f.index.batch(|i| {
+                i.record_pulled_reserved(row, &a, pulled(&r, &chunks), id, |h| {
+                    place(&root, "a.bin", h, None)?;
+                    Err(io::Error::other("killed"))
+                })
+            });
+            assert!(killed.is_err());
+            restart(&mut f);
+            assert_eq!(settle_reservations(&mut f.index, i64::MAX).unwrap(), (1, 0));
+            ingest_pending(&mut f.index, &f.store, &mut HashSet::new(), &|| false).unwrap();
+            // The delete pulled again: the path is empty already, and the
+            // version kept is not kept a second time (with no bytes).
+            f.index
+                .record_pulled(
+                    row,
+                    &a,
+                    pulled(&r, &chunks),
+                    Some(Superseded::Deleted),
+                    |h| {
+                        assert_eq!(h, id);
+                        Ok(None)
+                    },
+                )
+                .unwrap();
+            assert_eq!(listed(&f, "a.bin"), [id.unwrap()]);
+            assert!(f.pending_ids().is_empty());
+            assert_eq!(f.restore_bytes(id.unwrap()), v1);
+            assert!(verify(&f.index, &f.store).unwrap().is_ok());
+        }
+
+        #[test]
+        fn a_reservation_settled_between_the_transactions_moves_nothing() {
+            let mut f = fixture();
+            f.record("a.bin", b"old");
+            let (row, root) = (f.folder.row, f.folder.path.clone());
+            let a = RelPath::new("a.bin").unwrap();
+            let id = f
+                .index
+                .reserve_superseded(row, &[(&a, Superseded::Replaced)])
+                .unwrap()[0];
+            assert_eq!(settle_reservations(&mut f.index, i64::MAX).unwrap(), (0, 1));
+            let (r, chunks) = remote("a.bin", Some(b"new"));
+            let err = f
+                .index
+                .record_pulled_reserved(row, &a, pulled(&r, &chunks), id, |_| {
+                    panic!("nothing may move")
+                })
+                .unwrap_err();
+            assert!(matches!(err, IndexError::ReservationGone(_)), "{err}");
+            assert_eq!(fs::read(a.to_fs(&root)).unwrap(), b"old");
         }
     }
 

@@ -3,10 +3,13 @@
 //! ([`ingest`]), keeping local versions ([`local`]), the retention policy and
 //! pruning, restoring versions and resolving conflicts, and checking it all.
 //!
-//! Where a version's bytes are: a pull renames the file it replaces to
+//! Where a version's bytes are: a pull commits the version's history row
+//! (reserved: not listed yet), then renames the file it replaces to
 //! `<folder>/.ferry/versions/<history id>` inside the transaction that records
-//! it (so pulls stay fast); the agent then cuts that file by the version's
-//! chunk list into the chunk store under `<home>/store` and deletes it.
+//! the pull and makes the row a version (so pulls stay fast, and a kill at any
+//! point leaves either the version at its path or its file under a row); the
+//! agent then cuts that file by the version's chunk list into the chunk store
+//! under `<home>/store` and deletes it.
 
 pub mod ingest;
 pub mod local;

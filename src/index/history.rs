@@ -135,6 +135,24 @@ pub struct PendingVersion {
     pub hash: Option<FileHash>,
 }
 
+/// A history row a pull reserved for the version it was about to replace,
+/// not yet committed as a version (see [`Index::reserve_superseded`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservedVersion {
+    /// Row id (the pull sets the version's file aside under it).
+    pub id: i64,
+    /// Row id of the folder.
+    pub folder: i64,
+    /// The folder root.
+    pub root: PathBuf,
+    /// The path the version was at.
+    pub path: RelPath,
+    /// File, directory or symlink.
+    pub kind: FileKind,
+    /// Link target (symlinks).
+    pub symlink_target: Option<String>,
+}
+
 /// Totals of the history.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct HistoryTotals {
@@ -256,6 +274,20 @@ fn version_row(r: &rusqlite::Row<'_>) -> Result<HistoryVersion> {
     })
 }
 
+/// A reserved row: `id, folder, root, path, kind, symlink_target`.
+fn reserved_row(r: &rusqlite::Row<'_>) -> Result<ReservedVersion> {
+    let root: String = r.get(2)?;
+    let path: String = r.get(3)?;
+    Ok(ReservedVersion {
+        id: r.get(0)?,
+        folder: r.get(1)?,
+        root: PathBuf::from(root),
+        path: RelPath::new(&path).map_err(|e| IndexError::Corrupt(format!("stored path: {e}")))?,
+        kind: FileKind::from_sql(r.get(4)?)?,
+        symlink_target: r.get(5)?,
+    })
+}
+
 /// `(exact, lo, hi)` bounds selecting `under` and the paths below it (all
 /// paths when `None`): paths below `p` sort between "p/" and "p0".
 fn bounds(under: Option<&RelPath>) -> (String, String, String) {
@@ -298,7 +330,7 @@ pub(super) fn keep_local_version(tx: &rusqlite::Transaction<'_>, file: i64) -> R
                AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.file = f.id AND NOT EXISTS
                    (SELECT 1 FROM store_chunks s WHERE s.hash = c.hash))
                AND NOT EXISTS (SELECT 1 FROM history h WHERE h.folder = f.folder
-                   AND h.path = f.path AND h.version = f.version)",
+                   AND h.path = f.path AND h.version = f.version AND h.reserved = 0)",
         )?
         .execute(params![file, now_secs()])?;
     if n == 1 {
@@ -366,6 +398,7 @@ impl Index {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {COLUMNS} FROM history h
              WHERE h.folder = ?1 AND (h.path = ?2 OR (?5 AND h.path >= ?3 AND h.path < ?4))
+               AND h.reserved = 0
              ORDER BY h.superseded_at DESC, h.id DESC"
         ))?;
         let mut rows = stmt.query(params![folder, exact, lo, hi, below])?;
@@ -378,9 +411,9 @@ impl Index {
 
     /// One version by id.
     pub fn history_version(&self, id: i64) -> Result<Option<HistoryVersion>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM history h WHERE h.id = ?1"))?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM history h WHERE h.id = ?1 AND h.reserved = 0"
+        ))?;
         let mut rows = stmt.query([id])?;
         match rows.next()? {
             Some(r) => Ok(Some(version_row(r)?)),
@@ -409,7 +442,7 @@ impl Index {
         let mut stmt = self.conn.prepare_cached(
             "SELECT h.id, h.stored, c.offset
              FROM history_chunks c JOIN history h ON h.id = c.version
-             WHERE c.hash = ?1 AND c.size = ?2 AND h.folder = ?3
+             WHERE c.hash = ?1 AND c.size = ?2 AND h.folder = ?3 AND h.reserved = 0
              ORDER BY h.stored DESC LIMIT ?4",
         )?;
         let rows = stmt.query_map(params![&hash.0[..], size, folder, limit as i64], |r| {
@@ -436,7 +469,7 @@ impl Index {
             let mut stmt = self.conn.prepare(&format!(
                 "SELECT {COLUMNS} FROM history h
                  WHERE h.folder = ?1 AND (h.path = ?2 OR (h.path >= ?3 AND h.path < ?4))
-                   AND h.superseded_at > ?5 AND h.kind != 1
+                   AND h.superseded_at > ?5 AND h.kind != 1 AND h.reserved = 0
                  ORDER BY h.path, h.superseded_at, h.id"
             ))?;
             let mut rows = stmt.query(params![folder, exact, lo, hi, at])?;
@@ -449,7 +482,8 @@ impl Index {
         {
             let mut stmt = self.conn.prepare(
                 "SELECT DISTINCT path FROM history
-                 WHERE folder = ?1 AND (path = ?2 OR (path >= ?3 AND path < ?4)) AND kind != 1",
+                 WHERE folder = ?1 AND (path = ?2 OR (path >= ?3 AND path < ?4)) AND kind != 1
+                   AND reserved = 0",
             )?;
             let rows = stmt.query_map(params![folder, exact, lo, hi], |r| r.get::<_, String>(0))?;
             for p in rows {
@@ -496,7 +530,7 @@ impl Index {
         let mut stmt = self.conn.prepare_cached(
             "SELECT h.id, h.folder, f.path, h.path, h.kind, h.size, h.hash
              FROM history h JOIN folders f ON f.id = h.folder
-             WHERE h.stored = 0 ORDER BY h.id LIMIT ?1",
+             WHERE h.stored = 0 AND h.reserved = 0 ORDER BY h.id LIMIT ?1",
         )?;
         let mut rows = stmt.query([limit as i64])?;
         let mut out = Vec::new();
@@ -515,6 +549,64 @@ impl Index {
             });
         }
         Ok(out)
+    }
+
+    /// Rows pulls reserved before `before` (Unix seconds) and did not commit:
+    /// left by a pull killed between its two transactions (or one in progress
+    /// in another connection, for rows reserved just now).
+    pub fn history_reserved(&self, before: i64) -> Result<Vec<ReservedVersion>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT h.id, h.folder, f.path, h.path, h.kind, h.symlink_target
+             FROM history h JOIN folders f ON f.id = h.folder
+             WHERE h.reserved = 1 AND h.superseded_at < ?1 ORDER BY h.id",
+        )?;
+        let mut rows = stmt.query([before])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(reserved_row(r)?);
+        }
+        Ok(out)
+    }
+
+    /// Settles a reserved row under the write lock: `left` says whether the
+    /// version left its path (the pull moved it before it was killed), in
+    /// which case the row becomes a version; otherwise the version never left
+    /// and the row (with its chunk list) is dropped. Returns `Some(kept)`, or
+    /// `None` if the row is no longer reserved (its pull committed, or it was
+    /// settled already) or `left` cannot tell. Inside a transaction it joins
+    /// it.
+    pub fn history_settle_reserved(
+        &mut self,
+        id: i64,
+        left: impl FnOnce(&ReservedVersion) -> Option<bool>,
+    ) -> Result<Option<bool>> {
+        if self.conn.is_autocommit() {
+            return self.batch(|i| i.history_settle_reserved(id, left));
+        }
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT h.id, h.folder, f.path, h.path, h.kind, h.symlink_target
+                 FROM history h JOIN folders f ON f.id = h.folder
+                 WHERE h.id = ?1 AND h.reserved = 1",
+            )?
+            .query_row([id], |r| Ok(reserved_row(r)))
+            .optional()?
+            .transpose()?;
+        let Some(row) = row else { return Ok(None) };
+        let Some(kept) = left(&row) else {
+            return Ok(None);
+        };
+        if kept {
+            self.conn
+                .prepare_cached("UPDATE history SET reserved = 0 WHERE id = ?1")?
+                .execute([id])?;
+        } else {
+            self.conn
+                .prepare_cached("DELETE FROM history WHERE id = ?1")?
+                .execute([id])?;
+        }
+        Ok(Some(kept))
     }
 
     /// Marks versions as stored (their bytes are in the chunk store, or they
@@ -551,7 +643,8 @@ impl Index {
     /// What retention needs of every version of a folder.
     pub fn history_for_retention(&self, folder: i64) -> Result<Vec<VersionInfo>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, path, superseded_at, size FROM history WHERE folder = ?1 ORDER BY id",
+            "SELECT id, path, superseded_at, size FROM history
+             WHERE folder = ?1 AND reserved = 0 ORDER BY id",
         )?;
         let rows = stmt.query_map([folder], |r| {
             Ok((
@@ -580,8 +673,9 @@ impl Index {
     pub fn history_delete(&mut self, ids: &[i64]) -> Result<Vec<i64>> {
         self.durably(|tx| {
             let mut pending = Vec::new();
-            let mut del =
-                tx.prepare_cached("DELETE FROM history WHERE id = ?1 RETURNING stored")?;
+            let mut del = tx.prepare_cached(
+                "DELETE FROM history WHERE id = ?1 AND reserved = 0 RETURNING stored",
+            )?;
             for id in ids {
                 let stored: Option<bool> = del.query_row([id], |r| r.get(0)).optional()?;
                 if stored == Some(false) {
@@ -597,7 +691,7 @@ impl Index {
         Ok(self.conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(size), 0),
                     COALESCE(SUM(stored = 0), 0), COALESCE(SUM(CASE WHEN stored = 0 THEN size END), 0)
-             FROM history WHERE ?1 IS NULL OR folder = ?1",
+             FROM history WHERE (?1 IS NULL OR folder = ?1) AND reserved = 0",
             [folder],
             |r| {
                 Ok(HistoryTotals {

@@ -11,7 +11,7 @@ mod store;
 pub use devices::{Offer, Peer};
 pub use history::{
     CaptureCandidate, EntryAt, HistoryReason, HistoryTotals, HistoryTx, HistoryVersion, Kept,
-    LocalHistory, OpenConflict, PathAt, PendingVersion, VersionChunk,
+    LocalHistory, OpenConflict, PathAt, PendingVersion, ReservedVersion, VersionChunk,
 };
 pub use remote::{
     ChunkSource, ConflictRecord, LocalFile, PeerCompletion, Pulled, RemoteFile, Superseded,
@@ -66,6 +66,10 @@ pub enum IndexError {
     /// A filesystem step that had to succeed inside a transaction failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The history row a pull reserved for the version it replaces was
+    /// settled meanwhile (by the history ingest): nothing was moved.
+    #[error("the history entry kept for the replaced version was settled meanwhile; pull again")]
+    ReservationGone(i64),
 }
 
 impl From<rusqlite::Error> for IndexError {
@@ -907,7 +911,10 @@ mod tests {
                  VALUES ('docs', 'Docs', '/srv/docs', 'send-only', 1, 0);
                  INSERT INTO files (folder, path, kind, size, mtime_ns, permissions, hash,
                                     sequence, version, modified_by)
-                 VALUES (1, 'a.txt', 0, 3, 7, 420, zeroblob(32), 1, X'00000000000000010000000000000001', 1);",
+                 VALUES (1, 'a.txt', 0, 3, 7, 420, zeroblob(32), 1, X'00000000000000010000000000000001', 1);
+                 INSERT INTO history (folder, path, kind, size, mtime_ns, permissions, hash,
+                                      version, modified_by, superseded_at, reason, stored)
+                 VALUES (1, 'a.txt', 0, 2, 5, 420, zeroblob(32), X'', 1, 6, 'replaced', 1);",
             )
             .unwrap();
         }
@@ -924,11 +931,13 @@ mod tests {
         let files = idx.list_files(f.row, None, true).unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].version.get(ShortId(1)), 1);
-        let history: i64 = idx
-            .conn
-            .query_row("SELECT COUNT(*) FROM history", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(history, 0);
+        // Versions kept before pulls reserved their rows (schema 8) stay
+        // versions.
+        let a = RelPath::new("a.txt").unwrap();
+        let history = idx.history_of(f.row, Some(&a), false).unwrap();
+        assert_eq!(history.len(), 1);
+        assert!(history[0].stored);
+        assert!(idx.history_reserved(i64::MAX).unwrap().is_empty());
         let totals = idx.store_totals().unwrap();
         assert_eq!(totals, StoreTotals::default());
         assert!(idx.store_unstored_history_chunks().unwrap().is_empty());

@@ -461,10 +461,35 @@ impl Index {
         Ok(Some(out))
     }
 
-    /// Records that a remote version of a path is now on disk, in one
-    /// transaction. `place` runs inside it, after the version being replaced got
-    /// its history row (whose id it receives, to keep that version's bytes under
-    /// it); if `place` fails nothing is recorded.
+    /// Reserves history rows for the live versions at `paths` that pulls are
+    /// about to replace, in one transaction committed before returning (inside
+    /// a [`Index::batch`] it joins it instead): the rows must be durable before
+    /// the files move, or a kill between the move and the pull's commit would
+    /// leave the version's bytes set aside with no row. A reserved row is not a
+    /// version until [`Index::record_pulled_reserved`] commits it (see
+    /// `schema`, `history.reserved`). Returns, per path, the row id (`None`: no
+    /// live record there). A version kept already (reserved by a pull killed
+    /// before its commit, and maybe settled since) keeps its row: the pull
+    /// retried reuses it rather than keeping the version twice.
+    pub fn reserve_superseded(
+        &mut self,
+        folder: i64,
+        paths: &[(&RelPath, Superseded)],
+    ) -> Result<Vec<Option<i64>>> {
+        if self.conn.is_autocommit() {
+            // Fsynced: files move after it, and a power cut must not undo it
+            // while keeping the moves.
+            return self.durably(|tx| reserve_in(tx, folder, paths));
+        }
+        reserve_in(&self.conn, folder, paths)
+    }
+
+    /// Records that a remote version of a path is now on disk. With
+    /// `superseded`, the version it replaces is kept in the history: its row is
+    /// reserved and committed first ([`Index::reserve_superseded`]), then
+    /// [`Index::record_pulled_reserved`] moves and records. Inside a
+    /// [`Index::batch`] both join the batch's transaction, so a kill after the
+    /// move loses the row: callers that batch reserve before the batch.
     pub fn record_pulled(
         &mut self,
         folder: i64,
@@ -473,34 +498,47 @@ impl Index {
         superseded: Option<Superseded>,
         place: impl FnOnce(Option<i64>) -> std::io::Result<Option<FileMeta>>,
     ) -> Result<()> {
-        // A savepoint: on its own it is a transaction, inside [`Index::batch`]
-        // it rolls back only this file if `place` fails.
-        let tx = self.conn.savepoint()?;
-        let old: Option<i64> = tx
-            .prepare_cached("SELECT id FROM files WHERE folder = ?1 AND path = ?2 AND deleted = 0")?
-            .query_row(params![folder, path.as_str()], |r| r.get(0))
-            .optional()?;
-        let history = match (superseded, old) {
-            (Some(reason), Some(old)) => {
-                tx.prepare_cached(
-                    "INSERT INTO history (folder, path, kind, size, mtime_ns, permissions, hash,
-                         symlink_target, version, modified_by, superseded_at, reason)
-                     SELECT folder, path, kind, size, mtime_ns, permissions, hash,
-                         symlink_target, version, modified_by, ?2, ?3
-                     FROM files WHERE id = ?1",
-                )?
-                .execute(params![old, now_secs(), reason.as_sql()])?;
-                let hid = tx.last_insert_rowid();
-                tx.prepare_cached(
-                    "INSERT INTO history_chunks (version, idx, offset, size, hash)
-                     SELECT ?2, idx, offset, size, hash FROM chunks WHERE file = ?1",
-                )?
-                .execute([old, hid])?;
-                Some(hid)
-            }
-            _ => None,
+        let reserved = match superseded {
+            Some(reason) => self.reserve_superseded(folder, &[(path, reason)])?[0],
+            None => None,
         };
-        let meta = place(history)?.unwrap_or(pulled.meta);
+        self.record_pulled_reserved(folder, path, pulled, reserved, place)
+    }
+
+    /// Records that a remote version of a path is now on disk, in one
+    /// savepoint: on its own a transaction, inside [`Index::batch`] it rolls
+    /// back only this file if `place` fails. `reserved` is the row
+    /// [`Index::reserve_superseded`] kept for the version being replaced; it
+    /// becomes a version here, and `place` receives its id (to set that
+    /// version's bytes aside under it) after checking it is still there. If
+    /// `place` fails nothing is recorded, and the row stays reserved for a
+    /// retry or for the history ingest to settle.
+    pub fn record_pulled_reserved(
+        &mut self,
+        folder: i64,
+        path: &RelPath,
+        pulled: Pulled<'_>,
+        reserved: Option<i64>,
+        place: impl FnOnce(Option<i64>) -> std::io::Result<Option<FileMeta>>,
+    ) -> Result<()> {
+        let tx = self.conn.savepoint()?;
+        if let Some(id) = reserved {
+            let found: Option<bool> = tx
+                .prepare_cached("SELECT reserved FROM history WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            match found {
+                // Settled as never used between the two transactions (by
+                // another connection): nothing has moved yet.
+                None => return Err(IndexError::ReservationGone(id)),
+                Some(true) => {
+                    tx.prepare_cached("UPDATE history SET reserved = 0 WHERE id = ?1")?
+                        .execute([id])?;
+                }
+                Some(false) => {}
+            }
+        }
+        let meta = place(reserved)?.unwrap_or(pulled.meta);
         let seq = next_sequence(&tx, folder)?;
         let r = pulled.remote;
         let id: i64 = tx.prepare_cached(UPSERT_FILE)?.query_row(
@@ -713,6 +751,65 @@ impl Index {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+}
+
+/// [`Index::reserve_superseded`] inside the caller's transaction.
+fn reserve_in(
+    conn: &rusqlite::Connection,
+    folder: i64,
+    paths: &[(&RelPath, Superseded)],
+) -> Result<Vec<Option<i64>>> {
+    let now = now_secs();
+    let mut live = conn
+        .prepare_cached("SELECT id FROM files WHERE folder = ?1 AND path = ?2 AND deleted = 0")?;
+    let mut kept = conn.prepare_cached(
+        "SELECT h.id, h.reserved FROM files f JOIN history h
+             ON h.folder = f.folder AND h.path = f.path AND h.version = f.version
+         WHERE f.id = ?1 AND h.kind = f.kind AND h.hash IS f.hash
+         ORDER BY h.id DESC LIMIT 1",
+    )?;
+    let mut refresh =
+        conn.prepare_cached("UPDATE history SET superseded_at = ?2, reason = ?3 WHERE id = ?1")?;
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO history (folder, path, kind, size, mtime_ns, permissions, hash,
+             symlink_target, version, modified_by, superseded_at, reason, reserved)
+         SELECT folder, path, kind, size, mtime_ns, permissions, hash,
+             symlink_target, version, modified_by, ?2, ?3, 1
+         FROM files WHERE id = ?1",
+    )?;
+    let mut chunks = conn.prepare_cached(
+        "INSERT INTO history_chunks (version, idx, offset, size, hash)
+         SELECT ?2, idx, offset, size, hash FROM chunks WHERE file = ?1",
+    )?;
+    let mut out = Vec::with_capacity(paths.len());
+    for (path, reason) in paths {
+        let file: Option<i64> = live
+            .query_row(params![folder, path.as_str()], |r| r.get(0))
+            .optional()?;
+        let Some(file) = file else {
+            out.push(None);
+            continue;
+        };
+        let found: Option<(i64, bool)> = kept
+            .query_row([file], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let id = match found {
+            Some((id, reserved)) => {
+                if reserved {
+                    refresh.execute(params![id, now, reason.as_sql()])?;
+                }
+                id
+            }
+            None => {
+                insert.execute(params![file, now, reason.as_sql()])?;
+                let id = conn.last_insert_rowid();
+                chunks.execute([file, id])?;
+                id
+            }
+        };
+        out.push(Some(id));
+    }
+    Ok(out)
 }
 
 /// A local record: [`RECORD_COLUMNS`], then `inode, dev`.

@@ -36,6 +36,15 @@
 //!   and 1 once they are in the chunk store (or the version has no bytes);
 //! - `conflicts.local_won` is 1 when this device's version stayed at `path`, 0
 //!   when it became the copy at `conflict_path`.
+//! - `history.reserved` is 1 while a pull has kept a row for the version it is
+//!   about to replace but has not yet committed the replacement: the row is
+//!   committed before anything moves (so a kill after the rename cannot lose the
+//!   version's only record) and is not a version yet. Listings, retention,
+//!   verification and serving skip such rows. The pull's own commit sets it to
+//!   0; a row left reserved by a killed pull is settled by the history ingest
+//!   (kept if the version left its path, e.g. its file is under
+//!   `.ferry/versions/<id>`, dropped if it never did), or reused when the pull
+//!   is retried.
 
 /// `PRAGMA application_id` of a ferry index: "FRRY".
 pub const APPLICATION_ID: i32 = 0x4652_5259;
@@ -227,5 +236,11 @@ ALTER TABLE history ADD COLUMN stored INTEGER NOT NULL DEFAULT 0 CHECK (stored I
 UPDATE history SET stored = 1 WHERE kind != 0 OR size = 0;
 CREATE INDEX history_pending ON history(stored) WHERE stored = 0;
 ALTER TABLE conflicts ADD COLUMN local_won INTEGER CHECK (local_won IN (0, 1));
+"#,
+    // 8: history rows a pull reserves (committed before it moves the version
+    // they keep) and that are not versions until the pull commits.
+    r#"
+ALTER TABLE history ADD COLUMN reserved INTEGER NOT NULL DEFAULT 0 CHECK (reserved IN (0, 1));
+CREATE INDEX history_reserved ON history(id) WHERE reserved = 1;
 "#,
 ];

@@ -2,8 +2,9 @@
 //! place: chunks copied from local files where possible and fetched from peers
 //! otherwise, assembled in a temp file under the folder's marker, fsynced,
 //! verified against the whole-file hash, and renamed into place, with the
-//! version it replaces kept in the history and the index updated in the same
-//! transaction.
+//! version it replaces kept in the history (its row reserved and committed
+//! before anything moves) and the index updated in the transaction that
+//! moves it.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -349,7 +350,7 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
     let small = Arc::new(Semaphore::new(engine.sync.parallel_files * 8));
     let requests = Arc::new(Semaphore::new(engine.sync.requests_in_flight));
     let mut stage_no = 0;
-    let commits = Committer::start(engine.index.clone());
+    let commits = Committer::start(engine.index.clone(), row);
     let mut set = tokio::task::JoinSet::new();
     for action in actions {
         let s = stage(&action).0;
@@ -599,15 +600,16 @@ async fn take(
         dev: 0,
     });
     let local_kind = live_local.as_ref().map(|l| l.record.kind);
+    let reserve = superseded.map(|s| (path.clone(), s));
     commits
-        .commit(move |i, dirs| {
+        .commit(reserve, move |i, reserved, dirs| {
             let pulled = Pulled {
                 remote: &remote2,
                 version,
                 meta: meta_if_deleted,
                 chunks: &chunks,
             };
-            i.record_pulled(row, &path, pulled, superseded, |history| {
+            i.record_pulled_reserved(row, &path, pulled, reserved, |history| {
                 let old = OnDisk {
                     expected: expected.as_ref(),
                     kind: local_kind,
@@ -655,22 +657,33 @@ const SMALL_FILE: u64 = 256 << 10;
 /// Most placements recorded in one transaction.
 const MAX_BATCH: usize = 128;
 
-type CommitFn =
-    Box<dyn FnOnce(&mut Index, &mut HashSet<PathBuf>) -> crate::index::Result<()> + Send>;
-type CommitJob = (CommitFn, oneshot::Sender<crate::index::Result<()>>);
+/// Records one placement, given the history row reserved for the version it
+/// replaces.
+type CommitFn = Box<
+    dyn FnOnce(&mut Index, Option<i64>, &mut HashSet<PathBuf>) -> crate::index::Result<()> + Send,
+>;
+/// A placement, the version it replaces (to reserve a history row for), and
+/// where its result goes.
+type CommitJob = (
+    CommitFn,
+    Option<(RelPath, Superseded)>,
+    oneshot::Sender<crate::index::Result<()>>,
+);
 
 /// Records placements in batches: whatever queued while the last batch ran
-/// goes into the next transaction, so small files do not pay a commit (and a
-/// directory fsync) each. Every placement still happens inside the
-/// transaction that records it, and the directories it renamed into are
-/// fsynced before that transaction commits.
+/// goes into the next transactions, so small files do not pay a commit (and a
+/// directory fsync) each. A batch is two transactions: the first reserves the
+/// history rows of the versions the placements replace and commits before
+/// anything moves (so a kill during the moves cannot leave a version set aside
+/// without its row); the second holds the placements, each in its savepoint,
+/// and commits once the directories they renamed into are fsynced.
 #[derive(Clone)]
 struct Committer {
     jobs: mpsc::Sender<CommitJob>,
 }
 
 impl Committer {
-    fn start(index: SharedIndex) -> Self {
+    fn start(index: SharedIndex, folder: i64) -> Self {
         let (jobs, mut rx) = mpsc::channel::<CommitJob>(MAX_BATCH);
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -681,7 +694,7 @@ impl Committer {
                         Err(_) => break,
                     }
                 }
-                index.run(move |i| run_batch(i, batch)).await;
+                index.run(move |i| run_batch(i, folder, batch)).await;
             }
         });
         Self { jobs }
@@ -689,24 +702,60 @@ impl Committer {
 
     async fn commit(
         &self,
-        f: impl FnOnce(&mut Index, &mut HashSet<PathBuf>) -> crate::index::Result<()> + Send + 'static,
+        reserve: Option<(RelPath, Superseded)>,
+        f: impl FnOnce(&mut Index, Option<i64>, &mut HashSet<PathBuf>) -> crate::index::Result<()>
+        + Send
+        + 'static,
     ) -> crate::index::Result<()> {
         let (done, result) = oneshot::channel();
         let gone = || crate::index::IndexError::Io(io::Error::other("the pull was stopped"));
         self.jobs
-            .send((Box::new(f), done))
+            .send((Box::new(f), reserve, done))
             .await
             .map_err(|_| gone())?;
         result.await.unwrap_or_else(|_| Err(gone()))
     }
 }
 
-fn run_batch(i: &mut Index, batch: Vec<CommitJob>) {
+fn run_batch(i: &mut Index, folder: i64, batch: Vec<CommitJob>) {
+    let mut fns = Vec::with_capacity(batch.len());
+    let mut wants = Vec::with_capacity(batch.len());
+    let mut dones = Vec::with_capacity(batch.len());
+    for (f, want, done) in batch {
+        fns.push(f);
+        wants.push(want);
+        dones.push(done);
+    }
+    let fail_all = |dones: Vec<oneshot::Sender<_>>, msg: String| {
+        for done in dones {
+            let _ = done.send(Err(crate::index::IndexError::Io(io::Error::other(
+                msg.clone(),
+            ))));
+        }
+    };
+    // First transaction: the history rows, committed before anything moves.
+    let asked: Vec<(&RelPath, Superseded)> = wants.iter().flatten().map(|(p, s)| (p, *s)).collect();
+    let mut reserved = if asked.is_empty() {
+        Vec::new()
+    } else {
+        match i.reserve_superseded(folder, &asked) {
+            Ok(ids) => ids,
+            Err(e) => return fail_all(dones, e.to_string()),
+        }
+    }
+    .into_iter();
+    let ids: Vec<Option<i64>> = wants
+        .iter()
+        .map(|w| w.as_ref().and_then(|_| reserved.next().flatten()))
+        .collect();
+    // Second: the moves and the records.
     let mut dirs = HashSet::new();
-    let (fns, dones): (Vec<CommitFn>, Vec<_>) = batch.into_iter().unzip();
     let results = i.batch(|i| {
-        let results: Vec<crate::index::Result<()>> =
-            fns.into_iter().map(|f| f(i, &mut dirs)).collect();
+        let results: Vec<crate::index::Result<()>> = fns
+            .into_iter()
+            .zip(ids)
+            .map(|(f, id)| f(i, id, &mut dirs))
+            .collect();
         for d in &dirs {
             sync_dir(d);
         }
@@ -718,14 +767,7 @@ fn run_batch(i: &mut Index, batch: Vec<CommitJob>) {
                 let _ = done.send(r);
             }
         }
-        Err(e) => {
-            let msg = e.to_string();
-            for done in dones {
-                let _ = done.send(Err(crate::index::IndexError::Io(io::Error::other(
-                    msg.clone(),
-                ))));
-            }
-        }
+        Err(e) => fail_all(dones, e.to_string()),
     }
 }
 
@@ -772,9 +814,10 @@ struct OnDisk<'a> {
 
 /// Checks that the path on disk is still what the index last saw, moves the
 /// old version out of the way (to the history or a conflict copy), and renames
-/// the staged version into place. Runs inside the index transaction; the
-/// directories it renamed into are added to `dirs`, to be fsynced before the
-/// commit.
+/// the staged version into place. Runs inside the index transaction that
+/// records it (`history` is the row already committed for the old version);
+/// the directories it renamed into are added to `dirs`, to be fsynced before
+/// the commit.
 fn place(
     root: &Path,
     remote: &RemoteFile,
@@ -832,8 +875,9 @@ fn place(
                     );
                     let dest = dir.join(&name);
                     if fs::symlink_metadata(&dest).is_ok() {
-                        // Set aside by a pull killed before its commit (the
-                        // history id was handed out again): keep those bytes.
+                        // Set aside by a pull killed before its commit in
+                        // a ferry that did not reserve history rows first
+                        // (the id was handed out again): keep those bytes.
                         let keep = dir.join(format!("orphan-{name}-{}", crate::index::now_secs()));
                         tracing::warn!(
                             kept = %keep.display(),
