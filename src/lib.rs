@@ -19,4 +19,5 @@ pub mod relpath;
 pub mod scan;
 pub mod sync;
 pub mod transport;
+pub mod vault;
 pub mod version_vector;

@@ -132,3 +132,48 @@ fn wire_messages_decode_within_limits_or_fail_cleanly() {
     assert!(decoded >= 14, "only {decoded} seeds decoded");
     assert!(refused_paths >= 1, "the hostile path seed was not refused");
 }
+
+#[test]
+fn vault_items_open_only_when_intact() {
+    use ferry::folder::FolderId;
+    use ferry::vault::{
+        ChunkId, FolderSecret, RecordId, open_chunk, open_record, seal_chunk, seal_record,
+    };
+    let keys = FolderSecret::from_bytes([0x42; 32]).keys();
+    let folder = FolderId::new("fuzz").unwrap();
+    let (mut chunks, mut records, mut codes, mut refused) = (0, 0, 0, 0);
+    for input in corpus("vault_open") {
+        let mut id = [0u8; 32];
+        if let Some(bytes) = input.get(9..41) {
+            id.copy_from_slice(bytes);
+        }
+        let chunk = open_chunk(&keys, &folder, &ChunkId(id), &input);
+        if let Ok(plain) = &chunk {
+            let again = seal_chunk(&keys, &folder, &blake3::hash(plain).into(), plain).unwrap();
+            assert_eq!(again.id, ChunkId(id));
+            chunks += 1;
+        }
+        let record = open_record(&keys, &folder, &RecordId(id), 0, &input);
+        if let Ok(r) = &record {
+            let again = seal_record(&keys, &folder, r).unwrap();
+            let reopened = open_record(&keys, &folder, &again.id, r.revision, &again.bytes);
+            assert_eq!(reopened.as_ref(), Ok(r));
+            records += 1;
+        }
+        let code = std::str::from_utf8(&input)
+            .ok()
+            .map(FolderSecret::from_recovery_code);
+        if let Some(Ok(secret)) = &code {
+            let again = FolderSecret::from_recovery_code(&secret.recovery_code());
+            assert_eq!(again.as_ref(), Ok(secret));
+            codes += 1;
+        }
+        if chunk.is_err() && record.is_err() && !matches!(code, Some(Ok(_))) {
+            refused += 1;
+        }
+    }
+    assert!(chunks >= 2, "the sealed chunk seeds did not open");
+    assert!(records >= 2, "the sealed record seeds did not open");
+    assert!(codes >= 2, "the recovery code seeds did not parse");
+    assert!(refused >= 4, "a damaged seed was accepted");
+}
