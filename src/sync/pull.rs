@@ -977,6 +977,19 @@ fn ensure_parents(root: &Path, rel: &RelPath) -> io::Result<()> {
     Ok(())
 }
 
+/// Which peers chunk number `n` of a file asks, in order, when the first
+/// `good` of `total` peers have sent no corrupt chunk (peers sorted good
+/// first): each good peer twice, starting at a different one per chunk so
+/// the load spreads, then the others once; with no good peer, the first one
+/// twice and the rest once.
+fn ask_order(n: usize, good: usize, total: usize) -> Vec<usize> {
+    let spread = good.max(1).min(total);
+    (0..spread * 2)
+        .map(|k| (n + k) % spread)
+        .chain(spread..total)
+        .collect()
+}
+
 /// A chunk to copy from local files: its hash, where it goes, where it is.
 type LocalCopy = (ChunkHash, Vec<ChunkInfo>, Vec<crate::index::ChunkSource>);
 
@@ -1270,7 +1283,7 @@ async fn assemble(
         // fail: spread the requests over the good ones.
         let bad = |d: &DeviceId| engine.counters(d).bad_chunks.load(Ordering::Relaxed);
         conns.sort_by_key(|(d, _)| bad(d) > 0);
-        let good = conns.iter().filter(|(d, _)| bad(d) == 0).count().max(1);
+        let good = conns.iter().filter(|(d, _)| bad(d) == 0).count();
         let conns = Arc::new(conns);
         let mut set = tokio::task::JoinSet::new();
         for (n, (h, places)) in remote_todo.into_iter().enumerate() {
@@ -1288,13 +1301,7 @@ async fn assemble(
                 let _permit = permit;
                 let first = places[0];
                 let mut last = PullError::NoSource;
-                // Try each good peer in turn, starting at a different one per
-                // chunk, then the rest.
-                let order = (0..good * 2)
-                    .map(|k| (n + k) % good)
-                    .chain(good..conns.len())
-                    .collect::<Vec<_>>();
-                for i in order {
+                for i in ask_order(n, good, conns.len()) {
                     let (dev, conn) = &conns[i];
                     match fetch_chunk(conn, &folder_id, &path, first.offset, first.len, &h).await {
                         Ok(bytes) => {
@@ -1466,6 +1473,23 @@ mod tests {
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].path, "report.TXT");
         assert!(bad[0].reason.contains("case conflict"), "{}", bad[0].reason);
+    }
+
+    #[test]
+    fn peers_that_sent_corrupt_chunks_are_asked_last() {
+        // Two good peers (0, 1) and one that sent a corrupt chunk (2).
+        assert_eq!(ask_order(0, 2, 3), [0, 1, 0, 1, 2]);
+        assert_eq!(ask_order(1, 2, 3), [1, 0, 1, 0, 2]);
+        for n in 0..10 {
+            let order = ask_order(n, 2, 3);
+            assert_ne!(order[0], 2, "chunk {n} asks the bad peer first");
+            assert_eq!(order.iter().filter(|&&i| i == 2).count(), 1);
+        }
+        // Only bad peers: each is still asked.
+        assert_eq!(ask_order(5, 0, 2), [0, 0, 1]);
+        // One peer: asked twice.
+        assert_eq!(ask_order(3, 1, 1), [0, 0]);
+        assert_eq!(ask_order(3, 0, 1), [0, 0]);
     }
 
     #[test]
