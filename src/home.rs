@@ -222,8 +222,26 @@ impl Home {
             Duration::from_millis(self.config.database.busy_timeout_ms),
         )
         .map_err(|source| HomeError::Index { path, source })?;
+        keep_index_private(&self.root);
         index.set_local_history(self.config.local_history());
         Ok(index)
+    }
+}
+
+/// Makes the index and its WAL files readable by the user alone: they hold the
+/// folders' vault secrets. SQLite creates the WAL files with the database's
+/// mode, so after the first open this finds nothing to change.
+fn keep_index_private(root: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let path = root.join(format!("{DB_FILE}{suffix}"));
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o077 != 0
+            && let Err(e) = fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+        {
+            tracing::warn!("cannot make {} private (mode 600): {e}", path.display());
+        }
     }
 }
 
@@ -272,6 +290,23 @@ mod tests {
         assert_eq!(a.device_id(), b.device_id());
         assert_eq!(b.config().device.name, "alpha");
         assert_eq!(fs::read(root.join(KEY_FILE)).unwrap(), key_before);
+    }
+
+    #[test]
+    fn the_index_and_its_wal_are_private_even_if_loosened() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("home");
+        let InitOutcome::Created(home) = Home::init(&root, None).unwrap() else {
+            panic!("expected a new home");
+        };
+        let db = root.join(DB_FILE);
+        fs::set_permissions(&db, fs::Permissions::from_mode(0o644)).unwrap();
+        let index = home.index().unwrap();
+        index.set_local_device(home.device_id(), "renamed").unwrap();
+        for file in [DB_FILE, "index.db-wal", "index.db-shm"] {
+            let mode = fs::metadata(root.join(file)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
     }
 
     #[test]

@@ -73,6 +73,9 @@ fn pair_restart_reconnect() {
         .find(|f| f["id"] == "docs")
         .unwrap_or_else(|| panic!("bob lacks folder docs: {b_folders:?}"));
     assert_eq!(docs_on_b["path"], canonical(&into));
+    // A joined folder has a vault secret from the start.
+    let key = b.run(&["folder", "key", "docs"]).ok();
+    assert!(key.stdout.starts_with("ferrykey1-"), "{key}");
     let seen_by_a = a.device(&b_id).expect("alice lists bob");
     assert_eq!(seen_by_a["name"], "bob");
     assert_eq!(seen_by_a["direct"], true, "{seen_by_a}");
@@ -465,6 +468,8 @@ fn share_offer_accept() {
         canonical(&into).as_str()
     );
     assert!(b.offers().is_empty(), "{:?}", b.offers());
+    let key = b.run(&["folder", "key", "photos"]).ok();
+    assert!(key.stdout.starts_with("ferrykey1-"), "{key}");
 
     a.add_folder("music");
     a.run(&["share", "music", &b_id]).ok();

@@ -325,6 +325,100 @@ fn removing_a_folder_forgets_it_but_keeps_its_files() {
     .ok();
 }
 
+/// The folder's vault secret as the index holds it.
+fn stored_secret(home: &Path, id: &str) -> ferry::vault::FolderSecret {
+    let mut index = ferry::home::Home::open(home).unwrap().index().unwrap();
+    let folder = index
+        .folder(&ferry::folder::FolderId::new(id).unwrap())
+        .unwrap()
+        .unwrap();
+    index.folder_secret(folder.row).unwrap()
+}
+
+#[test]
+fn folder_key_prints_the_stored_secret_as_a_recovery_code() {
+    let fx = fixture();
+    let home = &fx.home;
+    ferry(
+        home,
+        &["folder", "add", fx.data.to_str().unwrap(), "--id", "docs"],
+    )
+    .ok();
+    let out = ferry(home, &["folder", "key", "docs"]).ok();
+    let code = out.stdout.trim();
+    assert_eq!(out.stdout.lines().count(), 1, "{}", out.stdout);
+    assert!(code.starts_with("ferrykey1-"), "{code}");
+    assert!(out.stderr.contains("Keep it offline"), "{}", out.stderr);
+    assert!(out.stderr.contains("anyone"), "{}", out.stderr);
+    assert!(!out.stderr.contains(code), "the warning repeats the code");
+    let stored = stored_secret(home, "docs");
+    assert_eq!(
+        ferry::vault::FolderSecret::from_recovery_code(code),
+        Ok(stored)
+    );
+    // The same secret every time, and in the JSON form too.
+    let again = ferry(home, &["folder", "key", "docs", "--json"]).ok();
+    assert_eq!(again.json()["folder"], "docs");
+    assert_eq!(again.json()["recovery_code"], code);
+    assert!(again.stderr.contains("Keep it offline"), "{}", again.stderr);
+
+    // Another folder has another secret.
+    let other = fx.data.parent().unwrap().join("other");
+    fs::create_dir_all(&other).unwrap();
+    ferry(
+        home,
+        &["folder", "add", other.to_str().unwrap(), "--id", "pics"],
+    )
+    .ok();
+    let pics = ferry(home, &["folder", "key", "pics"]).ok();
+    assert_ne!(pics.stdout.trim(), code);
+}
+
+#[test]
+fn folder_key_of_an_unknown_folder_fails() {
+    let fx = fixture();
+    let out = ferry(&fx.home, &["folder", "key", "nope"]).fails_with("no folder with id nope");
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    ferry(&fx.home, &["folder", "key", ".bad"]).fails_with(".bad");
+}
+
+#[test]
+fn the_folder_secret_stays_out_of_listings_and_logs() {
+    let fx = fixture();
+    let home = &fx.home;
+    fs::write(fx.data.join("a.txt"), b"hello").unwrap();
+    ferry(
+        home,
+        &["folder", "add", fx.data.to_str().unwrap(), "--id", "docs"],
+    )
+    .ok();
+    let secret = stored_secret(home, "docs");
+    let code = secret.recovery_code().to_string();
+    let hex = blake3::Hash::from_bytes(*secret.as_bytes())
+        .to_hex()
+        .to_string();
+    let groups: Vec<&str> = code.split('-').skip(1).collect();
+    let leaks = |text: &str| {
+        text.contains(&hex)
+            || text.contains(&hex.to_uppercase())
+            || groups.windows(2).any(|w| text.contains(&w.join("-")))
+    };
+    for args in [
+        &["--log-level", "trace", "folder", "list", "--json"][..],
+        &["--log-level", "trace", "folder", "list"],
+        &["--log-level", "trace", "scan", "--json"],
+        &["--log-level", "trace", "status", "--json"],
+        &["--log-level", "trace", "ls", "docs", "--json"],
+    ] {
+        let out = ferry(home, args).ok();
+        assert!(!leaks(&out.stdout), "{args:?} printed the secret");
+        assert!(!leaks(&out.stderr), "{args:?} logged the secret");
+    }
+    let key = ferry(home, &["--log-level", "trace", "folder", "key", "docs"]).ok();
+    assert!(leaks(&key.stdout));
+    assert!(!leaks(&key.stderr), "folder key logged the secret");
+}
+
 #[test]
 fn a_locked_database_is_reported_and_nothing_changes() {
     let fx = fixture();

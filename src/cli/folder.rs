@@ -1,4 +1,5 @@
-//! `ferry folder add|list|remove`.
+//! `ferry folder add|list|accept|confirm-deletes|decline|remove` (and the
+//! dispatch of `key`, in `folder_key`).
 
 use std::path::PathBuf;
 
@@ -57,6 +58,15 @@ pub enum FolderCommand {
     Remove {
         /// The folder id.
         id: String,
+    },
+    /// Print the folder's recovery code (its secret key, for restoring it from
+    /// an encrypted backup); keep it offline.
+    Key {
+        /// The folder id.
+        folder: String,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -202,6 +212,9 @@ pub(super) fn run(home: &Home, cmd: FolderCommand) -> anyhow::Result<i32> {
                 anyhow::bail!("no pending offer {offer} (see `ferry status`)");
             }
             println!("Declined offer {offer}.");
+        }
+        FolderCommand::Key { folder, json } => {
+            return super::folder_key::run(&mut index, &folder, json);
         }
         FolderCommand::Remove { id } => {
             let fid = FolderId::new(&id)?;

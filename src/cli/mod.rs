@@ -4,6 +4,7 @@
 mod agent;
 mod conflicts;
 mod folder;
+mod folder_key;
 mod history;
 mod init;
 mod ls;

@@ -6,6 +6,7 @@ mod devices;
 mod history;
 mod remote;
 pub mod schema;
+mod secrets;
 mod store;
 
 pub use devices::{Offer, Peer};
@@ -70,6 +71,9 @@ pub enum IndexError {
     /// settled meanwhile (by the history ingest): nothing was moved.
     #[error("the history entry kept for the replaced version was settled meanwhile; pull again")]
     ReservationGone(i64),
+    /// No folder has this row id (it was removed meanwhile).
+    #[error("the folder was removed from the index meanwhile")]
+    UnknownFolder(i64),
 }
 
 impl From<rusqlite::Error> for IndexError {
@@ -359,8 +363,9 @@ impl Index {
         .collect()
     }
 
-    /// Adds a folder; `prepare` runs inside the transaction (to create the folder's
-    /// marker) and its failure leaves the index unchanged.
+    /// Adds a folder with a fresh random vault secret; `prepare` runs inside the
+    /// transaction (to create the folder's marker) and its failure leaves the
+    /// index unchanged.
     pub fn add_folder(
         &mut self,
         id: &FolderId,
@@ -400,6 +405,7 @@ impl Index {
                 now_secs()
             ],
         )?;
+        secrets::insert_fresh(&tx, tx.last_insert_rowid())?;
         prepare()?;
         tx.commit()?;
         self.folder(id)?
@@ -909,6 +915,8 @@ mod tests {
             conn.execute_batch(
                 "INSERT INTO folders (folder_id, label, path, folder_type, sequence, created_at)
                  VALUES ('docs', 'Docs', '/srv/docs', 'send-only', 1, 0);
+                 INSERT INTO folders (folder_id, label, path, folder_type, created_at)
+                 VALUES ('pics', 'Pics', '/srv/pics', 'send-receive', 0);
                  INSERT INTO files (folder, path, kind, size, mtime_ns, permissions, hash,
                                     sequence, version, modified_by)
                  VALUES (1, 'a.txt', 0, 3, 7, 420, zeroblob(32), 1, X'00000000000000010000000000000001', 1);
@@ -918,11 +926,28 @@ mod tests {
             )
             .unwrap();
         }
-        let idx = Index::open(&path, Duration::ZERO).unwrap();
+        let mut idx = Index::open(&path, Duration::ZERO).unwrap();
         assert_eq!(
             idx.schema_version().unwrap(),
             schema::MIGRATIONS.len() as i64
         );
+        // Folders from before vault secrets (schema 9) each got their own.
+        let stored: Vec<(i64, Vec<u8>)> = idx
+            .conn
+            .prepare("SELECT folder, secret FROM folder_secrets ORDER BY folder")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(stored.len(), 2);
+        assert_ne!(stored[0].1, stored[1].1);
+        for (folder, bytes) in &stored {
+            assert_eq!(
+                idx.folder_secret(*folder).unwrap().as_bytes()[..],
+                bytes[..]
+            );
+        }
         let f = idx
             .folder(&FolderId::new("docs").unwrap())
             .unwrap()

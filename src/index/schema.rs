@@ -45,6 +45,12 @@
 //!   (kept if the version left its path, e.g. its file is under
 //!   `.ferry/versions/<id>`, dropped if it never did), or reused when the pull
 //!   is retried.
+//! - `folder_secrets.secret` is the folder's 32-byte vault secret (see
+//!   `vault::keys`), from which the keys that seal its chunks and records for
+//!   an untrusted holder are derived. One row per folder, written when the
+//!   folder is added (migration 9 gives existing folders a random one). Every
+//!   device of a folder must hold the same secret; the index file is kept
+//!   private to the user (mode 0600) for this reason.
 
 /// `PRAGMA application_id` of a ferry index: "FRRY".
 pub const APPLICATION_ID: i32 = 0x4652_5259;
@@ -242,5 +248,14 @@ ALTER TABLE conflicts ADD COLUMN local_won INTEGER CHECK (local_won IN (0, 1));
     r#"
 ALTER TABLE history ADD COLUMN reserved INTEGER NOT NULL DEFAULT 0 CHECK (reserved IN (0, 1));
 CREATE INDEX history_reserved ON history(id) WHERE reserved = 1;
+"#,
+    // 9: each folder's vault secret (random; the root of the keys that seal
+    // what an untrusted holder stores).
+    r#"
+CREATE TABLE folder_secrets (
+    folder INTEGER PRIMARY KEY REFERENCES folders(id) ON DELETE CASCADE,
+    secret BLOB    NOT NULL CHECK (length(secret) = 32)
+);
+INSERT INTO folder_secrets (folder, secret) SELECT id, randomblob(32) FROM folders;
 "#,
 ];
