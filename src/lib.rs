@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod device;
+pub mod disk;
 pub mod folder;
 pub mod history;
 pub mod home;

@@ -152,7 +152,7 @@ fn stat_meta(m: &Metadata, kind: FileKind) -> FileMeta {
     FileMeta {
         kind,
         size: if kind == FileKind::Dir { 0 } else { m.len() },
-        mtime_ns: m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec(),
+        mtime_ns: crate::disk::mtime_ns(m),
         permissions: if kind == FileKind::Symlink {
             0
         } else {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use agent::{Agent, Lab, Node, pair, pseudo_random, wait_for, wait_until};
+use agent::{Agent, Lab, Node, pseudo_random, two, wait_for, wait_until};
 use serde_json::Value;
 
 fn now_secs() -> i64 {
@@ -66,17 +66,6 @@ fn stats(node: &Node) -> Value {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Two agents sharing folder `docs`.
-fn two(lab: &Lab) -> (Node, Node, Agent, Agent, PathBuf, PathBuf) {
-    let a = lab.node("a");
-    let b = lab.node("b");
-    let a_docs = a.add_folder("docs");
-    let b_docs = b.path("docs");
-    let (aa, ab) = (Agent::start(&a), Agent::start(&b));
-    pair(&a, &b, &["--folder", "docs"], &["--into", s(&b_docs)]);
-    (a, b, aa, ab, a_docs, b_docs)
 }
 
 /// One agent whose folder `docs` keeps local versions.

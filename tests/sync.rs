@@ -11,7 +11,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use agent::{Agent, Lab, Node, pair, pseudo_random, wait_until};
+use agent::{Agent, Lab, Node, pair, pseudo_random, two, wait_until};
 use serde_json::Value;
 
 /// What a tree holds, as sync must reproduce it: per relative path, the kind,
@@ -87,31 +87,6 @@ fn wait_same(a: &Path, b: &Path) {
         &format!("{} and {} hold the same tree", a.display(), b.display()),
         || same_trees(a, b),
     );
-}
-
-/// Two agents sharing folder `docs`: A's at `a_docs`, B's at `b_docs`.
-fn two(
-    lab: &Lab,
-) -> (
-    Node,
-    Node,
-    Agent,
-    Agent,
-    std::path::PathBuf,
-    std::path::PathBuf,
-) {
-    let a = lab.node("a");
-    let b = lab.node("b");
-    let a_docs = a.add_folder("docs");
-    let b_docs = b.path("docs");
-    let (aa, ab) = (Agent::start(&a), Agent::start(&b));
-    pair(
-        &a,
-        &b,
-        &["--folder", "docs"],
-        &["--into", b_docs.to_str().unwrap()],
-    );
-    (a, b, aa, ab, a_docs, b_docs)
 }
 
 #[test]

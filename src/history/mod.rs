@@ -145,7 +145,5 @@ fn random_suffix() -> String {
 
 /// Fsyncs a directory, so renames and deletes in it are durable.
 fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at(dir))
+    crate::disk::sync_dir(dir).map_err(io_at(dir))
 }

@@ -10,12 +10,12 @@
 //! fsynced, and only then renamed into place; a tree is staged completely
 //! before the first rename, so a damaged chunk changes nothing.
 
+use crate::disk::system_time;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use super::store::{ChunkStore, StoreError};
 use super::time::format_utc;
@@ -472,14 +472,6 @@ impl Drop for Staged {
     }
 }
 
-fn system_time(ns: i64) -> SystemTime {
-    if ns >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
-    } else {
-        SystemTime::UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
-    }
-}
-
 /// Writes `source` to a new temp file in `dir`: verified, with its permissions
 /// and mtime, fsynced.
 pub(super) fn stage(
@@ -585,7 +577,7 @@ pub(super) fn check_disk(root: &Path, path: &RelPath, now: Option<&LocalFile>) -
                 m.is_file()
                     && m.len() == l.meta.size
                     && m.ino() == l.meta.inode
-                    && m.mtime() * 1_000_000_000 + m.mtime_nsec() == l.meta.mtime_ns
+                    && crate::disk::mtime_ns(m) == l.meta.mtime_ns
             }
             FileKind::Symlink => {
                 m.file_type().is_symlink()

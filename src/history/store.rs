@@ -21,7 +21,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -246,9 +246,7 @@ fn random_name() -> Result<String> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at(dir))
+    crate::disk::sync_dir(dir).map_err(io_at(dir))
 }
 
 /// Takes the store lock: shared (waiting for GC to finish) or exclusive
@@ -333,12 +331,12 @@ pub fn read_pack_entries(path: &Path) -> Result<PackListing> {
     };
     let mut r = BufReader::with_capacity(1 << 20, file);
     // open_pack checked the header; step over it.
-    read_full(&mut r, &mut [0u8; PACK_HEADER_LEN as usize]).map_err(io_at(path))?;
+    crate::disk::read_full(&mut r, &mut [0u8; PACK_HEADER_LEN as usize]).map_err(io_at(path))?;
     let mut offset = PACK_HEADER_LEN;
     let mut data = Vec::new();
     loop {
         let mut head = [0u8; ENTRY_HEADER_LEN as usize];
-        let got = read_full(&mut r, &mut head).map_err(io_at(path))?;
+        let got = crate::disk::read_full(&mut r, &mut head).map_err(io_at(path))?;
         if got == 0 {
             break;
         }
@@ -356,7 +354,7 @@ pub fn read_pack_entries(path: &Path) -> Result<PackListing> {
             break;
         }
         data.resize(length as usize, 0);
-        if read_full(&mut r, &mut data).map_err(io_at(path))? < data.len() {
+        if crate::disk::read_full(&mut r, &mut data).map_err(io_at(path))? < data.len() {
             listing.damage.push((offset, Damage::Truncated));
             break;
         }
@@ -372,20 +370,6 @@ pub fn read_pack_entries(path: &Path) -> Result<PackListing> {
         offset += ENTRY_HEADER_LEN + length as u64;
     }
     Ok(listing)
-}
-
-/// Reads until `buf` is full or the input ends; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// A pack being written in `tmp/`.

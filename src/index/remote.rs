@@ -696,25 +696,31 @@ impl Index {
     /// For each device `folder` is shared with, how much of this device's
     /// current state it has.
     pub fn peer_completion(&self, folder: i64) -> Result<Vec<PeerCompletion>> {
+        // One pass over the folder's records and each peer's announced ones:
+        // a live record is needed unless the peer has the same kind and
+        // content; a delete is needed while the peer still has the file.
         let mut stmt = self.conn.prepare_cached(
-            "SELECT d.device_id, d.name,
-                (SELECT COUNT(*) FROM files f WHERE f.folder = ?1 AND f.deleted = 0),
-                (SELECT COALESCE(SUM(f.size), 0) FROM files f WHERE f.folder = ?1 AND f.deleted = 0),
-                (SELECT COUNT(*) FROM files f LEFT JOIN remote_files r
-                   ON r.folder = f.folder AND r.device = d.id AND r.path = f.path
-                 WHERE f.folder = ?1 AND f.deleted = 0 AND (r.path IS NULL OR r.deleted = 1
-                   OR r.kind != f.kind OR r.hash IS NOT f.hash
-                   OR r.symlink_target IS NOT f.symlink_target)),
-                (SELECT COALESCE(SUM(f.size), 0) FROM files f LEFT JOIN remote_files r
-                   ON r.folder = f.folder AND r.device = d.id AND r.path = f.path
-                 WHERE f.folder = ?1 AND f.deleted = 0 AND (r.path IS NULL OR r.deleted = 1
-                   OR r.kind != f.kind OR r.hash IS NOT f.hash
-                   OR r.symlink_target IS NOT f.symlink_target)),
-                (SELECT COUNT(*) FROM files f JOIN remote_files r
-                   ON r.folder = f.folder AND r.device = d.id AND r.path = f.path
-                 WHERE f.folder = ?1 AND f.deleted = 1 AND r.deleted = 0)
+            "WITH x AS (
+                 SELECT fd.device, f.size, f.deleted,
+                        r.path IS NULL OR r.deleted = 1 OR r.kind != f.kind
+                            OR r.hash IS NOT f.hash
+                            OR r.symlink_target IS NOT f.symlink_target AS differs,
+                        r.deleted = 0 AS peer_live
+                 FROM folder_devices fd
+                 JOIN files f ON f.folder = fd.folder
+                 LEFT JOIN remote_files r
+                   ON r.folder = f.folder AND r.device = fd.device AND r.path = f.path
+                 WHERE fd.folder = ?1)
+             SELECT d.device_id, d.name,
+                    COUNT(x.device) FILTER (WHERE x.deleted = 0),
+                    COALESCE(SUM(x.size) FILTER (WHERE x.deleted = 0), 0),
+                    COUNT(x.device) FILTER (WHERE x.deleted = 0 AND x.differs),
+                    COALESCE(SUM(x.size) FILTER (WHERE x.deleted = 0 AND x.differs), 0),
+                    COUNT(x.device) FILTER (WHERE x.deleted = 1 AND x.peer_live)
              FROM folder_devices fd JOIN devices d ON d.id = fd.device
-             WHERE fd.folder = ?1 ORDER BY d.name, d.device_id",
+             LEFT JOIN x ON x.device = fd.device
+             WHERE fd.folder = ?1
+             GROUP BY fd.device ORDER BY d.name, d.device_id",
         )?;
         let rows = stmt.query_map([folder], |r| {
             Ok(PeerCompletion {

@@ -5,7 +5,6 @@
 //! into place. The serving side is in [`super::link`].
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -419,25 +418,11 @@ fn finish_file(
     permissions: u32,
     mtime_ns: i64,
 ) -> std::io::Result<[u8; 32]> {
-    let mut hasher = blake3::Hasher::new();
-    let mut r = std::io::BufReader::with_capacity(1 << 20, File::open(path)?);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
+    let hash = crate::disk::hash_file(path, file.metadata()?.len())?;
     fs::set_permissions(path, fs::Permissions::from_mode(permissions & 0o7777))?;
-    let t = if mtime_ns >= 0 {
-        std::time::UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64)
-    } else {
-        std::time::UNIX_EPOCH - Duration::from_nanos(mtime_ns.unsigned_abs())
-    };
-    file.set_modified(t)?;
+    file.set_modified(crate::disk::system_time(mtime_ns))?;
     file.sync_all()?;
-    Ok(*hasher.finalize().as_bytes())
+    Ok(*hash.as_bytes())
 }
 
 /// One request and its reply frame.

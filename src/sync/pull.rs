@@ -13,7 +13,6 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
 
 use iroh::endpoint::Connection;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -23,6 +22,7 @@ use super::link::{FetchError, fetch_chunk, fetch_groups, read_verified};
 use super::{Engine, FolderActivity, FolderHandle, NeedItem};
 use crate::chunking::{ChunkHash, ChunkInfo, FileHash, group_hash, group_ranges};
 use crate::device::{DeviceId, ShortId};
+use crate::disk::{hash_file, mtime_ns, sync_dir, system_time};
 use crate::folder::{check_root, marker_dir};
 use crate::index::{
     FileKind, FileMeta, Folder, Index, LocalFile, Pulled, RemoteFile, SharedIndex, Superseded,
@@ -757,7 +757,7 @@ fn run_batch(i: &mut Index, folder: i64, batch: Vec<CommitJob>) {
             .map(|(f, id)| f(i, id, &mut dirs))
             .collect();
         for d in &dirs {
-            sync_dir(d);
+            let _ = sync_dir(d);
         }
         Ok(results)
     });
@@ -1013,56 +1013,6 @@ fn copy_local(file: &File, jobs: Vec<LocalCopy>) -> io::Result<Vec<(ChunkHash, V
         }
     }
     Ok(missed)
-}
-
-/// The blake3 hash of the file at `path`, read in large blocks each hashed on
-/// all cores: fast, and memory stays flat whatever the size (a memory map
-/// would count the whole file in the agent's resident memory).
-fn hash_file(path: &Path, size: u64) -> io::Result<blake3::Hash> {
-    let mut hasher = blake3::Hasher::new();
-    let mut f = File::open(path)?;
-    let mut buf = vec![0u8; (size as usize).clamp(1, 4 << 20)];
-    loop {
-        let n = read_full(&mut f, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update_rayon(&buf[..n]);
-    }
-    Ok(hasher.finalize())
-}
-
-/// Reads until `buf` is full or the file ends; returns the bytes read.
-fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    use std::io::Read;
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
-fn mtime_ns(m: &fs::Metadata) -> i64 {
-    m.mtime() * 1_000_000_000 + m.mtime_nsec()
-}
-
-fn system_time(ns: i64) -> SystemTime {
-    if ns >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
-    } else {
-        SystemTime::UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
-    }
 }
 
 /// The file's chunk list: groups rebuilt from local chunk lists where they

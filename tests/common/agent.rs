@@ -491,6 +491,23 @@ fn signal(child: &Child, sig: libc::c_int) {
     assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
 }
 
+/// Two nodes `a` and `b` with running agents, paired, sharing folder `docs`:
+/// returns them, their agents, A's folder and B's.
+pub fn two(lab: &Lab) -> (Node, Node, Agent, Agent, PathBuf, PathBuf) {
+    let a = lab.node("a");
+    let b = lab.node("b");
+    let a_docs = a.add_folder("docs");
+    let b_docs = b.path("docs");
+    let (aa, ab) = (Agent::start(&a), Agent::start(&b));
+    pair(
+        &a,
+        &b,
+        &["--folder", "docs"],
+        &["--into", b_docs.to_str().expect("UTF-8 temp path")],
+    );
+    (a, b, aa, ab, a_docs, b_docs)
+}
+
 /// Pairs `joiner` with `inviter` (both agents running) with `invite_args` and
 /// `join_args`, and waits until each lists the other as connected.
 pub fn pair(inviter: &Node, joiner: &Node, invite_args: &[&str], join_args: &[&str]) -> Run {
