@@ -11,7 +11,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use agent::{Agent, Lab, Node, pair, pseudo_random, two, wait_until};
+use agent::{Agent, Lab, Node, PATIENCE, pair, pseudo_random, two, wait_until};
 use serde_json::Value;
 
 /// What a tree holds, as sync must reproduce it: per relative path, the kind,
@@ -77,16 +77,32 @@ fn chunk_bytes_in(node: &Node, from: &Node) -> u64 {
     peer_info(node, from)["chunk_bytes_in"].as_u64().unwrap()
 }
 
-fn same_trees(a: &Path, b: &Path) -> bool {
-    tree(a) == tree(b)
-}
-
+/// Waits until both trees are the same, naming the entries that still differ
+/// if they never are.
 #[track_caller]
 fn wait_same(a: &Path, b: &Path) {
-    wait_until(
-        &format!("{} and {} hold the same tree", a.display(), b.display()),
-        || same_trees(a, b),
-    );
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let (ta, tb) = (tree(a), tree(b));
+        if ta == tb {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            let keys: std::collections::BTreeSet<&String> = ta.keys().chain(tb.keys()).collect();
+            let diff: Vec<String> = keys
+                .into_iter()
+                .filter(|k| ta.get(*k) != tb.get(*k))
+                .map(|k| format!("{k}: {:?} vs {:?}", ta.get(k), tb.get(k)))
+                .collect();
+            panic!(
+                "gave up waiting until {} and {} hold the same tree; differing:\n{}",
+                a.display(),
+                b.display(),
+                diff.join("\n")
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -483,6 +499,52 @@ fn three_devices_converge_and_a_conflict_makes_one_copy_everywhere() {
         fs::read(a_docs.join("from-b.txt")).unwrap(),
         b"c's edit, later"
     );
+}
+
+#[test]
+fn the_same_file_made_on_two_devices_apart_merges_with_the_newer_mtime() {
+    let lab = Lab::new();
+    let (a, b, aa, ab, a_docs, b_docs) = two(&lab);
+    fs::write(a_docs.join("ready.txt"), b"linked").unwrap();
+    wait_same(&a_docs, &b_docs);
+
+    // While they are apart, both make the same file with different mtimes
+    // and index it: concurrent versions of the same content.
+    ab.stop();
+    let set_mtime = |p: &Path, secs: u64| {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    };
+    fs::write(a_docs.join("same.txt"), b"identical").unwrap();
+    set_mtime(&a_docs.join("same.txt"), 1_600_000_000);
+    let files = |n: &Node| n.run(&["status", "--json"]).ok().json()["folders"][0]["files"].clone();
+    wait_until("A indexed its file", || files(&a) == 2);
+    aa.stop();
+    fs::write(b_docs.join("same.txt"), b"identical").unwrap();
+    set_mtime(&b_docs.join("same.txt"), 1_700_000_000);
+    let _ab = Agent::start(&b);
+    wait_until("B indexed its file", || files(&b) == 2);
+    let _aa = Agent::start(&a);
+
+    // No conflict copy; both keep the newer mtime.
+    wait_same(&a_docs, &b_docs);
+    let mtime = fs::metadata(a_docs.join("same.txt")).unwrap().mtime();
+    assert_eq!(mtime, 1_700_000_000);
+    for root in [&a_docs, &b_docs] {
+        let names: Vec<String> = fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.contains("sync-conflict")),
+            "{names:?}"
+        );
+    }
 }
 
 #[test]

@@ -204,6 +204,24 @@ fn plan(
                 let l = l.expect("concurrent with an empty version means a local record");
                 let merged = lv.clone().merged(&best.version);
                 if l.record.same_content(best) {
+                    // The same content, but perhaps other metadata: the version
+                    // that wins a conflict gives its mtime and permissions, so
+                    // every device ends up with the same file.
+                    if !best.deleted
+                        && best.kind == FileKind::File
+                        && (best.mtime_ns != l.record.mtime_ns
+                            || best.permissions != l.record.permissions)
+                        && wins(best, &l.record)
+                    {
+                        actions.push(Action::Take {
+                            remote: Box::new(best.clone()),
+                            sources,
+                            local: Some(Box::new(l.clone())),
+                            version: merged,
+                            conflict: None,
+                        });
+                        continue;
+                    }
                     actions.push(Action::Merge {
                         path: l.record.path.clone(),
                         version: merged,
@@ -1383,8 +1401,27 @@ mod tests {
     #[test]
     fn concurrent_edits_conflict_unless_the_content_is_the_same() {
         let l = local(rec("a", &[(1, 2)], 1, 10));
-        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 1, 20))], None);
+        // The same content with an older mtime: the versions merge.
+        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 1, 5))], None);
         assert!(matches!(&acts[..], [Action::Merge { .. }]));
+        // The same content with a newer mtime: its metadata is taken, with
+        // the merged version and no conflict copy.
+        let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 1, 20))], None);
+        match &acts[..] {
+            [
+                Action::Take {
+                    conflict: None,
+                    remote,
+                    version,
+                    ..
+                },
+            ] => {
+                assert_eq!(remote.mtime_ns, 20);
+                assert_eq!(version.get(ShortId(1)), 2);
+                assert_eq!(version.get(ShortId(2)), 1);
+            }
+            other => panic!("{other:?}"),
+        }
 
         // Remote is newer by mtime: the local file becomes the conflict copy.
         let acts = plan(&l, vec![(dev(2), rec("a", &[(1, 1), (2, 1)], 2, 20))], None);
