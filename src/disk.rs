@@ -1,10 +1,12 @@
 //! Small filesystem helpers that pulls, restores, the scanner and the history
-//! store share: durable directories, full reads, whole-file hashes, and
-//! mtimes as the index stores them (nanoseconds since the epoch).
+//! store share: durable directories, full reads, whole-file hashes, range
+//! copies between files, early writeback, and mtimes as the index stores them
+//! (nanoseconds since the epoch).
 
 use std::fs::{File, Metadata};
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -45,6 +47,80 @@ pub fn hash_file(path: &Path, size: u64) -> io::Result<blake3::Hash> {
     Ok(hasher.finalize())
 }
 
+/// Copies `len` bytes at `src_off` in `src` to `dst_off` in `dst`: in the
+/// kernel (`copy_file_range`) where the filesystems allow it, else by reads
+/// and writes. Returns the bytes copied, fewer than `len` only if `src` ended
+/// first.
+pub fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> io::Result<u64> {
+    let mut done = 0u64;
+    while done < len {
+        let mut off_in = (src_off + done) as libc::loff_t;
+        let mut off_out = (dst_off + done) as libc::loff_t;
+        let want = (len - done).min(1 << 30) as usize;
+        // SAFETY: both descriptors are open for the duration of the call and
+        // the offsets are valid pointers to locals.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => done += n as u64,
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                        return Ok(done
+                            + copy_by_reads(
+                                src,
+                                src_off + done,
+                                dst,
+                                dst_off + done,
+                                len - done,
+                            )?);
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// [`copy_range`] through a buffer of at most 1 MiB.
+fn copy_by_reads(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        let n = match src.read_at(&mut buf[..want], src_off + done) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        dst.write_all_at(&buf[..n], dst_off + done)?;
+        done += n as u64;
+    }
+    Ok(done)
+}
+
+/// Starts writing `file`'s dirty pages to disk without waiting for them, so a
+/// later fsync has little left to do. A hint only: the fsync reports errors.
+pub fn start_writeback(file: &File) {
+    // SAFETY: a plain syscall on an open descriptor.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// A file's mtime in nanoseconds since the epoch.
 pub fn mtime_ns(m: &Metadata) -> i64 {
     m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec()
@@ -73,6 +149,37 @@ mod tests {
             };
             assert_eq!(back, ns);
         }
+    }
+
+    #[test]
+    fn ranges_copy_exactly_and_stop_at_the_end_of_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = crate::chunking::pseudo_random(3 << 20, 4);
+        std::fs::write(dir.path().join("src"), &data).unwrap();
+        let src = File::open(dir.path().join("src")).unwrap();
+        let dst = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("dst"))
+            .unwrap();
+        dst.set_len(4 << 20).unwrap();
+        assert_eq!(copy_range(&src, 100, &dst, 7, 2 << 20).unwrap(), 2 << 20);
+        assert_eq!(copy_by_reads(&src, 5, &dst, 3 << 20, 1000).unwrap(), 1000);
+        // Past the source's end: only what there is.
+        let end = (3 << 20) + 2000;
+        assert_eq!(
+            copy_range(&src, (3 << 20) - 10, &dst, end, 100).unwrap(),
+            10
+        );
+        let out = std::fs::read(dir.path().join("dst")).unwrap();
+        assert_eq!(&out[7..7 + (2 << 20)], &data[100..100 + (2 << 20)]);
+        assert_eq!(&out[3 << 20..(3 << 20) + 1000], &data[5..1005]);
+        assert_eq!(
+            &out[end as usize..end as usize + 10],
+            &data[(3 << 20) - 10..]
+        );
     }
 
     #[test]

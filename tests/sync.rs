@@ -206,6 +206,40 @@ fn an_insert_in_a_large_file_moves_only_a_few_chunks() {
 }
 
 #[test]
+fn a_local_copy_source_damaged_behind_the_index_is_caught_and_repaired() {
+    let lab = Lab::new();
+    let (a, b, _aa, ab, a_docs, b_docs) = two(&lab);
+    let data = pseudo_random(6 * 1024 * 1024, 11);
+    fs::write(a_docs.join("x.bin"), &data).unwrap();
+    wait_same(&a_docs, &b_docs);
+
+    // B's copy of x.bin is damaged in place while its agent is stopped, with
+    // size and mtime as before: its index still believes the old chunks.
+    ab.stop();
+    let x = b_docs.join("x.bin");
+    let mtime = fs::metadata(&x).unwrap().modified().unwrap();
+    let f = fs::File::options().write(true).open(&x).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 1000], 3_000_000).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let _ab = Agent::start(&b);
+
+    // The same content under a new name: B copies it from x.bin locally, the
+    // whole-file check fails, and the retry checks each chunk, fetching only
+    // the damaged one from A.
+    let before = chunk_bytes_in(&b, &a);
+    fs::write(a_docs.join("y.bin"), &data).unwrap();
+    wait_until("B has y.bin intact", || {
+        fs::read(b_docs.join("y.bin")).is_ok_and(|c| c == data)
+    });
+    let moved = chunk_bytes_in(&b, &a) - before;
+    assert!(
+        moved > 0 && moved <= 2 * 256 * 1024,
+        "{moved} chunk bytes fetched to repair one damaged chunk"
+    );
+}
+
+#[test]
 fn concurrent_edits_become_one_conflict_copy_and_an_offline_device_catches_up() {
     let lab = Lab::new();
     let (a, b, aa, ab, a_docs, b_docs) = two(&lab);

@@ -940,6 +940,30 @@ mod tests {
             .unwrap();
     }
 
+    #[test]
+    fn chunk_sources_in_bulk_match_one_at_a_time() {
+        let (_d, mut idx, f) = index();
+        // 300 files (more than one batch), some sharing content; one deleted.
+        for n in 0..300u32 {
+            write(&mut idx, f, &format!("f{n}"), (n % 200) as u8, 1);
+        }
+        delete(&mut idx, f, "f7");
+        let mut hashes: Vec<ChunkHash> = (0..=255u8).map(|c| ChunkHash([c; 32])).collect();
+        hashes.push(ChunkHash([9; 32])); // asked twice, listed once
+        let bulk = idx.chunk_sources_of(&hashes, 4).unwrap();
+        for h in &hashes {
+            let one = idx.chunk_sources(h, 4).unwrap();
+            let mut got = bulk.get(h).cloned().unwrap_or_default();
+            let mut want = one.clone();
+            got.sort_by(|a, b| a.path.cmp(&b.path));
+            want.sort_by(|a, b| a.path.cmp(&b.path));
+            assert_eq!(got, want, "{h:?}");
+        }
+        // Content 7 lives in f7 (deleted) and f207; 250 in no file.
+        assert_eq!(bulk[&ChunkHash([7; 32])].len(), 1);
+        assert!(!bulk.contains_key(&ChunkHash([250; 32])));
+    }
+
     /// Keeps the live record of `path` as if replaced at `at`.
     fn keep(idx: &mut Index, folder: i64, path: &str, at: i64) -> i64 {
         let tx = idx.history_tx().unwrap();

@@ -396,6 +396,47 @@ impl Index {
         Ok(out)
     }
 
+    /// [`Index::chunk_sources`] for many chunks at once (a few queries for
+    /// thousands of hashes): the chunks found, each with at most `limit`
+    /// places.
+    pub fn chunk_sources_of(
+        &self,
+        hashes: &[ChunkHash],
+        limit: usize,
+    ) -> Result<HashMap<ChunkHash, Vec<ChunkSource>>> {
+        const BATCH: usize = 256;
+        let mut out: HashMap<ChunkHash, Vec<ChunkSource>> = HashMap::new();
+        let mut unique = hashes.to_vec();
+        unique.sort_unstable_by_key(|h| h.0);
+        unique.dedup();
+        for part in unique.chunks(BATCH) {
+            let marks = vec!["?"; part.len()].join(",");
+            let mut stmt = self.conn.prepare_cached(&format!(
+                "SELECT c.hash, fo.path, f.path, c.offset, c.size
+                 FROM chunks c JOIN files f ON f.id = c.file JOIN folders fo ON fo.id = f.folder
+                 WHERE c.hash IN ({marks}) AND f.deleted = 0"
+            ))?;
+            let keys: Vec<&[u8]> = part.iter().map(|h| &h.0[..]).collect();
+            let mut rows = stmt.query(rusqlite::params_from_iter(keys))?;
+            while let Some(r) = rows.next()? {
+                let hash = ChunkHash::from_slice(&r.get::<_, Vec<u8>>(0)?)
+                    .ok_or_else(|| IndexError::Corrupt("a chunk hash of the wrong size".into()))?;
+                let places = out.entry(hash).or_default();
+                if places.len() >= limit {
+                    continue;
+                }
+                let (root, path) = (r.get::<_, String>(1)?, r.get::<_, String>(2)?);
+                let rel = RelPath::new(&path).map_err(|e| IndexError::Corrupt(e.to_string()))?;
+                places.push(ChunkSource {
+                    path: rel.to_fs(std::path::Path::new(&root)),
+                    offset: r.get::<_, i64>(3)? as u64,
+                    size: r.get(4)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Where the chunk `hash` can be read inside one folder (what a peer may
     /// be served from).
     pub fn chunk_sources_in(

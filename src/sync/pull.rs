@@ -22,7 +22,7 @@ use super::link::{FetchError, fetch_chunk, fetch_groups, read_verified};
 use super::{Engine, FolderActivity, FolderHandle, NeedItem};
 use crate::chunking::{ChunkHash, ChunkInfo, FileHash, group_hash, group_ranges};
 use crate::device::{DeviceId, ShortId};
-use crate::disk::{hash_file, mtime_ns, sync_dir, system_time};
+use crate::disk::{copy_range, hash_file, mtime_ns, start_writeback, sync_dir, system_time};
 use crate::folder::{check_root, marker_dir};
 use crate::index::{
     FileKind, FileMeta, Folder, Index, LocalFile, Pulled, RemoteFile, SharedIndex, Superseded,
@@ -1011,11 +1011,118 @@ fn ask_order(n: usize, good: usize, total: usize) -> Vec<usize> {
 /// A chunk to copy from local files: its hash, where it goes, where it is.
 type LocalCopy = (ChunkHash, Vec<ChunkInfo>, Vec<crate::index::ChunkSource>);
 
-/// Copies chunks found in local files into `file`, each checked against its
-/// hash as it is read. One thread: writes to one file serialise on its inode
-/// lock anyway (two threads measured slower for a 1 GiB edit). Returns the
-/// chunks no local file had intact.
-fn copy_local(file: &File, jobs: Vec<LocalCopy>) -> io::Result<Vec<(ChunkHash, Vec<ChunkInfo>)>> {
+/// Copies chunks found in local files into `file`. One thread: writes to one
+/// file serialise on its inode lock anyway (two threads measured slower for a
+/// 1 GiB edit). Returns the chunks that could not be copied.
+///
+/// With `verify`, each chunk is read and checked against its hash, trying
+/// each of its sources. Without, runs of chunks that lie in the same order in
+/// the first source (most of an edited file) are copied in one go in the
+/// kernel, unread: the whole-file hash checks them afterwards, and a
+/// mismatch leaves the temp file for a verified retry.
+fn copy_local(
+    file: &File,
+    jobs: Vec<LocalCopy>,
+    verify: bool,
+) -> io::Result<Vec<(ChunkHash, Vec<ChunkInfo>)>> {
+    if verify {
+        return copy_local_verified(file, jobs);
+    }
+    // Every place a chunk goes, with where its first source has it.
+    struct Piece {
+        job: usize,
+        src: usize,
+        src_off: u64,
+        dst_off: u64,
+        len: u64,
+    }
+    let mut paths: Vec<&Path> = Vec::new();
+    let mut by_path: HashMap<&Path, usize> = HashMap::new();
+    let mut pieces = Vec::new();
+    for (job, (_, places, sources)) in jobs.iter().enumerate() {
+        let s = &sources[0];
+        let src = *by_path.entry(&s.path).or_insert_with(|| {
+            paths.push(&s.path);
+            paths.len() - 1
+        });
+        for c in places {
+            pieces.push(Piece {
+                job,
+                src,
+                src_off: s.offset,
+                dst_off: c.offset,
+                len: c.len as u64,
+            });
+        }
+    }
+    pieces.sort_by_key(|p| p.dst_off);
+    let mut files: Vec<Option<File>> = paths
+        .iter()
+        .map(|p| {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(p)
+                .ok()
+        })
+        .collect();
+    let mut failed = vec![false; jobs.len()];
+    let mut written = 0u64;
+    let mut i = 0;
+    while i < pieces.len() {
+        // The run of pieces contiguous both here and in their source.
+        let mut j = i + 1;
+        while j < pieces.len()
+            && pieces[j].src == pieces[i].src
+            && pieces[j].dst_off == pieces[j - 1].dst_off + pieces[j - 1].len
+            && pieces[j].src_off == pieces[j - 1].src_off + pieces[j - 1].len
+        {
+            j += 1;
+        }
+        let run = &pieces[i..j];
+        let len: u64 = run.iter().map(|p| p.len).sum();
+        let copied = match &files[run[0].src] {
+            Some(src) => copy_range(src, run[0].src_off, file, run[0].dst_off, len),
+            None => Ok(0),
+        };
+        match copied {
+            Ok(n) if n == len => {}
+            Ok(_) => run.iter().for_each(|p| failed[p.job] = true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Err(e),
+            Err(_) => {
+                // A source that cannot be read is not asked again.
+                files[run[0].src] = None;
+                run.iter().for_each(|p| failed[p.job] = true);
+            }
+        }
+        written += len;
+        if written >= WRITEBACK_EVERY {
+            start_writeback(file);
+            written = 0;
+        }
+        i = j;
+    }
+    let missed: Vec<LocalCopy> = jobs
+        .into_iter()
+        .zip(failed)
+        .filter(|(_, f)| *f)
+        .map(|(j, _)| j)
+        .collect();
+    // What the first sources could not give, the others may, checked.
+    copy_local_verified(file, missed)
+}
+
+/// Bytes written to a file being assembled between two calls asking the
+/// kernel to start writing them to disk, so the final fsync finds little
+/// left to do.
+const WRITEBACK_EVERY: u64 = 16 << 20;
+
+/// [`copy_local`] with each chunk read and checked against its hash.
+fn copy_local_verified(
+    file: &File,
+    jobs: Vec<LocalCopy>,
+) -> io::Result<Vec<(ChunkHash, Vec<ChunkInfo>)>> {
     let mut missed = Vec::new();
     for (h, places, sources) in jobs {
         let found = sources
@@ -1040,14 +1147,14 @@ async fn chunk_list(
     folder: &Folder,
     remote: &RemoteFile,
     sources: &[DeviceId],
-) -> Result<(Vec<ChunkInfo>, Option<LocalSources>), PullError> {
+) -> Result<(Vec<ChunkInfo>, LocalSources), PullError> {
     let row = folder.row;
     let path = remote.path.clone();
     let hash = remote.hash.expect("files have a hash");
     // A file of one chunk (most small files): that chunk's hash is the file's,
     // so where it is found locally can be asked in the same index call.
     let single = matches!(remote.groups[..], [g] if g.chunks == 1);
-    let (known_lists, single_sources) = engine
+    let (known_lists, single_sources, old) = engine
         .index
         .run(move |i| -> Result<_, crate::index::IndexError> {
             let mut lists = Vec::new();
@@ -1055,19 +1162,17 @@ async fn chunk_list(
                 lists.push(same);
             }
             let old = i.file_chunks(row, &path)?;
-            if !old.is_empty() {
-                lists.push(old);
-            }
             let sources = if single {
                 Some(i.chunk_sources(&ChunkHash(hash.0), 4)?)
             } else {
                 None
             };
-            Ok((lists, sources))
+            Ok((lists, sources, old))
         })
         .await?;
+    let known_lists: Vec<&Vec<ChunkInfo>> = known_lists.iter().chain(Some(&old)).collect();
     let mut known: HashMap<[u8; 32], Vec<(ChunkHash, u32)>> = HashMap::new();
-    for list in &known_lists {
+    for list in known_lists {
         for r in group_ranges(list) {
             let part: Vec<(ChunkHash, u32)> = list[r].iter().map(|c| (c.hash, c.len)).collect();
             known.insert(group_hash(part.iter().map(|(h, s)| (h, *s))), part);
@@ -1135,12 +1240,27 @@ async fn chunk_list(
     if offset != remote.size {
         return Err(PullError::Fetch("chunk sizes do not add up".into()));
     }
-    let prefetched = match (&out[..], single_sources) {
-        ([only], Some(sources)) if only.hash.0 == hash.0 => {
-            Some(HashMap::from([(only.hash, sources)]))
+    // Where chunks are known to be here without asking the index again: the
+    // old version of this file (most of an edited file), or the one chunk.
+    let mut prefetched: LocalSources = HashMap::new();
+    if !old.is_empty() {
+        let at = remote.path.to_fs(&folder.path);
+        for c in &old {
+            prefetched.entry(c.hash).or_insert_with(|| {
+                vec![crate::index::ChunkSource {
+                    path: at.clone(),
+                    offset: c.offset,
+                    size: c.len,
+                }]
+            });
         }
-        _ => None,
-    };
+    }
+    if let ([only], Some(sources)) = (&out[..], single_sources)
+        && only.hash.0 == hash.0
+        && !sources.is_empty()
+    {
+        prefetched.insert(only.hash, sources);
+    }
     Ok((out, prefetched))
 }
 
@@ -1156,7 +1276,7 @@ async fn assemble(
     remote: &RemoteFile,
     sources: &[DeviceId],
     chunks: &[ChunkInfo],
-    prefetched: Option<LocalSources>,
+    prefetched: LocalSources,
     requests: &Arc<Semaphore>,
 ) -> Result<PathBuf, PullError> {
     let root = folder.path.clone();
@@ -1202,25 +1322,20 @@ async fn assemble(
     }
 
     // Local copies first.
-    let hashes: Vec<ChunkHash> = todo.keys().copied().collect();
-    let mut local = match prefetched {
-        Some(known) => known,
-        None => {
-            engine
-                .index
-                .run(move |i| -> Result<LocalSources, crate::index::IndexError> {
-                    let mut out = HashMap::new();
-                    for h in hashes {
-                        let s = i.chunk_sources(&h, 4)?;
-                        if !s.is_empty() {
-                            out.insert(h, s);
-                        }
-                    }
-                    Ok(out)
-                })
-                .await?
-        }
-    };
+    let started = std::time::Instant::now();
+    let hashes: Vec<ChunkHash> = todo
+        .keys()
+        .filter(|h| !prefetched.contains_key(h))
+        .copied()
+        .collect();
+    let mut local = prefetched;
+    if !hashes.is_empty() {
+        let found = engine
+            .index
+            .run(move |i| i.chunk_sources_of(&hashes, 4))
+            .await?;
+        local.extend(found);
+    }
     let mut remote_todo: Vec<(ChunkHash, Vec<ChunkInfo>)> = Vec::new();
     let mut local_jobs: Vec<LocalCopy> = Vec::new();
     for (h, places) in todo {
@@ -1230,14 +1345,23 @@ async fn assemble(
             None => remote_todo.push((h, places)),
         }
     }
+    let looked_up = started.elapsed();
+    // A file of one chunk is that chunk, whose bytes are checked against its
+    // hash before they are written; any other file is checked whole at the
+    // end. A resumed one is checked chunk by chunk: it may be here because
+    // that check failed.
+    let expect: FileHash = remote.hash.expect("files have a hash");
+    let one_chunk = matches!(chunks, [c] if c.hash.0 == expect.0 && c.len as u64 == remote.size);
+    let verify = resumed || one_chunk;
     if !local_jobs.is_empty() {
         let f = file.clone();
-        let missed = tokio::task::spawn_blocking(move || copy_local(&f, local_jobs))
+        let missed = tokio::task::spawn_blocking(move || copy_local(&f, local_jobs, verify))
             .await
             .map_err(|e| io::Error::other(e.to_string()))??;
         remote_todo.extend(missed);
     }
 
+    let copied = started.elapsed();
     // The rest from peers, spread over those that have this version.
     if !remote_todo.is_empty() {
         let mut conns: Vec<(DeviceId, Connection)> = sources
@@ -1253,6 +1377,7 @@ async fn assemble(
         conns.sort_by_key(|(d, _)| bad(d) > 0);
         let good = conns.iter().filter(|(d, _)| bad(d) == 0).count();
         let conns = Arc::new(conns);
+        let unflushed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut set = tokio::task::JoinSet::new();
         for (n, (h, places)) in remote_todo.into_iter().enumerate() {
             let permit = requests
@@ -1263,6 +1388,7 @@ async fn assemble(
             let conns = conns.clone();
             let engine = engine.clone();
             let file = file.clone();
+            let unflushed = unflushed.clone();
             let folder_id = folder.id.to_string();
             let path = remote.path.clone();
             set.spawn(async move {
@@ -1279,6 +1405,11 @@ async fn assemble(
                                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             for c in &places {
                                 file.write_all_at(&bytes, c.offset)?;
+                            }
+                            let n = (bytes.len() * places.len()) as u64;
+                            let before = unflushed.fetch_add(n, Ordering::Relaxed);
+                            if before % WRITEBACK_EVERY + n >= WRITEBACK_EVERY {
+                                start_writeback(&file);
                             }
                             return Ok(());
                         }
@@ -1311,15 +1442,12 @@ async fn assemble(
         }
     }
 
+    let fetched = started.elapsed();
     // Durable, verified, with its metadata.
-    let expect: FileHash = remote.hash.expect("files have a hash");
     let mtime = system_time(remote.mtime_ns);
     let perms = remote.permissions;
     let size = remote.size;
     let tmp2 = tmp.clone();
-    // A file of one chunk is that chunk, whose bytes were checked against its
-    // hash before they were written.
-    let one_chunk = matches!(chunks, [c] if c.hash.0 == expect.0 && c.len as u64 == size);
     let ok = tokio::task::spawn_blocking(move || -> io::Result<bool> {
         // Metadata first, so the one fsync makes it durable too.
         file.set_modified(mtime)?;
@@ -1342,9 +1470,23 @@ async fn assemble(
     .await
     .map_err(|e| io::Error::other(e.to_string()))??;
     if !ok {
-        let _ = fs::remove_file(&tmp);
+        // Unless every chunk was checked as it was written, the next try
+        // resumes from this file, checking each chunk and fetching again
+        // the ones that are wrong (a local source that changed under us).
+        if verify {
+            let _ = fs::remove_file(&tmp);
+        }
         return Err(PullError::HashMismatch);
     }
+    tracing::debug!(
+        path = %remote.path,
+        chunks = chunks.len(),
+        lookup_ms = looked_up.as_millis() as u64,
+        local_ms = (copied - looked_up).as_millis() as u64,
+        fetch_ms = (fetched - copied).as_millis() as u64,
+        verify_ms = (started.elapsed() - fetched).as_millis() as u64,
+        "file assembled"
+    );
     Ok(tmp)
 }
 
