@@ -254,11 +254,7 @@ impl Peers {
             .and_then(|l| l.control.clone());
         let Some(control) = control else { return };
         let peer_id = *peer;
-        let folders = match self
-            .index
-            .run(move |i| i.folders_shared_with(&peer_id))
-            .await
-        {
+        let folders = match self.index.run(move |i| i.offers_to(&peer_id)).await {
             Ok(f) => offers(f),
             Err(e) => {
                 tracing::warn!("cannot list shared folders: {e}");
@@ -430,23 +426,14 @@ impl Peers {
                 report(Ok(()));
                 self.errors.lock().expect("errors lock").remove(&peer);
                 let addr = selected_path(&conn).and_then(|p| p.ip);
-                self.engine
-                    .set_peer_folders(peer, folders.iter().map(|f| f.id.clone()));
-                let offered: Vec<(String, String)> =
-                    folders.into_iter().map(|f| (f.id, f.label)).collect();
+                take_offers(&self.engine, &self.index, peer, folders).await;
                 let sync = tokio::spawn(crate::sync::link::run(
                     self.engine.clone(),
                     conn.clone(),
                     peer,
                     index,
                 ));
-                let seen = self
-                    .index
-                    .run(move |i| {
-                        i.peer_seen(&peer, addr)?;
-                        i.record_offers(&peer, &offered)
-                    })
-                    .await;
+                let seen = self.index.run(move |i| i.peer_seen(&peer, addr)).await;
                 if let Err(e) = seen {
                     tracing::warn!(device = %peer, "cannot record the link: {e}");
                 }
@@ -454,13 +441,7 @@ impl Peers {
                     tokio::select! {
                         msg = read_msg::<SyncMessage>(&mut recv) => match msg {
                             Ok(Some(SyncMessage::Folders { folders })) => {
-                                self.engine.set_peer_folders(peer, folders.iter().map(|f| f.id.clone()));
-                                let offered: Vec<(String, String)> =
-                                    folders.into_iter().map(|f| (f.id, f.label)).collect();
-                                let r = self.index.run(move |i| i.record_offers(&peer, &offered)).await;
-                                if let Err(e) = r {
-                                    tracing::warn!(device = %peer, "cannot record offers: {e}");
-                                }
+                                take_offers(&self.engine, &self.index, peer, folders).await;
                             }
                             Ok(Some(SyncMessage::Hello { .. })) => {
                                 tracing::warn!(device = %peer, "second hello on a link; closing it");
@@ -524,7 +505,7 @@ impl Peers {
     > {
         let folders = self
             .index
-            .run(move |i| i.folders_shared_with(&peer))
+            .run(move |i| i.offers_to(&peer))
             .await
             .map_err(|e| e.to_string())?;
         let mine = SyncMessage::Hello {
@@ -564,12 +545,37 @@ impl Peers {
     }
 }
 
-fn offers(folders: Vec<(crate::folder::FolderId, String)>) -> Vec<FolderOffer> {
+fn offers(folders: Vec<crate::index::OfferRow>) -> Vec<FolderOffer> {
     folders
         .into_iter()
-        .map(|(id, label)| FolderOffer {
-            id: id.to_string(),
+        .map(|(id, label, encrypted)| FolderOffer {
+            id,
             label,
+            encrypted,
         })
         .collect()
+}
+
+/// Takes in the folders a peer lists: the plain ones are synced with it, the
+/// encrypted ones are held by it (or offered to this device to hold); the
+/// offers of folders this device lacks are recorded.
+async fn take_offers(
+    engine: &Arc<crate::sync::Engine>,
+    index: &SharedIndex,
+    peer: DeviceId,
+    folders: Vec<FolderOffer>,
+) {
+    let (sealed, plain): (Vec<FolderOffer>, Vec<FolderOffer>) =
+        folders.into_iter().partition(|f| f.encrypted);
+    engine.set_peer_folders(peer, plain.iter().map(|f| f.id.clone()));
+    engine.set_peer_vaults(peer, sealed.iter().map(|f| f.id.clone()));
+    let offered: Vec<(String, String, bool)> = plain
+        .into_iter()
+        .chain(sealed)
+        .map(|f| (f.id, f.label, f.encrypted))
+        .collect();
+    let r = index.run(move |i| i.record_offers(&peer, &offered)).await;
+    if let Err(e) = r {
+        tracing::warn!(device = %peer, "cannot record offers: {e}");
+    }
 }

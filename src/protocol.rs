@@ -13,13 +13,13 @@
 //! before anything is allocated for them; decoding never panics, and every
 //! variable-length field is checked against its own limit after decoding.
 //!
-//! # Pairing (`ferry/pair/1`)
+//! # Pairing (`ferry/pair/2`)
 //! The joiner opens one bi-stream and sends [`PairMessage::Request`]; the
 //! inviter answers with [`PairMessage::Accepted`] or [`PairMessage::Refused`]
 //! and both close. The request proves knowledge of the invite secret with a MAC
 //! over both device ids (see `pairing`), so it is useless to anyone else.
 //!
-//! # Sync (`ferry/sync/1`)
+//! # Sync (`ferry/sync/2`)
 //! The dialer opens a control bi-stream and sends [`SyncMessage::Hello`]; the
 //! acceptor answers with its own. Either side may later send
 //! [`SyncMessage::Folders`] on the same stream when the folders it shares with
@@ -44,6 +44,18 @@
 //! one [`Request`] frame, the server answers with one [`Reply`] frame; a
 //! [`Reply::Chunk`] is followed by exactly `size` raw bytes (not a frame), which
 //! the requester checks against the chunk hash it asked for.
+//!
+//! # Encrypted backup holders (revision 3, `ferry/sync/2`)
+//! A folder offered with [`FolderOffer::encrypted`] asks the receiver to hold
+//! it sealed (see `vault`): the receiver keeps a *vault* for it, and lists it
+//! back in its own hello, encrypted, once it has accepted. The folder's device
+//! then sends it sealed chunks and records with [`Request::VaultMissing`],
+//! [`Request::VaultPutChunk`] (followed by `size` raw sealed bytes) and
+//! [`Request::VaultPutRecords`]; any paired device may read a vault back with
+//! [`Request::VaultList`], [`Request::VaultRecords`] and
+//! [`Request::VaultChunk`] (answered with [`Reply::VaultChunk`] and `size` raw
+//! bytes). Only the device that shared a vault may write to it; the holder
+//! cannot check what it stores, the reader checks everything it gets.
 
 use std::net::SocketAddr;
 
@@ -52,11 +64,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// ALPN of the pairing handshake.
-pub const PAIR_ALPN: &[u8] = b"ferry/pair/1";
+pub const PAIR_ALPN: &[u8] = b"ferry/pair/2";
 /// ALPN of links between paired devices.
-pub const SYNC_ALPN: &[u8] = b"ferry/sync/1";
+pub const SYNC_ALPN: &[u8] = b"ferry/sync/2";
 /// Minor revision of both protocols.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame payload accepted, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Longest device name or folder label accepted from a peer, in bytes.
@@ -109,6 +121,9 @@ pub struct FolderOffer {
     pub id: String,
     /// The offering device's label for it.
     pub label: String,
+    /// Offered (or, from a holder, held) as an encrypted backup: the
+    /// receiver stores it sealed and never gets its key (revision 3).
+    pub encrypted: bool,
 }
 
 /// Why an inviter refused a pairing request.
@@ -337,6 +352,62 @@ pub enum Request {
         /// Index of the first chunk wanted.
         start: u32,
     },
+    /// Which of these sealed chunks the holder lacks (revision 3).
+    VaultMissing {
+        /// The folder id.
+        folder: String,
+        /// Keyed chunk ids, at most [`MAX_VAULT_IDS`].
+        ids: Vec<[u8; 32]>,
+    },
+    /// Store one sealed chunk; `size` raw bytes follow (revision 3).
+    VaultPutChunk {
+        /// The folder id.
+        folder: String,
+        /// Its keyed id.
+        id: [u8; 32],
+        /// Its sealed length, at most [`MAX_SEALED_CHUNK`].
+        size: u32,
+    },
+    /// Store sealed records, replacing those with the same ids (revision 3).
+    VaultPutRecords {
+        /// The folder id.
+        folder: String,
+        /// (keyed record id, sealed bytes), each at most [`MAX_INLINE_RECORD`].
+        records: Vec<([u8; 32], Vec<u8>)>,
+    },
+    /// Store one sealed record too large to send inline; `size` raw bytes
+    /// follow (revision 3).
+    VaultPutRecord {
+        /// The folder id.
+        folder: String,
+        /// Its keyed id.
+        id: [u8; 32],
+        /// Its sealed length, at most [`MAX_SEALED_RECORD`].
+        size: u32,
+    },
+    /// The vaults the server holds (revision 3).
+    VaultList,
+    /// A page of a vault's sealed records, by id after `after` (revision 3).
+    VaultRecords {
+        /// The folder id.
+        folder: String,
+        /// The last id of the previous page.
+        after: Option<[u8; 32]>,
+    },
+    /// One sealed chunk (revision 3).
+    VaultChunk {
+        /// The folder id.
+        folder: String,
+        /// Its keyed id.
+        id: [u8; 32],
+    },
+    /// One sealed record, one a page listed as too large to carry (revision 3).
+    VaultRecord {
+        /// The folder id.
+        folder: String,
+        /// Its keyed id.
+        id: [u8; 32],
+    },
 }
 
 /// The answer to a [`Request`].
@@ -371,7 +442,44 @@ pub enum Reply {
         /// More chunks follow this page.
         more: bool,
     },
+    /// Which of the ids asked about the holder lacks, as indexes.
+    VaultMissing {
+        /// Indexes into the request's ids.
+        missing: Vec<u32>,
+    },
+    /// Stored.
+    VaultStored,
+    /// The vaults the server holds: (folder id, label).
+    Vaults {
+        /// At most [`MAX_FOLDERS`].
+        vaults: Vec<(String, String)>,
+    },
+    /// A page of sealed records.
+    VaultRecords {
+        /// (keyed record id, sealed bytes), each at most [`MAX_INLINE_RECORD`].
+        records: Vec<([u8; 32], Vec<u8>)>,
+        /// The ids of larger records in the page, to ask for one by one.
+        large: Vec<[u8; 32]>,
+        /// More follow.
+        more: bool,
+    },
+    /// The sealed chunk or record asked for follows as `size` raw bytes.
+    VaultBytes {
+        /// Its length.
+        size: u32,
+    },
 }
+
+/// Most ids in one [`Request::VaultMissing`].
+pub const MAX_VAULT_IDS: usize = 4096;
+/// Largest sealed chunk: the largest chunk, padded, with its header and tag.
+pub const MAX_SEALED_CHUNK: u32 = MAX_CHUNK + 8192;
+/// Largest sealed record (a file of about 2 million chunks).
+pub const MAX_SEALED_RECORD: u32 = 96 * 1024 * 1024 + 8192;
+/// Largest sealed record carried inside a frame; larger ones go on their own.
+pub const MAX_INLINE_RECORD: usize = 64 * 1024;
+/// Most ids of large records listed in one page.
+pub const MAX_LARGE_PER_PAGE: usize = 1024;
 
 /// Checks the limits a decoded message must respect.
 pub trait Bounded {
@@ -548,6 +656,38 @@ impl Bounded for Request {
                 check_path("a path", path)
             }
             Request::VersionChunks { folder, .. } => check_name("folder id", folder),
+            Request::VaultMissing { folder, ids } => {
+                check_name("folder id", folder)?;
+                if ids.len() > MAX_VAULT_IDS {
+                    return Err(format!("{} ids in one request", ids.len()));
+                }
+                Ok(())
+            }
+            Request::VaultPutChunk { folder, size, .. } => {
+                check_name("folder id", folder)?;
+                if *size > MAX_SEALED_CHUNK {
+                    return Err(format!("a sealed chunk of {size} bytes"));
+                }
+                Ok(())
+            }
+            Request::VaultPutRecords { folder, records } => {
+                check_name("folder id", folder)?;
+                if let Some((_, r)) = records.iter().find(|(_, r)| r.len() > MAX_INLINE_RECORD) {
+                    return Err(format!("an inline record of {} bytes", r.len()));
+                }
+                Ok(())
+            }
+            Request::VaultPutRecord { folder, size, .. } => {
+                check_name("folder id", folder)?;
+                if *size > MAX_SEALED_RECORD {
+                    return Err(format!("a sealed record of {size} bytes"));
+                }
+                Ok(())
+            }
+            Request::VaultRecords { folder, .. }
+            | Request::VaultChunk { folder, .. }
+            | Request::VaultRecord { folder, .. } => check_name("folder id", folder),
+            Request::VaultList => Ok(()),
         }
     }
 }
@@ -557,6 +697,34 @@ impl Bounded for Reply {
         match self {
             Reply::Chunk { size } if *size > MAX_CHUNK => Err(format!("a chunk of {size} bytes")),
             Reply::Chunk { .. } => Ok(()),
+            Reply::VaultBytes { size } if *size > MAX_SEALED_RECORD => {
+                Err(format!("sealed bytes of {size} bytes"))
+            }
+            Reply::VaultBytes { .. } | Reply::VaultStored => Ok(()),
+            Reply::VaultRecords { records, large, .. } => {
+                if let Some((_, r)) = records.iter().find(|(_, r)| r.len() > MAX_INLINE_RECORD) {
+                    return Err(format!("an inline record of {} bytes", r.len()));
+                }
+                if large.len() > MAX_LARGE_PER_PAGE {
+                    return Err(format!("{} large records in one page", large.len()));
+                }
+                Ok(())
+            }
+            Reply::VaultMissing { missing } => {
+                if missing.len() > MAX_VAULT_IDS {
+                    return Err(format!("{} ids in one reply", missing.len()));
+                }
+                Ok(())
+            }
+            Reply::Vaults { vaults } => {
+                if vaults.len() > MAX_FOLDERS {
+                    return Err(format!("{} vaults", vaults.len()));
+                }
+                vaults.iter().try_for_each(|(id, label)| {
+                    check_name("folder id", id)?;
+                    check_name("folder label", label)
+                })
+            }
             Reply::Groups { groups } => {
                 if groups.len() > MAX_GROUPS_PER_REQUEST {
                     return Err(format!("{} groups in one reply", groups.len()));
@@ -664,6 +832,7 @@ mod tests {
             folders: vec![FolderOffer {
                 id: "docs".into(),
                 label: "Documents".into(),
+                encrypted: true,
             }],
             index: vec![IndexState {
                 folder: "docs".into(),

@@ -219,6 +219,7 @@ impl Mallory {
             folders: vec![FolderOffer {
                 id: "docs".into(),
                 label: "docs".into(),
+                encrypted: false,
             }],
             index: vec![],
         };
@@ -397,7 +398,8 @@ async fn answer(
             };
             let _ = write_msg(&mut send, &reply).await;
         }
-        Request::VersionChunks { .. } => {
+        // The bad peer holds no vaults.
+        _ => {
             let _ = write_msg(&mut send, &unavailable).await;
         }
     }

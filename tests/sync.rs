@@ -6,49 +6,12 @@
 #[path = "common/agent.rs"]
 mod agent;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use agent::{Agent, Lab, Node, PATIENCE, pair, pseudo_random, two, wait_until};
+use agent::{Agent, Lab, Node, PATIENCE, pair, pseudo_random, tree, two, wait_until};
 use serde_json::Value;
-
-/// What a tree holds, as sync must reproduce it: per relative path, the kind,
-/// the content (files) or target (links), permissions, and mtime (files).
-fn tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-    for e in fs::read_dir(dir).expect("read dir") {
-        let e = e.expect("dir entry");
-        let p = e.path();
-        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-        if rel == ".ferry" {
-            continue;
-        }
-        let m = fs::symlink_metadata(&p).expect("lstat");
-        let desc = if m.file_type().is_symlink() {
-            format!("link -> {}", fs::read_link(&p).unwrap().display())
-        } else if m.is_dir() {
-            walk(root, &p, out);
-            format!("dir {:o}", m.mode() & 0o7777)
-        } else {
-            let bytes = fs::read(&p).expect("read file");
-            format!(
-                "file {:o} mtime {}.{:09} {}",
-                m.mode() & 0o7777,
-                m.mtime(),
-                m.mtime_nsec(),
-                blake3::hash(&bytes).to_hex()
-            )
-        };
-        out.insert(rel, desc);
-    }
-}
 
 /// `devices --json` entry of `peer` on `node`.
 /// The content hashes of every version `node` keeps in its history of `folder`.

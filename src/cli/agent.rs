@@ -21,6 +21,8 @@ use crate::pairing::code::{InviteCode, render_qr};
 const QUICK: Duration = Duration::from_secs(10);
 /// How long a join may take (dialling plus the handshake).
 const SLOW: Duration = Duration::from_secs(60);
+/// How long `ferry recover` waits for the agent to fetch a whole folder.
+const RECOVER: Duration = Duration::from_secs(24 * 3600);
 
 /// `ferry device …`
 #[derive(Debug, Subcommand)]
@@ -86,11 +88,17 @@ fn call(home: &Path, req: &Request, timeout: Duration) -> anyhow::Result<Value> 
     Ok(control::call(home, req, timeout)?)
 }
 
-pub(super) fn invite(home: &Home, folder: Option<String>, expires: u64) -> anyhow::Result<i32> {
+pub(super) fn invite(
+    home: &Home,
+    folder: Option<String>,
+    encrypted: bool,
+    expires: u64,
+) -> anyhow::Result<i32> {
     let v = call(
         home.root(),
         &Request::Invite {
             folder: folder.clone(),
+            encrypted,
             expires_secs: expires,
         },
         QUICK,
@@ -106,7 +114,11 @@ pub(super) fn invite(home: &Home, folder: Option<String>, expires: u64) -> anyho
     eprintln!();
     eprintln!(
         "On the other device run:  ferry join {code}{}",
-        if folder.is_some() { " --into PATH" } else { "" }
+        if folder.is_some() && !encrypted {
+            " --into PATH"
+        } else {
+            ""
+        }
     );
     eprintln!(
         "The code works once and expires at {} UTC.",
@@ -282,16 +294,71 @@ pub(super) fn device(home: &Home, cmd: DeviceCommand) -> anyhow::Result<i32> {
     Ok(super::EXIT_OK)
 }
 
-pub(super) fn share(home: &Home, folder: &str, device: &str) -> anyhow::Result<i32> {
+pub(super) fn share(
+    home: &Home,
+    folder: &str,
+    device: &str,
+    encrypted: bool,
+) -> anyhow::Result<i32> {
     call(
         home.root(),
         &Request::Share {
             folder: folder.to_owned(),
             device: device.to_owned(),
+            encrypted,
         },
         QUICK,
     )?;
-    println!("Offered folder {folder} to {device}; it appears in `ferry status` there.");
+    if encrypted {
+        println!(
+            "Offered folder {folder} to {device} to hold encrypted; once it accepts (`ferry folder accept` there), it is sent there sealed."
+        );
+        println!(
+            "Keep the folder's recovery code (`ferry folder key {folder}`) somewhere safe: without it the backup cannot be opened."
+        );
+    } else {
+        println!("Offered folder {folder} to {device}; it appears in `ferry status` there.");
+    }
+    Ok(super::EXIT_OK)
+}
+
+/// `ferry recover`: pairs with the holder first when given an invite code.
+pub(super) fn recover(home: &Home, from: &str, key: &str, into: &Path) -> anyhow::Result<i32> {
+    let into = std::path::absolute(into)?;
+    let holder = if crate::pairing::code::InviteCode::decode(from).is_ok() {
+        let v = call(
+            home.root(),
+            &Request::Join {
+                code: from.to_owned(),
+                into: None,
+                name: None,
+                folder_type: None,
+            },
+            SLOW,
+        )?;
+        v["device"].as_str().unwrap_or_default().to_owned()
+    } else {
+        from.to_owned()
+    };
+    let v = call(
+        home.root(),
+        &Request::Recover {
+            from: holder,
+            key: key.to_owned(),
+            into,
+        },
+        RECOVER,
+    )?;
+    println!(
+        "Recovered folder {} ({}) into {}: {} files, {} bytes, from holder {}.",
+        v["folder"].as_str().unwrap_or_default(),
+        v["label"].as_str().unwrap_or_default(),
+        v["path"].as_str().unwrap_or_default(),
+        v["files"],
+        v["bytes"],
+        v["holder"].as_str().unwrap_or_default(),
+    );
+    println!("It is an ordinary folder of this device now, and the holder goes on holding it.");
     Ok(super::EXIT_OK)
 }
 

@@ -39,9 +39,10 @@ pub enum FolderCommand {
     Accept {
         /// The offer number shown by `ferry status`.
         offer: i64,
-        /// Where to keep the folder (created if missing).
+        /// Where to keep the folder (created if missing); not for a folder
+        /// offered to hold encrypted, which has no files here.
         #[arg(long)]
-        into: PathBuf,
+        into: Option<PathBuf>,
     },
     /// Record and send the deletes a scan held back because there were too
     /// many at once (check first that the folder's disk is really mounted).
@@ -158,6 +159,23 @@ pub(super) fn run(home: &Home, cmd: FolderCommand) -> anyhow::Result<i32> {
                 .find(|o| o.id == offer)
                 .ok_or_else(|| anyhow::anyhow!("no pending offer {offer} (see `ferry status`)"))?;
             let device: crate::device::DeviceId = o.device.parse()?;
+            if o.encrypted {
+                if into.is_some() {
+                    anyhow::bail!(
+                        "offer {offer} is a folder to hold encrypted: it has no files here, so no --into"
+                    );
+                }
+                index.add_vault(&o.folder_id, &device, &o.label)?;
+                reload_agent(home);
+                println!(
+                    "Holding folder {} ({}) for {}, encrypted: this device stores it but cannot read it.",
+                    o.folder_id, o.label, o.device_name
+                );
+                return Ok(super::EXIT_OK);
+            }
+            let into = into.ok_or_else(|| {
+                anyhow::anyhow!("say where to keep folder {} with --into PATH", o.folder_id)
+            })?;
             std::fs::create_dir_all(&into)
                 .with_context(|| format!("cannot create {}", into.display()))?;
             let fid = FolderId::new(&o.folder_id)?;

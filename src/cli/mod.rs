@@ -73,6 +73,10 @@ pub enum Command {
         /// Also share this folder with the device that joins.
         #[arg(long)]
         folder: Option<String>,
+        /// The device that joins holds the folder as an encrypted backup: it
+        /// stores and serves it but can read none of it.
+        #[arg(long, requires = "folder")]
+        encrypted: bool,
         /// How long the code stays valid (90s, 10m, 2h, 7d).
         #[arg(long, default_value = "10m", value_parser = agent::parse_duration)]
         expires: u64,
@@ -107,6 +111,25 @@ pub enum Command {
         folder: String,
         /// The device id.
         device: String,
+        /// The device holds the folder as an encrypted backup: it stores and
+        /// serves it but can read none of it (it accepts with `ferry folder
+        /// accept`).
+        #[arg(long)]
+        encrypted: bool,
+    },
+    /// Rebuild a folder from a device that holds it encrypted, with the
+    /// folder's recovery code (`ferry folder key` on a device that had it).
+    Recover {
+        /// The holder: a paired device's id or name, or an invite code made on
+        /// the holder (`ferry invite` there) to pair with it first.
+        #[arg(long)]
+        from: String,
+        /// The recovery code.
+        #[arg(long)]
+        key: String,
+        /// Where to put the folder (a new or empty directory).
+        #[arg(long)]
+        into: PathBuf,
     },
     /// Walk folders and record what changed in the index.
     Scan {
@@ -251,7 +274,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Folder(cmd) => folder::run(&Home::open(&root)?, cmd),
         Command::Daemon { offline, listen } => agent::daemon(&Home::open(&root)?, offline, listen),
-        Command::Invite { folder, expires } => agent::invite(&Home::open(&root)?, folder, expires),
+        Command::Invite {
+            folder,
+            encrypted,
+            expires,
+        } => agent::invite(&Home::open(&root)?, folder, encrypted, expires),
         Command::Join {
             code,
             into,
@@ -260,7 +287,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         } => agent::join(&Home::open(&root)?, &code, into, name, folder_type),
         Command::Devices { json } => agent::devices(&Home::open(&root)?, json),
         Command::Device(cmd) => agent::device(&Home::open(&root)?, cmd),
-        Command::Share { folder, device } => agent::share(&Home::open(&root)?, &folder, &device),
+        Command::Share {
+            folder,
+            device,
+            encrypted,
+        } => agent::share(&Home::open(&root)?, &folder, &device, encrypted),
+        Command::Recover { from, key, into } => {
+            agent::recover(&Home::open(&root)?, &from, &key, &into)
+        }
         Command::Scan { folder, json } => scan::run(&Home::open(&root)?, folder.as_deref(), json),
         Command::Status { need: None, json } => status::run(&Home::open(&root)?, json),
         Command::Status {

@@ -14,12 +14,22 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
     let folders = index.folders()?;
     let mut entries = Vec::new();
     let mut peers_of = Vec::new();
+    let mut holders_of = Vec::new();
     for f in &folders {
         let stats = index.folder_stats(f.row)?;
         let (state, error) = state(f);
         entries.push((f, stats, state, error));
         peers_of.push(index.peer_completion(f.row)?);
+        holders_of.push(index.vault_holders(f.row)?);
     }
+    let vaults = index.vaults()?;
+    let names: std::collections::HashMap<String, String> = index
+        .peers()?
+        .into_iter()
+        .map(|p| (p.id.to_string(), p.name))
+        .collect();
+    let name_of =
+        |d: &crate::device::DeviceId| names.get(&d.to_string()).cloned().unwrap_or_default();
     let agent = super::agent::agent_status(home);
     let offers = index.offers()?;
     if json {
@@ -31,7 +41,13 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
             "agent": agent,
             "offers": offers,
             "peers": peers,
-            "folders": entries.iter().zip(&peers_of).map(|((f, s, state, error), peers)| {
+            "vaults": vaults.iter().map(|v| json!({
+                "folder": v.folder_id, "label": v.label, "encrypted": true,
+                "owner": v.owner.to_string(), "owner_name": name_of(&v.owner),
+                "records": v.records, "chunks": v.chunks,
+                "bytes": v.chunk_bytes + v.record_bytes,
+            })).collect::<Vec<_>>(),
+            "folders": entries.iter().zip(&peers_of).zip(&holders_of).map(|(((f, s, state, error), peers), holders)| {
                 let live = live(&agent, f.id.as_str());
                 json!({
                     "id": f.id.as_str(), "label": f.label, "path": f.path,
@@ -47,6 +63,10 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
                     "peers": peers.iter().map(|p| json!({
                         "device": p.device, "name": p.name, "completion": p.completion(),
                         "need_items": p.need_items, "need_bytes": p.need_bytes,
+                    })).collect::<Vec<_>>(),
+                    "holders": holders.iter().map(|(d, h)| json!({
+                        "device": d.to_string(), "name": name_of(d),
+                        "sent_sequence": h.pushed, "up_to_date": h.pushed >= f.sequence,
                     })).collect::<Vec<_>>(),
                 })
             }).collect::<Vec<_>>(),
@@ -67,12 +87,34 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
         None => println!("Agent not running (start it with `ferry daemon`)"),
     }
     for o in &offers {
+        if o.encrypted {
+            println!(
+                "Offer {}: {} asks this device to hold folder {} ({}) encrypted; take it with `ferry folder accept {}`",
+                o.id, o.device_name, o.folder_id, o.label, o.id
+            );
+        } else {
+            println!(
+                "Offer {}: {} offers folder {} ({}); take it with `ferry folder accept {} --into PATH`",
+                o.id, o.device_name, o.folder_id, o.label, o.id
+            );
+        }
+    }
+    for v in &vaults {
         println!(
-            "Offer {}: {} offers folder {} ({}); take it with `ferry folder accept {} --into PATH`",
-            o.id, o.device_name, o.folder_id, o.label, o.id
+            "Holding folder {} ({}) encrypted for {} ({}): {} records, {} chunks, {} (unreadable here)",
+            v.folder_id,
+            v.label,
+            name_of(&v.owner),
+            &v.owner.to_string()[..12],
+            v.records,
+            v.chunks,
+            output::bytes(v.chunk_bytes + v.record_bytes)
         );
     }
     if folders.is_empty() {
+        if !vaults.is_empty() {
+            return Ok(super::EXIT_OK);
+        }
         println!("No folders yet: add one with `ferry folder add PATH`.");
         return Ok(super::EXIT_OK);
     }
@@ -116,8 +158,25 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
         ],
         &rows,
     );
-    for ((f, _, _, error), peers) in entries.iter().zip(&peers_of) {
+    for (((f, _, _, error), peers), holders) in entries.iter().zip(&peers_of).zip(&holders_of) {
         let live = live(&agent, f.id.as_str());
+        for (d, h) in holders {
+            let short = &d.to_string()[..12];
+            if h.pushed >= f.sequence {
+                println!(
+                    "{}: {} ({short}) holds it encrypted, up to date",
+                    f.id,
+                    name_of(d)
+                );
+            } else {
+                println!(
+                    "{}: {} ({short}) holds it encrypted; changes after #{} still to send",
+                    f.id,
+                    name_of(d),
+                    h.pushed
+                );
+            }
+        }
         for p in peers {
             let short = &p.device[..p.device.len().min(12)];
             if p.need_items == 0 {

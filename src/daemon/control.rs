@@ -78,6 +78,9 @@ pub enum Request {
     Invite {
         /// A folder to share with whoever joins.
         folder: Option<String>,
+        /// The joiner holds the folder as an encrypted backup.
+        #[serde(default)]
+        encrypted: bool,
         /// How long the code is valid.
         expires_secs: u64,
     },
@@ -168,6 +171,18 @@ pub enum Request {
         folder: String,
         /// The device id.
         device: String,
+        /// The device holds it as an encrypted backup.
+        #[serde(default)]
+        encrypted: bool,
+    },
+    /// Rebuild a folder from a backup holder.
+    Recover {
+        /// The holder: its id or name (already paired).
+        from: String,
+        /// The folder's recovery code.
+        key: String,
+        /// Where to put the folder (missing or empty).
+        into: PathBuf,
     },
 }
 

@@ -459,7 +459,7 @@ pub(super) async fn restore_remote(
 }
 
 /// A paired device by id or by name.
-async fn paired_device(home: &Home, which: &str) -> Result<DeviceId, String> {
+pub(super) async fn paired_device(home: &Home, which: &str) -> Result<DeviceId, String> {
     let home = home.clone();
     let which = which.to_owned();
     tokio::task::spawn_blocking(move || {

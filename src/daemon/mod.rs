@@ -170,7 +170,11 @@ impl ProtocolHandler for PairHandler {
                     if let Some(f) = folder {
                         let fid = FolderId::new(&f.id)
                             .map_err(|e| crate::index::IndexError::Corrupt(e.to_string()))?;
-                        i.share_folder(&fid, &joiner)?;
+                        if f.encrypted {
+                            i.add_vault_holder(&fid, &joiner)?;
+                        } else {
+                            i.share_folder(&fid, &joiner)?;
+                        }
                     }
                     Ok::<_, crate::index::IndexError>(())
                 })
@@ -460,8 +464,10 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
         }
         Request::Invite {
             folder,
+            encrypted,
             expires_secs,
-        } => invite(agent, folder, expires_secs).await,
+        } => invite(agent, folder, encrypted, expires_secs).await,
+        Request::Recover { from, key, into } => recover(agent, &from, &key, into).await,
         Request::Join {
             code,
             into,
@@ -495,7 +501,11 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             agent.peers.forget(&id);
             Ok(json!({ "removed": id.to_string() }))
         }
-        Request::Share { folder, device } => {
+        Request::Share {
+            folder,
+            device,
+            encrypted,
+        } => {
             let fid = FolderId::new(&folder).map_err(|e| e.to_string())?;
             let did: DeviceId = device
                 .parse()
@@ -510,13 +520,17 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
                     if i.peer(&did)?.is_none() {
                         return Err(format!("no paired device {did} (see `ferry devices`)"));
                     }
-                    i.share_folder(&f2, &did)?;
+                    if encrypted {
+                        i.add_vault_holder(&f2, &did)?;
+                    } else {
+                        i.share_folder(&f2, &did)?;
+                    }
                     Ok(())
                 })
                 .await?;
             agent.engine.shares_changed();
             agent.peers.announce_folders(&did).await;
-            Ok(json!({ "folder": fid.as_str(), "device": did.to_string() }))
+            Ok(json!({ "folder": fid.as_str(), "device": did.to_string(), "encrypted": encrypted }))
         }
     }
 }
@@ -549,8 +563,12 @@ impl From<crate::index::IndexError> for String {
 async fn invite(
     agent: &Arc<Agent>,
     folder: Option<String>,
+    encrypted: bool,
     expires_secs: u64,
 ) -> Result<Value, String> {
+    if encrypted && folder.is_none() {
+        return Err("--encrypted needs --folder: the folder the joiner holds encrypted".into());
+    }
     if expires_secs == 0 || expires_secs > MAX_INVITE_SECS {
         return Err(format!(
             "an invite must expire within 1 s to {} days",
@@ -570,6 +588,7 @@ async fn invite(
             Some(FolderOffer {
                 id: f.id.to_string(),
                 label: f.label,
+                encrypted,
             })
         }
     };
@@ -582,6 +601,76 @@ async fn invite(
     );
     agent.invites.add(&code, offer);
     Ok(json!({ "code": code.encode(), "expires_at": expires_at }))
+}
+
+/// Rebuilds a folder from a backup holder, then keeps it as an ordinary
+/// folder of this device that the holder goes on holding.
+async fn recover(
+    agent: &Arc<Agent>,
+    from: &str,
+    key: &str,
+    into: PathBuf,
+) -> Result<Value, String> {
+    let secret = crate::vault::FolderSecret::from_recovery_code(key).map_err(|e| e.to_string())?;
+    let holder = history::paired_device(&agent.home, from).await?;
+    agent.peers.watch(holder, FirstDial::Now);
+    let mut conn = None;
+    for _ in 0..100 {
+        conn = agent.engine.link(&holder);
+        if conn.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let conn = conn.ok_or_else(|| format!("cannot reach holder {holder}: it is not connected"))?;
+    let into = if into.is_absolute() {
+        into
+    } else {
+        return Err(format!("{}: give an absolute path", into.display()));
+    };
+    let got = crate::sync::recover::recover(&conn, holder, &secret, &into)
+        .await
+        .map_err(|e| e.to_string())?;
+    let r = got.clone();
+    let path = agent
+        .index
+        .run(move |i| -> Result<PathBuf, String> {
+            let added = folder::add(
+                i,
+                NewFolder {
+                    path: into,
+                    id: Some(r.folder.clone()),
+                    label: Some(r.label.clone()),
+                    folder_type: crate::folder::FolderType::SendReceive,
+                },
+            )
+            .map_err(|e| format!("recovered, but the folder could not be added: {e}"))?;
+            i.set_folder_secret(added.row, &secret)?;
+            i.add_vault_holder(&r.folder, &holder)?;
+            i.set_holder_state(
+                added.row,
+                &holder,
+                crate::index::HolderState {
+                    pushed: 0,
+                    revision: r.revision,
+                },
+            )?;
+            Ok(added.path)
+        })
+        .await?;
+    agent.engine.shares_changed();
+    if let Err(e) = agent.engine.reload_folders().await {
+        tracing::warn!("cannot load the recovered folder: {e}");
+    }
+    agent.peers.announce_folders(&holder).await;
+    Ok(json!({
+        "folder": got.folder.as_str(),
+        "label": got.label,
+        "path": path,
+        "files": got.files,
+        "bytes": got.bytes,
+        "holder": holder.to_string(),
+    }))
 }
 
 async fn join(
@@ -639,8 +728,14 @@ async fn join(
         .run(move |i| -> Result<Option<PathBuf>, String> {
             i.add_peer(inviter, &peer_name, &addrs)?;
             let Some(f) = folder else { return Ok(None) };
+            if f.encrypted {
+                // Joining with the code is the holder's consent: it keeps the
+                // folder sealed, with no path and no key.
+                i.add_vault(&f.id, &inviter, &f.label)?;
+                return Ok(None);
+            }
             let Some(into) = into else {
-                i.record_offers(&inviter, &[(f.id, f.label)])?;
+                i.record_offers(&inviter, &[(f.id, f.label, false)])?;
                 return Ok(None);
             };
             std::fs::create_dir_all(&into)
@@ -699,6 +794,7 @@ mod tests {
             r,
             Request::Invite {
                 folder: None,
+                encrypted: false,
                 expires_secs: 60
             }
         );

@@ -36,6 +36,8 @@ pub struct Offer {
     pub label: String,
     /// When it was offered (Unix seconds).
     pub offered_at: i64,
+    /// Offered to hold as an encrypted backup (accepting makes a vault).
+    pub encrypted: bool,
 }
 
 fn parse_addrs(json: &str) -> Vec<SocketAddr> {
@@ -190,14 +192,20 @@ impl Index {
         rows.map(|row| device_id(&row?)).collect()
     }
 
-    /// Records the folders a peer offers, except those this device already has
-    /// or declined. Returns how many offers are new.
-    pub fn record_offers(&self, device: &DeviceId, offers: &[(String, String)]) -> Result<usize> {
+    /// Records the folders a peer offers (id, label, encrypted), except those
+    /// this device already has as a folder or vault, or declined. Returns how
+    /// many offers are new.
+    pub fn record_offers(
+        &self,
+        device: &DeviceId,
+        offers: &[(String, String, bool)],
+    ) -> Result<usize> {
         let tx = self.conn.unchecked_transaction()?;
         let mut added = 0;
-        for (folder_id, label) in offers {
+        for (folder_id, label, encrypted) in offers {
             let have: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM folders WHERE folder_id = ?1)",
+                "SELECT EXISTS (SELECT 1 FROM folders WHERE folder_id = ?1)
+                     OR EXISTS (SELECT 1 FROM vaults WHERE folder_id = ?1)",
                 [folder_id],
                 |r| r.get(0),
             )?;
@@ -205,10 +213,11 @@ impl Index {
                 continue;
             }
             added += tx.execute(
-                "INSERT INTO folder_offers (device, folder_id, label, offered_at)
-                 SELECT id, ?2, ?3, ?4 FROM devices WHERE device_id = ?1 AND is_local = 0
-                 ON CONFLICT(device, folder_id) DO UPDATE SET label = excluded.label",
-                params![device.to_string(), folder_id, label, now_secs()],
+                "INSERT INTO folder_offers (device, folder_id, label, offered_at, encrypted)
+                 SELECT id, ?2, ?3, ?4, ?5 FROM devices WHERE device_id = ?1 AND is_local = 0
+                 ON CONFLICT(device, folder_id)
+                 DO UPDATE SET label = excluded.label, encrypted = excluded.encrypted",
+                params![device.to_string(), folder_id, label, now_secs(), encrypted],
             )?;
         }
         tx.commit()?;
@@ -218,10 +227,11 @@ impl Index {
     /// Pending (not declined) offers.
     pub fn offers(&self) -> Result<Vec<Offer>> {
         let mut stmt = self.conn.prepare(
-            "SELECT o.id, d.device_id, d.name, o.folder_id, o.label, o.offered_at
+            "SELECT o.id, d.device_id, d.name, o.folder_id, o.label, o.offered_at, o.encrypted
              FROM folder_offers o JOIN devices d ON d.id = o.device
              WHERE o.declined = 0
                AND NOT EXISTS (SELECT 1 FROM folders f WHERE f.folder_id = o.folder_id)
+               AND NOT EXISTS (SELECT 1 FROM vaults v WHERE v.folder_id = o.folder_id)
              ORDER BY o.id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -232,6 +242,7 @@ impl Index {
                 folder_id: r.get(3)?,
                 label: r.get(4)?,
                 offered_at: r.get(5)?,
+                encrypted: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

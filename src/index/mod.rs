@@ -8,6 +8,7 @@ mod remote;
 pub mod schema;
 mod secrets;
 mod store;
+mod vault;
 
 pub use devices::{Offer, Peer};
 pub use history::{
@@ -19,6 +20,7 @@ pub use remote::{
     decode_groups, encode_groups,
 };
 pub use store::{ChunkLocation, DroppedChunks, PackRow, PackUsage, StoreTotals, StoredChunk};
+pub use vault::{HolderState, OfferRow, RecordPage, VaultInfo};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -904,7 +906,9 @@ mod tests {
     fn a_database_of_the_previous_version_is_upgraded_with_its_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.db");
-        let previous = schema::MIGRATIONS.len() - 1;
+        // Two versions back, so the folder secrets (9) are made for folders
+        // that exist, and offers (10) gain their flag.
+        let previous = schema::MIGRATIONS.len() - 2;
         {
             let mut conn = Connection::open(&path).unwrap();
             migrate(&mut conn, &path, previous).unwrap();
@@ -922,7 +926,11 @@ mod tests {
                  VALUES (1, 'a.txt', 0, 3, 7, 420, zeroblob(32), 1, X'00000000000000010000000000000001', 1);
                  INSERT INTO history (folder, path, kind, size, mtime_ns, permissions, hash,
                                       version, modified_by, superseded_at, reason, stored)
-                 VALUES (1, 'a.txt', 0, 2, 5, 420, zeroblob(32), X'', 1, 6, 'replaced', 1);",
+                 VALUES (1, 'a.txt', 0, 2, 5, 420, zeroblob(32), X'', 1, 6, 'replaced', 1);
+                 INSERT INTO devices (device_id, short_id, name, added_at)
+                 VALUES ('00', 9, 'peer', 0);
+                 INSERT INTO folder_offers (device, folder_id, label, offered_at)
+                 VALUES (1, 'music', 'Music', 0);",
             )
             .unwrap();
         }
@@ -966,6 +974,12 @@ mod tests {
         let totals = idx.store_totals().unwrap();
         assert_eq!(totals, StoreTotals::default());
         assert!(idx.store_unstored_history_chunks().unwrap().is_empty());
+        // Offers from before encrypted shares (schema 10) are plain ones.
+        let encrypted: i64 = idx
+            .conn
+            .query_row("SELECT encrypted FROM folder_offers", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(encrypted, 0);
     }
 
     #[test]

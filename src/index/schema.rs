@@ -51,6 +51,17 @@
 //!   folder is added (migration 9 gives existing folders a random one). Every
 //!   device of a folder must hold the same secret; the index file is kept
 //!   private to the user (mode 0600) for this reason.
+//! - `folder_offers.encrypted` is 1 for a folder offered to this device as an
+//!   encrypted backup holder (accepting it makes a vault, not a folder).
+//! - `vault_holders` lists, per folder of this device, the devices that hold
+//!   it encrypted; `pushed` is the highest local sequence number whose records
+//!   the holder has acknowledged, and `revision` the last record revision used
+//!   (records are sealed with increasing revisions, see `vault`).
+//! - `vaults` are the folders this device holds for others, sealed: the folder
+//!   id, the device that shared it (`owner`, the only one that may write), and
+//!   the owner's label. `vault_chunks` and `vault_records` hold the sealed
+//!   bytes as the owner sent them, under their keyed ids; this device can read
+//!   neither.
 
 /// `PRAGMA application_id` of a ferry index: "FRRY".
 pub const APPLICATION_ID: i32 = 0x4652_5259;
@@ -257,5 +268,38 @@ CREATE TABLE folder_secrets (
     secret BLOB    NOT NULL CHECK (length(secret) = 32)
 );
 INSERT INTO folder_secrets (folder, secret) SELECT id, randomblob(32) FROM folders;
+"#,
+    // 10: encrypted backup holders: the devices holding this device's folders
+    // sealed, and the vaults this device holds for others.
+    r#"
+ALTER TABLE folder_offers ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0 CHECK (encrypted IN (0, 1));
+CREATE TABLE vault_holders (
+    folder   INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+    device   INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    pushed   INTEGER NOT NULL DEFAULT 0,
+    revision INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (folder, device)
+) WITHOUT ROWID;
+CREATE TABLE vaults (
+    id         INTEGER PRIMARY KEY,
+    folder_id  TEXT    NOT NULL UNIQUE,
+    owner      INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    label      TEXT    NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE vault_chunks (
+    id    INTEGER PRIMARY KEY,
+    vault INTEGER NOT NULL REFERENCES vaults(id) ON DELETE CASCADE,
+    chunk BLOB    NOT NULL CHECK (length(chunk) = 32),
+    bytes BLOB    NOT NULL,
+    UNIQUE (vault, chunk)
+);
+CREATE TABLE vault_records (
+    id     INTEGER PRIMARY KEY,
+    vault  INTEGER NOT NULL REFERENCES vaults(id) ON DELETE CASCADE,
+    record BLOB    NOT NULL CHECK (length(record) = 32),
+    bytes  BLOB    NOT NULL,
+    UNIQUE (vault, record)
+);
 "#,
 ];

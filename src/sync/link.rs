@@ -57,7 +57,7 @@ pub async fn run(engine: Arc<Engine>, conn: Connection, peer: DeviceId, theirs: 
         .lock()
         .expect("links lock")
         .insert(peer, conn.clone());
-    // The three run until the link closes; one ending early (a peer that
+    // The four run until the link closes; one ending early (a peer that
     // finished its index stream) does not stop the others.
     let sender = async {
         if let Err(e) = send_index(&engine, &conn, peer, theirs).await
@@ -74,8 +74,9 @@ pub async fn run(engine: Arc<Engine>, conn: Connection, peer: DeviceId, theirs: 
         }
     };
     let server = serve(&engine, &conn, peer);
+    let backup = super::backup::run(engine.clone(), conn.clone(), peer);
     tokio::select! {
-        _ = async { tokio::join!(sender, receiver, server) } => {},
+        _ = async { tokio::join!(sender, receiver, server, backup) } => {},
         _ = engine.shutdown.cancelled() => {},
     }
     let mut links = engine.links.lock().expect("links lock");
@@ -290,7 +291,7 @@ async fn serve(engine: &Arc<Engine>, conn: &Connection, peer: DeviceId) {
     tasks.wait().await;
 }
 
-enum ServeError {
+pub(super) enum ServeError {
     Protocol(String),
     Link(String),
 }
@@ -307,11 +308,15 @@ async fn serve_one(
         Err(ProtocolError::Io(e)) => return Err(ServeError::Link(e.to_string())),
         Err(e) => return Err(ServeError::Protocol(e.to_string())),
     };
+    if super::holder::is_vault_request(&req) {
+        return super::holder::serve(engine, peer, req, &mut send, &mut recv).await;
+    }
     let folder_id = match &req {
         Request::Chunk { folder, .. }
         | Request::Groups { folder, .. }
         | Request::History { folder, .. }
         | Request::VersionChunks { folder, .. } => folder.clone(),
+        _ => return Err(ServeError::Protocol("an unexpected request".into())),
     };
     let folder = engine
         .synced_with(peer)
@@ -521,6 +526,8 @@ async fn serve_one(
             });
             reply(&mut send, &msg, None).await
         }
+        // Vault requests went to the holder above.
+        _ => Err(ServeError::Protocol("an unexpected request".into())),
     }
 }
 
@@ -588,7 +595,11 @@ async fn history_chunk(
     .flatten()
 }
 
-async fn reply(send: &mut SendStream, msg: &Reply, data: Option<&[u8]>) -> Result<(), ServeError> {
+pub(super) async fn reply(
+    send: &mut SendStream,
+    msg: &Reply,
+    data: Option<&[u8]>,
+) -> Result<(), ServeError> {
     let link = |e: &dyn std::fmt::Display| ServeError::Link(e.to_string());
     write_msg(send, msg).await.map_err(|e| link(&e))?;
     if let Some(d) = data {
@@ -627,6 +638,35 @@ pub fn read_verified(
     let mut buf = vec![0u8; size as usize];
     f.read_exact_at(&mut buf, offset).ok()?;
     (blake3::hash(&buf).as_bytes() == &hash.0).then_some(buf)
+}
+
+/// [`request`] with `body` sent right after the request frame, and a time
+/// limit on the whole exchange up to the reply frame.
+pub(super) async fn request_with(
+    conn: &Connection,
+    req: &Request,
+    body: Option<&[u8]>,
+) -> Result<(Reply, RecvStream), FetchError> {
+    let exchange = async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| FetchError::Link(e.to_string()))?;
+        write_msg(&mut send, req).await?;
+        if let Some(b) = body {
+            tokio::io::AsyncWriteExt::write_all(&mut send, b)
+                .await
+                .map_err(|e| FetchError::Link(e.to_string()))?;
+        }
+        send.finish().map_err(|e| FetchError::Link(e.to_string()))?;
+        match read_msg::<Reply>(&mut recv).await? {
+            Some(r) => Ok((r, recv)),
+            None => Err(FetchError::Link("the peer closed the request".into())),
+        }
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| FetchError::Link("request timed out".into()))?
 }
 
 /// Sends `req` on a new bi-stream and reads the reply frame (what follows it,

@@ -7,12 +7,18 @@
 //! (only records the peer has not seen) and serves chunk requests. [`pull`]
 //! decides with version vectors and puts remote versions in place atomically
 //! and verified; [`conflict`] names the copies of concurrent changes.
+//! [`backup`] sends folders, sealed, to the devices that hold them encrypted;
+//! [`holder`] is the other side, storing and serving sealed folders it cannot
+//! read; [`recover`] rebuilds a folder from a holder.
 
+pub mod backup;
 pub mod conflict;
 mod history_hooks;
+pub mod holder;
 pub mod link;
 pub mod mesh;
 pub mod pull;
+pub mod recover;
 pub mod watch;
 pub mod wire;
 
@@ -137,6 +143,8 @@ pub struct Engine {
     links: Mutex<HashMap<DeviceId, Connection>>,
     /// The folder ids each connected peer shares with this device.
     peer_folders: Mutex<HashMap<DeviceId, HashSet<String>>>,
+    /// The folder ids each connected peer holds (or is offered) encrypted.
+    peer_vaults: tokio::sync::watch::Sender<HashMap<DeviceId, HashSet<String>>>,
     counters: Mutex<HashMap<DeviceId, Arc<PeerCounters>>>,
     /// Recent answers of "which folders do we share with this peer".
     shared_cache: Mutex<HashMap<DeviceId, (std::time::Instant, Vec<String>)>>,
@@ -167,6 +175,7 @@ impl Engine {
             folders: Mutex::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
             peer_folders: Mutex::new(HashMap::new()),
+            peer_vaults: tokio::sync::watch::channel(HashMap::new()).0,
             counters: Mutex::new(HashMap::new()),
             shared_cache: Mutex::new(HashMap::new()),
             local_changes: tokio::sync::watch::channel(0).0,
@@ -305,6 +314,14 @@ impl Engine {
             .expect("peer folders lock")
             .insert(peer, folders.into_iter().collect());
         self.local_changes.send_modify(|n| *n += 1);
+    }
+
+    /// Records which folders a connected peer lists as held encrypted.
+    pub fn set_peer_vaults(&self, peer: DeviceId, folders: impl IntoIterator<Item = String>) {
+        let folders: HashSet<String> = folders.into_iter().collect();
+        self.peer_vaults.send_modify(|m| {
+            m.insert(peer, folders);
+        });
     }
 
     /// A connected peer's link, if any.

@@ -1,0 +1,431 @@
+//! Index queries about encrypted backup holders: on a folder's own devices,
+//! which devices hold it sealed and how far each has been sent; on a holder,
+//! the vaults it keeps for others (sealed chunks and records it cannot read).
+
+use rusqlite::{OptionalExtension, params};
+
+use super::{Index, IndexError, Result, now_secs};
+use crate::device::DeviceId;
+use crate::folder::FolderId;
+
+/// A vault this device holds for another device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultInfo {
+    /// Row id.
+    pub row: i64,
+    /// The folder id (the only plaintext the holder has).
+    pub folder_id: String,
+    /// The device that shared it and may write to it.
+    pub owner: DeviceId,
+    /// The owner's label for it.
+    pub label: String,
+    /// Sealed chunks stored, and their bytes.
+    pub chunks: u64,
+    /// Bytes of sealed chunks.
+    pub chunk_bytes: u64,
+    /// Sealed records stored.
+    pub records: u64,
+    /// Bytes of sealed records.
+    pub record_bytes: u64,
+}
+
+/// How far a holder has been sent a folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HolderState {
+    /// Highest local sequence whose records the holder has.
+    pub pushed: i64,
+    /// Last record revision used.
+    pub revision: u64,
+}
+
+/// How much one page of [`Index::vault_records`] carries.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordPage {
+    /// About this many bytes of records.
+    pub max_bytes: usize,
+    /// Records larger than this are listed by id only.
+    pub inline: usize,
+    /// At most this many of those.
+    pub max_large: usize,
+}
+
+/// A sealed chunk or record under its keyed id.
+pub type SealedEntry = ([u8; 32], Vec<u8>);
+
+/// What this device offers a peer in its hello: (folder id, label, encrypted).
+pub type OfferRow = (String, String, bool);
+
+fn device_id(s: &str) -> Result<DeviceId> {
+    s.parse()
+        .map_err(|e| IndexError::Corrupt(format!("device id {s:?}: {e}")))
+}
+
+impl Index {
+    /// Makes `device` a holder of `folder` (sealed). Returns whether it is new.
+    pub fn add_vault_holder(&self, folder: &FolderId, device: &DeviceId) -> Result<bool> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO vault_holders (folder, device)
+             SELECT f.id, d.id FROM folders f, devices d
+             WHERE f.folder_id = ?1 AND d.device_id = ?2 AND d.is_local = 0",
+            params![folder.as_str(), device.to_string()],
+        )?;
+        if n == 0 && !self.is_vault_holder(folder, device)? {
+            return Err(IndexError::Duplicate(format!(
+                "cannot share {folder} with {device}: unknown folder or device"
+            )));
+        }
+        Ok(n > 0)
+    }
+
+    /// Whether `device` holds `folder` sealed for this device.
+    pub fn is_vault_holder(&self, folder: &FolderId, device: &DeviceId) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM vault_holders vh
+               JOIN folders f ON f.id = vh.folder JOIN devices d ON d.id = vh.device
+               WHERE f.folder_id = ?1 AND d.device_id = ?2)",
+            params![folder.as_str(), device.to_string()],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// The devices holding `folder` sealed.
+    pub fn vault_holders(&self, folder: i64) -> Result<Vec<(DeviceId, HolderState)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT d.device_id, vh.pushed, vh.revision FROM vault_holders vh
+             JOIN devices d ON d.id = vh.device WHERE vh.folder = ?1 ORDER BY d.device_id",
+        )?;
+        let rows = stmt.query_map([folder], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (d, pushed, revision) = row?;
+            Ok((
+                device_id(&d)?,
+                HolderState {
+                    pushed,
+                    revision: revision as u64,
+                },
+            ))
+        })
+        .collect()
+    }
+
+    /// How far `device` has been sent `folder`.
+    pub fn holder_state(&self, folder: i64, device: &DeviceId) -> Result<Option<HolderState>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT vh.pushed, vh.revision FROM vault_holders vh
+                 JOIN devices d ON d.id = vh.device
+                 WHERE vh.folder = ?1 AND d.device_id = ?2",
+                params![folder, device.to_string()],
+                |r| {
+                    Ok(HolderState {
+                        pushed: r.get(0)?,
+                        revision: r.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Records that `device` has everything of `folder` up to `state`.
+    pub fn set_holder_state(
+        &self,
+        folder: i64,
+        device: &DeviceId,
+        state: HolderState,
+    ) -> Result<()> {
+        self.conn.execute(
+            "UPDATE vault_holders SET pushed = ?3, revision = ?4
+             WHERE folder = ?1 AND device = (SELECT id FROM devices WHERE device_id = ?2)",
+            params![
+                folder,
+                device.to_string(),
+                state.pushed,
+                state.revision as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Everything this device offers `device` in a hello: the folders shared
+    /// with it, the folders it holds sealed for this device, and the vaults
+    /// this device holds for it (which tells it they are accepted).
+    pub fn offers_to(&self, device: &DeviceId) -> Result<Vec<OfferRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT f.folder_id, f.label, 0 FROM folder_devices fd
+               JOIN folders f ON f.id = fd.folder JOIN devices d ON d.id = fd.device
+               WHERE d.device_id = ?1
+             UNION ALL
+             SELECT f.folder_id, f.label, 1 FROM vault_holders vh
+               JOIN folders f ON f.id = vh.folder JOIN devices d ON d.id = vh.device
+               WHERE d.device_id = ?1
+             UNION ALL
+             SELECT v.folder_id, v.label, 1 FROM vaults v JOIN devices d ON d.id = v.owner
+               WHERE d.device_id = ?1
+             ORDER BY 1",
+        )?;
+        let rows = stmt.query_map([device.to_string()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? == 1))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Makes a vault for `folder_id`, shared by `owner`. Returns its row.
+    pub fn add_vault(&self, folder_id: &str, owner: &DeviceId, label: &str) -> Result<i64> {
+        let have: bool = self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM folders WHERE folder_id = ?1)
+                 OR EXISTS (SELECT 1 FROM vaults WHERE folder_id = ?1)",
+            [folder_id],
+            |r| r.get(0),
+        )?;
+        if have {
+            return Err(IndexError::Duplicate(format!(
+                "this device already has a folder or vault with id {folder_id}"
+            )));
+        }
+        let n = self.conn.execute(
+            "INSERT INTO vaults (folder_id, owner, label, created_at)
+             SELECT ?1, id, ?3, ?4 FROM devices WHERE device_id = ?2 AND is_local = 0",
+            params![folder_id, owner.to_string(), label, now_secs()],
+        )?;
+        if n == 0 {
+            return Err(IndexError::Duplicate(format!(
+                "cannot hold {folder_id} for {owner}: not a paired device"
+            )));
+        }
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The vaults this device holds, with what they contain.
+    pub fn vaults(&self) -> Result<Vec<VaultInfo>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT v.id, v.folder_id, d.device_id, v.label,
+                    (SELECT count(*) FROM vault_chunks WHERE vault = v.id),
+                    (SELECT coalesce(sum(length(bytes)), 0) FROM vault_chunks WHERE vault = v.id),
+                    (SELECT count(*) FROM vault_records WHERE vault = v.id),
+                    (SELECT coalesce(sum(length(bytes)), 0) FROM vault_records WHERE vault = v.id)
+             FROM vaults v JOIN devices d ON d.id = v.owner ORDER BY v.folder_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                [
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, i64>(7)?,
+                ],
+            ))
+        })?;
+        rows.map(|row| {
+            let (row, folder_id, owner, label, n) = row?;
+            Ok(VaultInfo {
+                row,
+                folder_id,
+                owner: device_id(&owner)?,
+                label,
+                chunks: n[0] as u64,
+                chunk_bytes: n[1] as u64,
+                records: n[2] as u64,
+                record_bytes: n[3] as u64,
+            })
+        })
+        .collect()
+    }
+
+    /// The vault for `folder_id`: its row and owner.
+    pub fn vault(&self, folder_id: &str) -> Result<Option<(i64, DeviceId)>> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT v.id, d.device_id FROM vaults v JOIN devices d ON d.id = v.owner
+                 WHERE v.folder_id = ?1",
+                [folder_id],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()?;
+        row.map(|(id, d)| Ok((id, device_id(&d)?))).transpose()
+    }
+
+    /// Which of `ids` the vault lacks, as indexes into `ids`.
+    pub fn vault_missing(&self, vault: i64, ids: &[[u8; 32]]) -> Result<Vec<u32>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM vault_chunks WHERE vault = ?1 AND chunk = ?2)",
+        )?;
+        let mut out = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let have: bool = stmt.query_row(params![vault, &id[..]], |r| r.get(0))?;
+            if !have {
+                out.push(i as u32);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores sealed chunks (a chunk already there is kept as it is).
+    pub fn vault_put_chunks(&mut self, vault: i64, chunks: &[SealedEntry]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO vault_chunks (vault, chunk, bytes) VALUES (?1, ?2, ?3)",
+            )?;
+            for (id, bytes) in chunks {
+                stmt.execute(params![vault, &id[..], bytes])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Stores sealed records, replacing those with the same ids.
+    pub fn vault_put_records(&mut self, vault: i64, records: &[SealedEntry]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO vault_records (vault, record, bytes) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (vault, record) DO UPDATE SET bytes = excluded.bytes",
+            )?;
+            for (id, bytes) in records {
+                stmt.execute(params![vault, &id[..], bytes])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Sealed records after `after` (by id), until about `max_bytes` or
+    /// `max_large` records larger than `inline` (listed by id only); and
+    /// whether more follow.
+    pub fn vault_records(
+        &self,
+        vault: i64,
+        after: Option<[u8; 32]>,
+        page: RecordPage,
+    ) -> Result<(Vec<SealedEntry>, Vec<[u8; 32]>, bool)> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT record, CASE WHEN length(bytes) <= ?3 THEN bytes END FROM vault_records
+             WHERE vault = ?1 AND record > ?2 ORDER BY record",
+        )?;
+        let start: Vec<u8> = after.map_or_else(Vec::new, |a| a.to_vec());
+        let mut rows = stmt.query(params![vault, start, page.inline as i64])?;
+        let (mut inline, mut large) = (Vec::new(), Vec::new());
+        let mut total = 0usize;
+        while let Some(r) = rows.next()? {
+            let id: Vec<u8> = r.get(0)?;
+            let bytes: Option<Vec<u8>> = r.get(1)?;
+            let cost = bytes.as_ref().map_or(32, |b| b.len() + 64);
+            let full = large.len() >= page.max_large || total + cost > page.max_bytes;
+            if (!inline.is_empty() || !large.is_empty()) && full {
+                return Ok((inline, large, true));
+            }
+            total += cost;
+            let id: [u8; 32] = id
+                .try_into()
+                .map_err(|_| IndexError::Corrupt("a vault record id of the wrong size".into()))?;
+            match bytes {
+                Some(b) => inline.push((id, b)),
+                None => large.push(id),
+            }
+        }
+        Ok((inline, large, false))
+    }
+
+    /// One sealed record.
+    pub fn vault_record(&self, vault: i64, id: &[u8; 32]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT bytes FROM vault_records WHERE vault = ?1 AND record = ?2",
+                params![vault, &id[..]],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// One sealed chunk.
+    pub fn vault_chunk(&self, vault: i64, id: &[u8; 32]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT bytes FROM vault_chunks WHERE vault = ?1 AND chunk = ?2",
+                params![vault, &id[..]],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_vault_stores_chunks_once_and_pages_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut idx = Index::open(&dir.path().join("index.db"), Duration::from_secs(5)).unwrap();
+        let owner: DeviceId = "11".repeat(32).parse().unwrap();
+        idx.add_peer(owner, "owner", &[]).unwrap();
+        let v = idx.add_vault("docs", &owner, "Docs").unwrap();
+        assert!(idx.add_vault("docs", &owner, "Docs").is_err());
+
+        idx.vault_put_chunks(v, &[([1; 32], vec![1; 10]), ([2; 32], vec![2; 5])])
+            .unwrap();
+        // A chunk sent again keeps its first bytes.
+        idx.vault_put_chunks(v, &[([1; 32], vec![9; 3])]).unwrap();
+        assert_eq!(idx.vault_chunk(v, &[1; 32]).unwrap(), Some(vec![1; 10]));
+        assert_eq!(
+            idx.vault_missing(v, &[[2; 32], [3; 32], [1; 32]]).unwrap(),
+            vec![1]
+        );
+
+        let records: Vec<([u8; 32], Vec<u8>)> =
+            (0..10u8).map(|i| ([i; 32], vec![i; 100])).collect();
+        idx.vault_put_records(v, &records).unwrap();
+        idx.vault_put_records(v, &[([4; 32], vec![44; 7]), ([8; 32], vec![8; 5000])])
+            .unwrap();
+        let (mut got, mut big) = (Vec::new(), Vec::new());
+        let mut after = None;
+        let page = RecordPage {
+            max_bytes: 400,
+            inline: 1000,
+            max_large: 4,
+        };
+        loop {
+            let (inline, large, more) = idx.vault_records(v, after, page).unwrap();
+            let n = inline.len() + large.len();
+            assert!(n > 0 && n <= 3, "{n}");
+            after = inline
+                .iter()
+                .map(|(id, _)| *id)
+                .chain(large.iter().copied())
+                .max();
+            got.extend(inline);
+            big.extend(large);
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(got.len(), 9);
+        assert_eq!(got[4].1, vec![44; 7]);
+        // The large one is listed by id, and read on its own.
+        assert_eq!(big, vec![[8; 32]]);
+        assert_eq!(idx.vault_record(v, &[8; 32]).unwrap().unwrap().len(), 5000);
+        let info = &idx.vaults().unwrap()[0];
+        assert_eq!((info.chunks, info.chunk_bytes, info.records), (2, 15, 10));
+        assert_eq!(info.owner, owner);
+        assert_eq!(
+            idx.offers_to(&owner).unwrap(),
+            vec![("docs".into(), "Docs".into(), true)]
+        );
+    }
+}

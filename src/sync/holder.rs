@@ -1,0 +1,350 @@
+//! The backup holder's side of the wire: storing and serving the sealed vaults
+//! this device keeps for others (it can read none of them), and the calls the
+//! folder's devices make to a holder.
+//!
+//! Only the device that shared a vault may write to it. Any paired device may
+//! read it back: what it gets is sealed, and recovering needs the folder key.
+
+use std::sync::Arc;
+
+use iroh::endpoint::{Connection, RecvStream, SendStream};
+
+use super::Engine;
+use super::link::{FetchError, ServeError, reply, request_with};
+use crate::device::DeviceId;
+use crate::index::RecordPage;
+use crate::protocol::{
+    MAX_FRAME, MAX_INLINE_RECORD, MAX_LARGE_PER_PAGE, MAX_SEALED_CHUNK, MAX_VAULT_IDS,
+    ProtocolError, Reply, Request,
+};
+
+/// Whether `req` is one a holder serves.
+pub fn is_vault_request(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::VaultMissing { .. }
+            | Request::VaultPutChunk { .. }
+            | Request::VaultPutRecords { .. }
+            | Request::VaultPutRecord { .. }
+            | Request::VaultList
+            | Request::VaultRecords { .. }
+            | Request::VaultChunk { .. }
+            | Request::VaultRecord { .. }
+    )
+}
+
+fn unavailable(reason: impl Into<String>) -> Reply {
+    Reply::Unavailable {
+        reason: reason.into(),
+    }
+}
+
+/// Serves one vault request from `peer`.
+pub(super) async fn serve(
+    engine: &Arc<Engine>,
+    peer: DeviceId,
+    req: Request,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<(), ServeError> {
+    if let Request::VaultList = req {
+        let vaults = engine
+            .index
+            .run(|i| i.vaults())
+            .await
+            .map_err(|e| ServeError::Link(e.to_string()))?;
+        let vaults = vaults.into_iter().map(|v| (v.folder_id, v.label)).collect();
+        return reply(send, &Reply::Vaults { vaults }, None).await;
+    }
+    let folder = match &req {
+        Request::VaultMissing { folder, .. }
+        | Request::VaultPutChunk { folder, .. }
+        | Request::VaultPutRecords { folder, .. }
+        | Request::VaultPutRecord { folder, .. }
+        | Request::VaultRecords { folder, .. }
+        | Request::VaultChunk { folder, .. }
+        | Request::VaultRecord { folder, .. } => folder.clone(),
+        _ => return Err(ServeError::Protocol("not a vault request".into())),
+    };
+    let f = folder.clone();
+    let vault = engine
+        .index
+        .run(move |i| i.vault(&f))
+        .await
+        .map_err(|e| ServeError::Link(e.to_string()))?;
+    let Some((vault, owner)) = vault else {
+        return reply(send, &unavailable(format!("no vault {folder} here")), None).await;
+    };
+    let writes = matches!(
+        req,
+        Request::VaultMissing { .. }
+            | Request::VaultPutChunk { .. }
+            | Request::VaultPutRecords { .. }
+            | Request::VaultPutRecord { .. }
+    );
+    if writes && owner != peer {
+        return reply(
+            send,
+            &unavailable("only the device that shared this vault may write to it"),
+            None,
+        )
+        .await;
+    }
+    let store_err = |e: crate::index::IndexError| ServeError::Link(e.to_string());
+    match req {
+        Request::VaultMissing { ids, .. } => {
+            let missing = engine
+                .index
+                .run(move |i| i.vault_missing(vault, &ids))
+                .await
+                .map_err(store_err)?;
+            reply(send, &Reply::VaultMissing { missing }, None).await
+        }
+        Request::VaultPutChunk { id, size, .. } | Request::VaultPutRecord { id, size, .. } => {
+            let record = matches!(req, Request::VaultPutRecord { .. });
+            let mut bytes = vec![0u8; size as usize];
+            recv.read_exact(&mut bytes)
+                .await
+                .map_err(|e| ServeError::Link(e.to_string()))?;
+            engine
+                .index
+                .run(move |i| {
+                    if record {
+                        i.vault_put_records(vault, &[(id, bytes)])
+                    } else {
+                        i.vault_put_chunks(vault, &[(id, bytes)])
+                    }
+                })
+                .await
+                .map_err(store_err)?;
+            reply(send, &Reply::VaultStored, None).await
+        }
+        Request::VaultPutRecords { records, .. } => {
+            engine
+                .index
+                .run(move |i| i.vault_put_records(vault, &records))
+                .await
+                .map_err(store_err)?;
+            reply(send, &Reply::VaultStored, None).await
+        }
+        Request::VaultRecords { after, .. } => {
+            let page = RecordPage {
+                max_bytes: MAX_FRAME - (64 << 10),
+                inline: MAX_INLINE_RECORD,
+                max_large: MAX_LARGE_PER_PAGE,
+            };
+            let (records, large, more) = engine
+                .index
+                .run(move |i| i.vault_records(vault, after, page))
+                .await
+                .map_err(store_err)?;
+            reply(
+                send,
+                &Reply::VaultRecords {
+                    records,
+                    large,
+                    more,
+                },
+                None,
+            )
+            .await
+        }
+        Request::VaultChunk { id, .. } | Request::VaultRecord { id, .. } => {
+            let record = matches!(req, Request::VaultRecord { .. });
+            let bytes = engine
+                .index
+                .run(move |i| {
+                    if record {
+                        i.vault_record(vault, &id)
+                    } else {
+                        i.vault_chunk(vault, &id)
+                    }
+                })
+                .await
+                .map_err(store_err)?;
+            match bytes {
+                Some(b) => {
+                    let size = b.len() as u32;
+                    reply(send, &Reply::VaultBytes { size }, Some(&b)).await
+                }
+                None => reply(send, &unavailable("not in this vault"), None).await,
+            }
+        }
+        _ => Err(ServeError::Protocol("not a vault request".into())),
+    }
+}
+
+fn unexpected(r: Reply) -> FetchError {
+    match r {
+        Reply::Unavailable { reason } => FetchError::Unavailable(reason),
+        other => FetchError::Protocol(ProtocolError::Malformed(format!(
+            "unexpected reply {other:?}"
+        ))),
+    }
+}
+
+/// Asks a holder which of `ids` it lacks (any number of ids).
+pub async fn missing(
+    conn: &Connection,
+    folder: &str,
+    ids: &[[u8; 32]],
+) -> Result<Vec<usize>, FetchError> {
+    let mut out = Vec::new();
+    for (n, part) in ids.chunks(MAX_VAULT_IDS).enumerate() {
+        let req = Request::VaultMissing {
+            folder: folder.to_owned(),
+            ids: part.to_vec(),
+        };
+        match request_with(conn, &req, None).await?.0 {
+            Reply::VaultMissing { missing } => {
+                for i in missing {
+                    if i as usize >= part.len() {
+                        return Err(FetchError::Protocol(ProtocolError::Malformed(
+                            "a missing index out of range".into(),
+                        )));
+                    }
+                    out.push(n * MAX_VAULT_IDS + i as usize);
+                }
+            }
+            other => return Err(unexpected(other)),
+        }
+    }
+    Ok(out)
+}
+
+/// Sends one sealed chunk, or a sealed record too large to go inline.
+pub async fn put(
+    conn: &Connection,
+    folder: &str,
+    id: [u8; 32],
+    bytes: &[u8],
+    record: bool,
+) -> Result<(), FetchError> {
+    let (folder, size) = (folder.to_owned(), bytes.len() as u32);
+    let req = if record {
+        Request::VaultPutRecord { folder, id, size }
+    } else {
+        Request::VaultPutChunk { folder, id, size }
+    };
+    match request_with(conn, &req, Some(bytes)).await?.0 {
+        Reply::VaultStored => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Sends sealed records small enough to go inline, as few requests as fit.
+pub async fn put_records(
+    conn: &Connection,
+    folder: &str,
+    records: Vec<([u8; 32], Vec<u8>)>,
+) -> Result<(), FetchError> {
+    let budget = MAX_FRAME - (64 << 10);
+    let mut batch: Vec<([u8; 32], Vec<u8>)> = Vec::new();
+    let mut size = 0;
+    let mut it = records.into_iter().peekable();
+    while let Some(r) = it.next() {
+        size += r.1.len() + 48;
+        batch.push(r);
+        let next_fits = it.peek().is_some_and(|n| size + n.1.len() + 48 <= budget);
+        if !next_fits {
+            let req = Request::VaultPutRecords {
+                folder: folder.to_owned(),
+                records: std::mem::take(&mut batch),
+            };
+            match request_with(conn, &req, None).await?.0 {
+                Reply::VaultStored => {}
+                other => return Err(unexpected(other)),
+            }
+            size = 0;
+        }
+    }
+    Ok(())
+}
+
+/// The vaults a holder keeps: (folder id, label).
+pub async fn list(conn: &Connection) -> Result<Vec<(String, String)>, FetchError> {
+    match request_with(conn, &Request::VaultList, None).await?.0 {
+        Reply::Vaults { vaults } => Ok(vaults),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Every sealed record of a vault: (id, bytes).
+pub async fn records(
+    conn: &Connection,
+    folder: &str,
+) -> Result<Vec<([u8; 32], Vec<u8>)>, FetchError> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let req = Request::VaultRecords {
+            folder: folder.to_owned(),
+            after,
+        };
+        let (records, large, more) = match request_with(conn, &req, None).await?.0 {
+            Reply::VaultRecords {
+                records,
+                large,
+                more,
+            } => (records, large, more),
+            other => return Err(unexpected(other)),
+        };
+        let last = records
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(large.iter().copied())
+            .max();
+        if last.is_some_and(|l| after.is_some_and(|a| l <= a)) {
+            return Err(FetchError::Protocol(ProtocolError::Malformed(
+                "a page of records that does not move forward".into(),
+            )));
+        }
+        out.extend(records);
+        for id in large {
+            let bytes = get(conn, folder, id, true).await?;
+            out.push((id, bytes));
+        }
+        if !more {
+            return Ok(out);
+        }
+        match last {
+            Some(l) => after = Some(l),
+            None => {
+                return Err(FetchError::Protocol(ProtocolError::Malformed(
+                    "an empty page with more to follow".into(),
+                )));
+            }
+        }
+    }
+}
+
+/// One sealed chunk or record.
+pub async fn get(
+    conn: &Connection,
+    folder: &str,
+    id: [u8; 32],
+    record: bool,
+) -> Result<Vec<u8>, FetchError> {
+    let folder = folder.to_owned();
+    let req = if record {
+        Request::VaultRecord { folder, id }
+    } else {
+        Request::VaultChunk { folder, id }
+    };
+    let (reply, mut recv) = request_with(conn, &req, None).await?;
+    match reply {
+        Reply::VaultBytes { size } if !record && size > MAX_SEALED_CHUNK => {
+            Err(FetchError::Protocol(ProtocolError::Malformed(format!(
+                "a sealed chunk of {size} bytes"
+            ))))
+        }
+        Reply::VaultBytes { size } => {
+            let mut buf = vec![0u8; size as usize];
+            recv.read_exact(&mut buf)
+                .await
+                .map_err(|e| FetchError::Link(e.to_string()))?;
+            Ok(buf)
+        }
+        other => Err(unexpected(other)),
+    }
+}

@@ -1,0 +1,217 @@
+//! Encrypted backups end to end, between real agents on loopback: a folder
+//! held by a device that can read none of it, changes reaching it in the
+//! background, recovery onto a fresh device byte for byte, and a wrong key or
+//! altered bytes refused.
+
+#[path = "common/agent.rs"]
+mod agent;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use agent::{Agent, Lab, Node, Run, pair, pseudo_random, tree, wait_until};
+use serde_json::Value;
+
+/// Every file under `dir`, as bytes.
+fn all_bytes(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let m = fs::symlink_metadata(&p).unwrap();
+        if m.is_dir() {
+            all_bytes(&p, out);
+        } else if m.is_file() {
+            out.push((p.display().to_string(), fs::read(&p).unwrap()));
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn status(node: &Node) -> Value {
+    node.run(&["status", "--json"]).ok().json()
+}
+
+/// Whether every holder of A's folder is up to date, and the holder has it.
+fn held(a: &Node, h: &Node) -> bool {
+    let s = status(a);
+    let f = &s["folders"][0];
+    let up = f["holders"]
+        .as_array()
+        .is_some_and(|hs| !hs.is_empty() && hs.iter().all(|h| h["up_to_date"] == true));
+    let records = status(h)["vaults"][0]["records"].as_u64().unwrap_or(0);
+    up && records > 0
+}
+
+/// `ferry recover` on `node` from `holder` with `key` into `into`.
+fn recover(node: &Node, holder: &Node, key: &str, into: &Path) -> Run {
+    node.run(&[
+        "recover",
+        "--from",
+        &holder.id(),
+        "--key",
+        key,
+        "--into",
+        into.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn a_holder_keeps_a_folder_it_cannot_read_and_a_fresh_device_recovers_it() {
+    let lab = Lab::new();
+    let a = lab.node("a");
+    let h = lab.node("h");
+    let c = lab.node("c");
+    let docs = a.add_folder("docs");
+    fs::create_dir_all(docs.join("private-plans/deeper")).unwrap();
+    fs::write(
+        docs.join("private-plans/secret-names.txt"),
+        b"ALPHA-MARKER-7731 meeting with zebra",
+    )
+    .unwrap();
+    let big = pseudo_random(3_000_000, 21);
+    fs::write(docs.join("private-plans/deeper/big.bin"), &big).unwrap();
+    fs::write(
+        docs.join("script.sh"),
+        b"#!/bin/sh\necho BRAVO-MARKER-5519\n",
+    )
+    .unwrap();
+    fs::set_permissions(docs.join("script.sh"), fs::Permissions::from_mode(0o751)).unwrap();
+    std::os::unix::fs::symlink("private-plans/secret-names.txt", docs.join("link-to-names"))
+        .unwrap();
+    let (_aa, ah) = (Agent::start(&a), Agent::start(&h));
+
+    // The holder joins with an encrypted invite: it keeps the folder sealed.
+    pair(&a, &h, &["--folder", "docs", "--encrypted"], &[]);
+    wait_until("the holder has the whole folder", || held(&a, &h));
+    let v = &status(&h)["vaults"][0];
+    assert_eq!(v["folder"], "docs");
+    assert_eq!(v["encrypted"], true);
+    assert!(v["bytes"].as_u64().unwrap() >= big.len() as u64, "{v}");
+    assert!(
+        h.folders().is_empty(),
+        "the holder has no folder of its own"
+    );
+
+    // A change reaches the holder in the background.
+    fs::write(docs.join("later.txt"), b"CHARLIE-MARKER-2208").unwrap();
+    wait_until("the holder has the change", || {
+        held(&a, &h) && status(&h)["vaults"][0]["records"].as_u64() >= Some(7)
+    });
+
+    // Nothing the holder stores or logs names or shows the folder's contents.
+    ah.stop();
+    let mut files = Vec::new();
+    all_bytes(&h.dir, &mut files);
+    assert!(!files.is_empty());
+    let secrets: [&[u8]; 7] = [
+        b"ALPHA-MARKER-7731",
+        b"BRAVO-MARKER-5519",
+        b"CHARLIE-MARKER-2208",
+        b"secret-names",
+        b"private-plans",
+        b"later.txt",
+        &big[1_000_000..1_000_064],
+    ];
+    for (path, bytes) in &files {
+        for s in secrets {
+            assert!(
+                !contains(bytes, s),
+                "{path} holds {:?}",
+                String::from_utf8_lossy(&s[..s.len().min(20)])
+            );
+        }
+    }
+    let _ah = Agent::start(&h);
+
+    // A fresh device pairs with the holder and recovers the folder with the
+    // recovery code, byte for byte.
+    let key = a
+        .run(&["folder", "key", "docs"])
+        .ok()
+        .stdout
+        .trim()
+        .to_owned();
+    let _ac = Agent::start(&c);
+    pair(&h, &c, &[], &[]);
+    let into = c.path("restored");
+    let run = recover(&c, &h, &key, &into).ok();
+    assert!(run.stdout.contains("Recovered folder docs"), "{run}");
+    assert_eq!(tree(&into), tree(&docs));
+    // It is an ordinary folder there now.
+    assert_eq!(c.folders()[0]["id"], "docs");
+
+    // A key for another folder opens nothing on the holder.
+    a.add_folder("other");
+    let wrong = a
+        .run(&["folder", "key", "other"])
+        .ok()
+        .stdout
+        .trim()
+        .to_owned();
+    let into2 = c.path("wrong");
+    let run = recover(&c, &h, &wrong, &into2);
+    assert_ne!(run.code, 0, "{run}");
+    assert!(
+        run.stderr.contains("opens with this recovery code"),
+        "{run}"
+    );
+    assert!(!into2.join("private-plans").exists());
+}
+
+#[test]
+fn altered_bytes_on_the_holder_are_refused_naming_it() {
+    let lab = Lab::new();
+    let a = lab.node("a");
+    let h = lab.node("h");
+    let c = lab.node("c");
+    let docs = a.add_folder("docs");
+    fs::write(docs.join("one.bin"), pseudo_random(200_000, 3)).unwrap();
+    let (_aa, ah) = (Agent::start(&a), Agent::start(&h));
+    pair(&a, &h, &["--folder", "docs", "--encrypted"], &[]);
+    wait_until("the holder has the folder", || held(&a, &h));
+    let key = a
+        .run(&["folder", "key", "docs"])
+        .ok()
+        .stdout
+        .trim()
+        .to_owned();
+
+    // One byte of every sealed chunk flipped in the holder's store.
+    ah.stop();
+    let db = rusqlite::Connection::open(h.home.join("index.db")).unwrap();
+    let rows: Vec<(i64, Vec<u8>)> = db
+        .prepare("SELECT id, bytes FROM vault_chunks")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(!rows.is_empty());
+    for (id, mut bytes) in rows {
+        bytes[100] ^= 0x55;
+        db.execute(
+            "UPDATE vault_chunks SET bytes = ?2 WHERE id = ?1",
+            rusqlite::params![id, bytes],
+        )
+        .unwrap();
+    }
+    drop(db);
+    let _ah = Agent::start(&h);
+
+    let _ac = Agent::start(&c);
+    pair(&h, &c, &[], &[]);
+    let into = c.path("restored");
+    let run = recover(&c, &h, &key, &into);
+    assert_ne!(run.code, 0, "{run}");
+    assert!(
+        run.stderr.contains(&h.id()) && run.stderr.contains("altered"),
+        "{run}"
+    );
+    // Nothing half-written is left in place.
+    assert!(!into.join("one.bin").exists());
+    let left: Vec<_> = fs::read_dir(&into).map(|d| d.count()).into_iter().collect();
+    assert!(left.iter().all(|&n| n == 0), "{left:?}");
+}
