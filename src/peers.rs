@@ -24,6 +24,7 @@ use crate::protocol::{
     FolderOffer, IndexState, PROTOCOL_VERSION, SYNC_ALPN, SyncMessage, read_msg, write_msg,
 };
 use crate::sync::Engine;
+use crate::sync::wire::{offer_from_wire, offer_to_wire};
 use crate::transport::{
     self, AllowList, CLOSE_DUPLICATE, CLOSE_REMOVED, CLOSE_SHUTDOWN, CLOSE_UNKNOWN_DEVICE,
     selected_path,
@@ -545,15 +546,8 @@ impl Peers {
     }
 }
 
-fn offers(folders: Vec<crate::index::OfferRow>) -> Vec<FolderOffer> {
-    folders
-        .into_iter()
-        .map(|(id, label, encrypted)| FolderOffer {
-            id,
-            label,
-            encrypted,
-        })
-        .collect()
+fn offers(folders: Vec<crate::index::Offered>) -> Vec<FolderOffer> {
+    folders.into_iter().map(offer_to_wire).collect()
 }
 
 /// Takes in the folders a peer lists: the plain ones are synced with it, the
@@ -569,12 +563,24 @@ async fn take_offers(
         folders.into_iter().partition(|f| f.encrypted);
     engine.set_peer_folders(peer, plain.iter().map(|f| f.id.clone()));
     engine.set_peer_vaults(peer, sealed.iter().map(|f| f.id.clone()));
-    let offered: Vec<(String, String, bool)> = plain
+    let offered: Vec<crate::index::Offered> = plain
         .into_iter()
         .chain(sealed)
-        .map(|f| (f.id, f.label, f.encrypted))
+        .map(offer_from_wire)
         .collect();
-    let r = index.run(move |i| i.record_offers(&peer, &offered)).await;
+    let r = index
+        .run(move |i| -> Result<(), crate::index::IndexError> {
+            for o in &offered {
+                if let Some(secret) = &o.secret
+                    && i.reconcile_secret(&o.id, secret)?
+                {
+                    tracing::info!(device = %peer, folder = %o.id, "took the folder's key from a device that has it");
+                }
+            }
+            i.record_offers(&peer, &offered)?;
+            Ok(())
+        })
+        .await;
     if let Err(e) = r {
         tracing::warn!(device = %peer, "cannot record offers: {e}");
     }

@@ -115,7 +115,7 @@ pub enum ProtocolError {
 }
 
 /// A folder as offered to a peer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FolderOffer {
     /// The folder id shared by every device.
     pub id: String,
@@ -124,6 +124,21 @@ pub struct FolderOffer {
     /// Offered (or, from a holder, held) as an encrypted backup: the
     /// receiver stores it sealed and never gets its key (revision 3).
     pub encrypted: bool,
+    /// The folder's vault secret, sent to trusted devices only (never with
+    /// `encrypted`), so that every device of a folder seals it alike and any
+    /// of them can read what a holder keeps (revision 3).
+    pub secret: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for FolderOffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FolderOffer")
+            .field("id", &self.id)
+            .field("label", &self.label)
+            .field("encrypted", &self.encrypted)
+            .field("secret", &self.secret.map(|_| ".."))
+            .finish()
+    }
 }
 
 /// Why an inviter refused a pairing request.
@@ -833,6 +848,7 @@ mod tests {
                 id: "docs".into(),
                 label: "Documents".into(),
                 encrypted: true,
+                secret: None,
             }],
             index: vec![IndexState {
                 folder: "docs".into(),

@@ -215,3 +215,100 @@ fn altered_bytes_on_the_holder_are_refused_naming_it() {
     let left: Vec<_> = fs::read_dir(&into).map(|d| d.count()).into_iter().collect();
     assert!(left.iter().all(|&n| n == 0), "{left:?}");
 }
+
+#[test]
+fn trusted_devices_share_the_key_and_a_paired_device_accepts_to_hold_the_folder() {
+    let lab = Lab::new();
+    let a = lab.node("a");
+    let b = lab.node("b");
+    let h = lab.node("h");
+    let docs = a.add_folder("docs");
+    fs::write(docs.join("notes.txt"), b"DELTA-MARKER-4410").unwrap();
+    let (_aa, _ab, _ah) = (Agent::start(&a), Agent::start(&b), Agent::start(&h));
+    let b_docs = b.path("docs");
+    pair(
+        &a,
+        &b,
+        &["--folder", "docs"],
+        &["--into", b_docs.to_str().unwrap()],
+    );
+    // Both trusted devices seal the folder alike: either one's recovery code
+    // opens what a holder keeps.
+    let key_of = |n: &Node| {
+        n.run(&["folder", "key", "docs"])
+            .ok()
+            .stdout
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(key_of(&a), key_of(&b));
+
+    // A device paired without a folder is asked to hold it, and accepts.
+    pair(&a, &h, &[], &[]);
+    a.run(&["share", "docs", &h.id(), "--encrypted"]).ok();
+    let offer = agent::wait_for("the offer to reach the holder", || {
+        h.offers().into_iter().find(|o| o["encrypted"] == true)
+    });
+    assert_eq!(offer["folder_id"], "docs");
+    let id = offer["id"].to_string();
+    // Held encrypted, there is no place for files: --into is refused.
+    let run = h.run(&["folder", "accept", &id, "--into", "/tmp/x"]);
+    assert_ne!(run.code, 0, "{run}");
+    h.run(&["folder", "accept", &id]).ok();
+    wait_until("the holder has the folder", || held(&a, &h));
+    assert!(h.folders().is_empty());
+    let text = h.run(&["status"]).ok().stdout;
+    assert!(text.contains("Holding folder docs"), "{text}");
+
+    // B edits the file; A keeps the version it replaced in its history, and
+    // the holder gets that version too.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    fs::write(b_docs.join("notes.txt"), b"ECHO-MARKER-9921").unwrap();
+    wait_until("A has B's edit", || {
+        fs::read(docs.join("notes.txt")).is_ok_and(|c| c == b"ECHO-MARKER-9921")
+    });
+    wait_until("the holder has the old version too", || {
+        held(&a, &h) && status(&h)["vaults"][0]["records"].as_u64() >= Some(2)
+    });
+
+    // A fresh device recovers the folder as it is, and as it was before.
+    let c = lab.node("c");
+    let _ac = Agent::start(&c);
+    pair(&h, &c, &[], &[]);
+    let key = key_of(&b);
+    let now = c.path("now");
+    recover(&c, &h, &key, &now).ok();
+    assert_eq!(
+        fs::read(now.join("notes.txt")).unwrap(),
+        b"ECHO-MARKER-9921"
+    );
+    // Once more onto the same device: it has the folder already.
+    let again = recover(&c, &h, &key, &c.path("again"));
+    assert!(again.stderr.contains("already has folder docs"), "{again}");
+    assert!(!c.path("again").join("notes.txt").exists());
+    let d = lab.node("d");
+    let _ad = Agent::start(&d);
+    pair(&h, &d, &[], &[]);
+    let then = d.path("then");
+    let at = format!("@{before}");
+    d.run(&[
+        "recover",
+        "--from",
+        &h.id(),
+        "--key",
+        &key,
+        "--into",
+        then.to_str().unwrap(),
+        "--at",
+        &at,
+    ])
+    .ok();
+    assert_eq!(
+        fs::read(then.join("notes.txt")).unwrap(),
+        b"DELTA-MARKER-4410"
+    );
+}

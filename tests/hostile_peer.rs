@@ -220,6 +220,7 @@ impl Mallory {
                 id: "docs".into(),
                 label: "docs".into(),
                 encrypted: false,
+                secret: None,
             }],
             index: vec![],
         };

@@ -323,7 +323,13 @@ pub(super) fn share(
 }
 
 /// `ferry recover`: pairs with the holder first when given an invite code.
-pub(super) fn recover(home: &Home, from: &str, key: &str, into: &Path) -> anyhow::Result<i32> {
+pub(super) fn recover(
+    home: &Home,
+    from: &str,
+    key: &str,
+    into: &Path,
+    at: Option<i64>,
+) -> anyhow::Result<i32> {
     let into = std::path::absolute(into)?;
     let holder = if crate::pairing::code::InviteCode::decode(from).is_ok() {
         let v = call(
@@ -346,6 +352,7 @@ pub(super) fn recover(home: &Home, from: &str, key: &str, into: &Path) -> anyhow
             from: holder,
             key: key.to_owned(),
             into,
+            at,
         },
         RECOVER,
     )?;

@@ -189,6 +189,9 @@ pub(super) fn run(home: &Home, cmd: FolderCommand) -> anyhow::Result<i32> {
                 },
             )
             .with_context(|| format!("cannot add {}", into.display()))?;
+            if let Some(secret) = &o.secret {
+                index.set_folder_secret(f.row, secret)?;
+            }
             index.share_folder(&fid, &device)?;
             reload_agent(home);
             println!(

@@ -130,6 +130,10 @@ pub enum Command {
         /// Where to put the folder (a new or empty directory).
         #[arg(long)]
         into: PathBuf,
+        /// The folder as it was at this time, from the versions the holder
+        /// keeps: YYYY-MM-DD[ HH:MM[:SS]] in UTC, RFC 3339, or @UNIX-SECONDS.
+        #[arg(long, value_name = "TIME", value_parser = crate::history::time::parse_utc)]
+        at: Option<i64>,
     },
     /// Walk folders and record what changed in the index.
     Scan {
@@ -292,9 +296,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             device,
             encrypted,
         } => agent::share(&Home::open(&root)?, &folder, &device, encrypted),
-        Command::Recover { from, key, into } => {
-            agent::recover(&Home::open(&root)?, &from, &key, &into)
-        }
+        Command::Recover {
+            from,
+            key,
+            into,
+            at,
+        } => agent::recover(&Home::open(&root)?, &from, &key, &into, at),
         Command::Scan { folder, json } => scan::run(&Home::open(&root)?, folder.as_deref(), json),
         Command::Status { need: None, json } => status::run(&Home::open(&root)?, json),
         Command::Status {

@@ -183,6 +183,9 @@ pub enum Request {
         key: String,
         /// Where to put the folder (missing or empty).
         into: PathBuf,
+        /// As it was at this time (Unix seconds), rather than now.
+        #[serde(default)]
+        at: Option<i64>,
     },
 }
 

@@ -31,7 +31,7 @@ use crate::index::{SharedIndex, now_secs};
 use crate::pairing::code::InviteCode;
 use crate::pairing::handshake::{self, Invites};
 use crate::peers::{FirstDial, Peers};
-use crate::protocol::{FolderOffer, PAIR_ALPN, SYNC_ALPN};
+use crate::protocol::{PAIR_ALPN, SYNC_ALPN};
 use crate::sync::Engine;
 use crate::transport::{self, AllowList};
 
@@ -467,7 +467,12 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             encrypted,
             expires_secs,
         } => invite(agent, folder, encrypted, expires_secs).await,
-        Request::Recover { from, key, into } => recover(agent, &from, &key, into).await,
+        Request::Recover {
+            from,
+            key,
+            into,
+            at,
+        } => recover(agent, &from, &key, into, at).await,
         Request::Join {
             code,
             into,
@@ -579,17 +584,24 @@ async fn invite(
         None => None,
         Some(id) => {
             let fid = FolderId::new(&id).map_err(|e| e.to_string())?;
-            let f = agent
+            let (f, secret) = agent
                 .index
-                .run(move |i| i.folder(&fid))
+                .run(move |i| -> Result<_, crate::index::IndexError> {
+                    let Some(f) = i.folder(&fid)? else {
+                        return Ok(None);
+                    };
+                    let secret = i.folder_secret(f.row)?;
+                    Ok(Some((f, secret)))
+                })
                 .await
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| unknown_folder(&id))?;
-            Some(FolderOffer {
+            Some(crate::sync::wire::offer_to_wire(crate::index::Offered {
                 id: f.id.to_string(),
                 label: f.label,
                 encrypted,
-            })
+                secret: Some(secret),
+            }))
         }
     };
     let expires_at = now_secs() as u64 + expires_secs;
@@ -610,6 +622,7 @@ async fn recover(
     from: &str,
     key: &str,
     into: PathBuf,
+    at: Option<i64>,
 ) -> Result<Value, String> {
     let secret = crate::vault::FolderSecret::from_recovery_code(key).map_err(|e| e.to_string())?;
     let holder = history::paired_device(&agent.home, from).await?;
@@ -628,7 +641,17 @@ async fn recover(
     } else {
         return Err(format!("{}: give an absolute path", into.display()));
     };
-    let got = crate::sync::recover::recover(&conn, holder, &secret, &into)
+    let taken: std::collections::HashSet<String> = agent
+        .index
+        .run(|i| -> Result<_, crate::index::IndexError> {
+            let mut ids: std::collections::HashSet<String> =
+                i.folders()?.into_iter().map(|f| f.id.to_string()).collect();
+            ids.extend(i.vaults()?.into_iter().map(|v| v.folder_id));
+            Ok(ids)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let got = crate::sync::recover::recover(&conn, holder, &secret, &into, at, &taken)
         .await
         .map_err(|e| e.to_string())?;
     let r = got.clone();
@@ -652,6 +675,7 @@ async fn recover(
                 &holder,
                 crate::index::HolderState {
                     pushed: 0,
+                    history: 0,
                     revision: r.revision,
                 },
             )?;
@@ -735,7 +759,7 @@ async fn join(
                 return Ok(None);
             }
             let Some(into) = into else {
-                i.record_offers(&inviter, &[(f.id, f.label, false)])?;
+                i.record_offers(&inviter, &[crate::sync::wire::offer_from_wire(f)])?;
                 return Ok(None);
             };
             std::fs::create_dir_all(&into)
@@ -751,6 +775,9 @@ async fn join(
                 },
             )
             .map_err(|e| format!("paired, but the shared folder could not be added: {e}"))?;
+            if let Some(secret) = f.secret {
+                i.set_folder_secret(added.row, &crate::vault::FolderSecret::from_bytes(secret))?;
+            }
             i.share_folder(&fid, &inviter)?;
             Ok(Some(added.path))
         })
@@ -764,7 +791,10 @@ async fn join(
     Ok(json!({
         "device": inviter.to_string(),
         "name": joined.name,
-        "folder": joined.folder,
+        // Never the folder's secret: this goes to the CLI.
+        "folder": joined.folder.as_ref().map(|f| json!({
+            "id": f.id, "label": f.label, "encrypted": f.encrypted,
+        })),
         "folder_path": folder_path,
     }))
 }

@@ -38,6 +38,9 @@ pub struct Offer {
     pub offered_at: i64,
     /// Offered to hold as an encrypted backup (accepting makes a vault).
     pub encrypted: bool,
+    /// The folder's vault secret, as the offering device holds it.
+    #[serde(skip)]
+    pub secret: Option<crate::vault::FolderSecret>,
 }
 
 fn parse_addrs(json: &str) -> Vec<SocketAddr> {
@@ -195,14 +198,16 @@ impl Index {
     /// Records the folders a peer offers (id, label, encrypted), except those
     /// this device already has as a folder or vault, or declined. Returns how
     /// many offers are new.
-    pub fn record_offers(
-        &self,
-        device: &DeviceId,
-        offers: &[(String, String, bool)],
-    ) -> Result<usize> {
+    pub fn record_offers(&self, device: &DeviceId, offers: &[super::Offered]) -> Result<usize> {
         let tx = self.conn.unchecked_transaction()?;
         let mut added = 0;
-        for (folder_id, label, encrypted) in offers {
+        for o in offers {
+            let (folder_id, label, encrypted) = (&o.id, &o.label, o.encrypted);
+            let secret = o
+                .secret
+                .as_ref()
+                .filter(|_| !encrypted)
+                .map(|s| s.as_bytes().to_vec());
             let have: bool = tx.query_row(
                 "SELECT EXISTS (SELECT 1 FROM folders WHERE folder_id = ?1)
                      OR EXISTS (SELECT 1 FROM vaults WHERE folder_id = ?1)",
@@ -213,11 +218,12 @@ impl Index {
                 continue;
             }
             added += tx.execute(
-                "INSERT INTO folder_offers (device, folder_id, label, offered_at, encrypted)
-                 SELECT id, ?2, ?3, ?4, ?5 FROM devices WHERE device_id = ?1 AND is_local = 0
+                "INSERT INTO folder_offers (device, folder_id, label, offered_at, encrypted, secret)
+                 SELECT id, ?2, ?3, ?4, ?5, ?6 FROM devices WHERE device_id = ?1 AND is_local = 0
                  ON CONFLICT(device, folder_id)
-                 DO UPDATE SET label = excluded.label, encrypted = excluded.encrypted",
-                params![device.to_string(), folder_id, label, now_secs(), encrypted],
+                 DO UPDATE SET label = excluded.label, encrypted = excluded.encrypted,
+                               secret = excluded.secret",
+                params![device.to_string(), folder_id, label, now_secs(), encrypted, secret],
             )?;
         }
         tx.commit()?;
@@ -227,7 +233,8 @@ impl Index {
     /// Pending (not declined) offers.
     pub fn offers(&self) -> Result<Vec<Offer>> {
         let mut stmt = self.conn.prepare(
-            "SELECT o.id, d.device_id, d.name, o.folder_id, o.label, o.offered_at, o.encrypted
+            "SELECT o.id, d.device_id, d.name, o.folder_id, o.label, o.offered_at, o.encrypted,
+                    o.secret
              FROM folder_offers o JOIN devices d ON d.id = o.device
              WHERE o.declined = 0
                AND NOT EXISTS (SELECT 1 FROM folders f WHERE f.folder_id = o.folder_id)
@@ -243,6 +250,10 @@ impl Index {
                 label: r.get(4)?,
                 offered_at: r.get(5)?,
                 encrypted: r.get(6)?,
+                secret: r
+                    .get::<_, Option<Vec<u8>>>(7)?
+                    .and_then(|s| <[u8; 32]>::try_from(s).ok())
+                    .map(crate::vault::FolderSecret::from_bytes),
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

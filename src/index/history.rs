@@ -421,6 +421,26 @@ impl Index {
         }
     }
 
+    /// The versions of a folder kept after history row `after`, in row order,
+    /// at most `limit`.
+    pub fn history_after(
+        &self,
+        folder: i64,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<HistoryVersion>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM history h
+             WHERE h.folder = ?1 AND h.id > ?2 AND h.reserved = 0 ORDER BY h.id LIMIT ?3"
+        ))?;
+        let mut rows = stmt.query(params![folder, after, limit as i64])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(version_row(r)?);
+        }
+        Ok(out)
+    }
+
     /// A version's chunks, in order.
     pub fn history_chunks(&self, id: i64) -> Result<Vec<ChunkInfo>> {
         let mut stmt = self.conn.prepare_cached(

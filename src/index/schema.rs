@@ -52,11 +52,15 @@
 //!   device of a folder must hold the same secret; the index file is kept
 //!   private to the user (mode 0600) for this reason.
 //! - `folder_offers.encrypted` is 1 for a folder offered to this device as an
-//!   encrypted backup holder (accepting it makes a vault, not a folder).
+//!   encrypted backup holder (accepting it makes a vault, not a folder);
+//!   `folder_offers.secret` is the folder's vault secret a trusted device
+//!   offered with it (taken when the offer is accepted; never for encrypted
+//!   offers).
 //! - `vault_holders` lists, per folder of this device, the devices that hold
 //!   it encrypted; `pushed` is the highest local sequence number whose records
-//!   the holder has acknowledged, and `revision` the last record revision used
-//!   (records are sealed with increasing revisions, see `vault`).
+//!   the holder has acknowledged, `history` the highest history row id whose
+//!   version it has, and `revision` the last record revision used (records
+//!   are sealed with increasing revisions, see `vault`).
 //! - `vaults` are the folders this device holds for others, sealed: the folder
 //!   id, the device that shared it (`owner`, the only one that may write), and
 //!   the owner's label. `vault_chunks` and `vault_records` hold the sealed
@@ -273,10 +277,12 @@ INSERT INTO folder_secrets (folder, secret) SELECT id, randomblob(32) FROM folde
     // sealed, and the vaults this device holds for others.
     r#"
 ALTER TABLE folder_offers ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0 CHECK (encrypted IN (0, 1));
+ALTER TABLE folder_offers ADD COLUMN secret BLOB CHECK (secret IS NULL OR length(secret) = 32);
 CREATE TABLE vault_holders (
     folder   INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
     device   INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
     pushed   INTEGER NOT NULL DEFAULT 0,
+    history  INTEGER NOT NULL DEFAULT 0,
     revision INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (folder, device)
 ) WITHOUT ROWID;

@@ -34,6 +34,8 @@ pub struct VaultInfo {
 pub struct HolderState {
     /// Highest local sequence whose records the holder has.
     pub pushed: i64,
+    /// Highest history row id whose version the holder has.
+    pub history: i64,
     /// Last record revision used.
     pub revision: u64,
 }
@@ -52,8 +54,27 @@ pub struct RecordPage {
 /// A sealed chunk or record under its keyed id.
 pub type SealedEntry = ([u8; 32], Vec<u8>);
 
-/// What this device offers a peer in its hello: (folder id, label, encrypted).
-pub type OfferRow = (String, String, bool);
+/// A folder as offered between devices (see `protocol::FolderOffer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offered {
+    /// The folder id.
+    pub id: String,
+    /// The offering device's label.
+    pub label: String,
+    /// To hold encrypted (no secret then).
+    pub encrypted: bool,
+    /// The folder's vault secret, offered to trusted devices only.
+    pub secret: Option<crate::vault::FolderSecret>,
+}
+
+/// A [`HolderState`] from columns `first..first + 3` (pushed, history, revision).
+fn holder_state(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<HolderState> {
+    Ok(HolderState {
+        pushed: r.get(first)?,
+        history: r.get(first + 1)?,
+        revision: r.get::<_, i64>(first + 2)? as u64,
+    })
+}
 
 fn device_id(s: &str) -> Result<DeviceId> {
     s.parse()
@@ -91,25 +112,15 @@ impl Index {
     /// The devices holding `folder` sealed.
     pub fn vault_holders(&self, folder: i64) -> Result<Vec<(DeviceId, HolderState)>> {
         let mut stmt = self.conn.prepare(
-            "SELECT d.device_id, vh.pushed, vh.revision FROM vault_holders vh
+            "SELECT d.device_id, vh.pushed, vh.history, vh.revision FROM vault_holders vh
              JOIN devices d ON d.id = vh.device WHERE vh.folder = ?1 ORDER BY d.device_id",
         )?;
         let rows = stmt.query_map([folder], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
+            Ok((r.get::<_, String>(0)?, holder_state(r, 1)?))
         })?;
         rows.map(|row| {
-            let (d, pushed, revision) = row?;
-            Ok((
-                device_id(&d)?,
-                HolderState {
-                    pushed,
-                    revision: revision as u64,
-                },
-            ))
+            let (d, state) = row?;
+            Ok((device_id(&d)?, state))
         })
         .collect()
     }
@@ -119,16 +130,11 @@ impl Index {
         Ok(self
             .conn
             .query_row(
-                "SELECT vh.pushed, vh.revision FROM vault_holders vh
+                "SELECT vh.pushed, vh.history, vh.revision FROM vault_holders vh
                  JOIN devices d ON d.id = vh.device
                  WHERE vh.folder = ?1 AND d.device_id = ?2",
                 params![folder, device.to_string()],
-                |r| {
-                    Ok(HolderState {
-                        pushed: r.get(0)?,
-                        revision: r.get::<_, i64>(1)? as u64,
-                    })
-                },
+                |r| holder_state(r, 0),
             )
             .optional()?)
     }
@@ -141,12 +147,13 @@ impl Index {
         state: HolderState,
     ) -> Result<()> {
         self.conn.execute(
-            "UPDATE vault_holders SET pushed = ?3, revision = ?4
+            "UPDATE vault_holders SET pushed = ?3, history = ?4, revision = ?5
              WHERE folder = ?1 AND device = (SELECT id FROM devices WHERE device_id = ?2)",
             params![
                 folder,
                 device.to_string(),
                 state.pushed,
+                state.history,
                 state.revision as i64
             ],
         )?;
@@ -156,24 +163,70 @@ impl Index {
     /// Everything this device offers `device` in a hello: the folders shared
     /// with it, the folders it holds sealed for this device, and the vaults
     /// this device holds for it (which tells it they are accepted).
-    pub fn offers_to(&self, device: &DeviceId) -> Result<Vec<OfferRow>> {
+    pub fn offers_to(&self, device: &DeviceId) -> Result<Vec<Offered>> {
         let mut stmt = self.conn.prepare(
-            "SELECT f.folder_id, f.label, 0 FROM folder_devices fd
+            "SELECT f.folder_id, f.label, 0, s.secret FROM folder_devices fd
                JOIN folders f ON f.id = fd.folder JOIN devices d ON d.id = fd.device
+               LEFT JOIN folder_secrets s ON s.folder = f.id
                WHERE d.device_id = ?1
              UNION ALL
-             SELECT f.folder_id, f.label, 1 FROM vault_holders vh
+             SELECT f.folder_id, f.label, 1, NULL FROM vault_holders vh
                JOIN folders f ON f.id = vh.folder JOIN devices d ON d.id = vh.device
                WHERE d.device_id = ?1
              UNION ALL
-             SELECT v.folder_id, v.label, 1 FROM vaults v JOIN devices d ON d.id = v.owner
+             SELECT v.folder_id, v.label, 1, NULL FROM vaults v JOIN devices d ON d.id = v.owner
                WHERE d.device_id = ?1
              ORDER BY 1",
         )?;
         let rows = stmt.query_map([device.to_string()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? == 1))
+            let secret: Option<Vec<u8>> = r.get(3)?;
+            Ok(Offered {
+                id: r.get(0)?,
+                label: r.get(1)?,
+                encrypted: r.get::<_, i64>(2)? == 1,
+                secret: secret
+                    .and_then(|s| <[u8; 32]>::try_from(s).ok())
+                    .map(crate::vault::FolderSecret::from_bytes),
+            })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Takes a trusted peer's secret for a folder both devices have, when it
+    /// differs: every device of a folder must seal with the same one. The
+    /// smaller of the two wins, so both sides settle on the same secret
+    /// whoever hears first; but a device that has already sealed the folder
+    /// for a holder keeps its own (the holder's copy would become unreadable).
+    /// Returns whether this device's secret changed.
+    pub fn reconcile_secret(
+        &mut self,
+        folder_id: &str,
+        offered: &crate::vault::FolderSecret,
+    ) -> Result<bool> {
+        let Some(row) = self
+            .conn
+            .query_row(
+                "SELECT id FROM folders WHERE folder_id = ?1",
+                [folder_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+        else {
+            return Ok(false);
+        };
+        let mine = self.folder_secret(row)?;
+        if mine.as_bytes()[..] <= offered.as_bytes()[..] {
+            return Ok(false);
+        }
+        if !self.vault_holders(row)?.is_empty() {
+            tracing::warn!(
+                folder = folder_id,
+                "a peer seals this folder with another key; keeping this device's, which its backup holders use"
+            );
+            return Ok(false);
+        }
+        self.set_folder_secret(row, offered)?;
+        Ok(true)
     }
 
     /// Makes a vault for `folder_id`, shared by `owner`. Returns its row.
@@ -370,6 +423,52 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn devices_settle_on_the_smaller_secret_unless_a_holder_uses_theirs() {
+        use crate::folder::FolderType;
+        use crate::vault::FolderSecret;
+        let dir = tempfile::tempdir().unwrap();
+        let mut idx = Index::open(&dir.path().join("index.db"), Duration::from_secs(5)).unwrap();
+        let f = idx
+            .add_folder(
+                &FolderId::new("docs").unwrap(),
+                "docs",
+                std::path::Path::new("/srv/docs"),
+                FolderType::SendReceive,
+                || Ok(()),
+            )
+            .unwrap();
+        idx.set_folder_secret(f.row, &FolderSecret::from_bytes([5; 32]))
+            .unwrap();
+        // A larger one is not taken; a smaller one is; the same is a no-op.
+        assert!(
+            !idx.reconcile_secret("docs", &FolderSecret::from_bytes([9; 32]))
+                .unwrap()
+        );
+        assert!(
+            idx.reconcile_secret("docs", &FolderSecret::from_bytes([2; 32]))
+                .unwrap()
+        );
+        assert!(
+            !idx.reconcile_secret("docs", &FolderSecret::from_bytes([2; 32]))
+                .unwrap()
+        );
+        assert_eq!(idx.folder_secret(f.row).unwrap().as_bytes(), &[2; 32]);
+        assert!(
+            !idx.reconcile_secret("nope", &FolderSecret::from_bytes([1; 32]))
+                .unwrap()
+        );
+        // Once a holder keeps the folder sealed with it, it stays.
+        let holder: DeviceId = "22".repeat(32).parse().unwrap();
+        idx.add_peer(holder, "nas", &[]).unwrap();
+        idx.add_vault_holder(&f.id, &holder).unwrap();
+        assert!(
+            !idx.reconcile_secret("docs", &FolderSecret::from_bytes([1; 32]))
+                .unwrap()
+        );
+        assert_eq!(idx.folder_secret(f.row).unwrap().as_bytes(), &[2; 32]);
+    }
+
+    #[test]
     fn a_vault_stores_chunks_once_and_pages_its_records() {
         let dir = tempfile::tempdir().unwrap();
         let mut idx = Index::open(&dir.path().join("index.db"), Duration::from_secs(5)).unwrap();
@@ -425,7 +524,12 @@ mod tests {
         assert_eq!(info.owner, owner);
         assert_eq!(
             idx.offers_to(&owner).unwrap(),
-            vec![("docs".into(), "Docs".into(), true)]
+            vec![Offered {
+                id: "docs".into(),
+                label: "Docs".into(),
+                encrypted: true,
+                secret: None,
+            }]
         );
     }
 }

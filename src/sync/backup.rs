@@ -1,6 +1,7 @@
 //! Sending folders, sealed, to the devices that hold them encrypted: for each
-//! holder, every record changed since it was last sent (its chunks first, only
-//! the ones it lacks), in the background as changes commit.
+//! holder, every record changed since it was last sent and every version the
+//! history kept since (their chunks first, only the ones it lacks), in the
+//! background as changes commit.
 //!
 //! Records are sealed with a revision that grows with every record sent to that
 //! holder, so a reader can refuse an older one it is served in place of a newer
@@ -14,11 +15,10 @@ use iroh::endpoint::Connection;
 
 use super::Engine;
 use super::holder;
-use super::link::{FetchError, read_verified};
+use super::link::{FetchError, history_chunk, read_verified};
 use crate::chunking::{ChunkHash, ChunkInfo};
 use crate::device::DeviceId;
-use crate::folder::FolderId;
-use crate::index::{Folder, HolderState, IndexError, LocalFile};
+use crate::index::{Folder, HistoryVersion, IndexError, LocalFile};
 use crate::protocol::MAX_INLINE_RECORD;
 use crate::vault::{VaultKeys, VaultRecord, seal_chunk, seal_record};
 
@@ -92,7 +92,7 @@ pub async fn push(
     folder: &Folder,
 ) -> Result<usize, BackupError> {
     let row = folder.row;
-    let (state, keys) = engine
+    let (mut state, keys) = engine
         .index
         .run(move |i| -> Result<_, IndexError> {
             let state = i.holder_state(row, &peer)?.unwrap_or_default();
@@ -100,8 +100,8 @@ pub async fn push(
         })
         .await?;
     let keys = Arc::new(keys);
-    let mut state = state;
     let mut sent = 0;
+    // The current records first.
     loop {
         let after = state.pushed as u64;
         let batch = engine
@@ -124,36 +124,94 @@ pub async fn push(
             )
             .await?;
         let Some(last) = batch.iter().map(|(f, _)| f.record.sequence).max() else {
-            return Ok(sent);
+            break;
         };
-        let unsent = send_chunks(conn, folder, &keys, &batch).await?;
-        let mut inline = Vec::new();
+        let mut wanted = Vec::new();
+        for (f, chunks) in &batch {
+            let path = f.record.path.as_str();
+            wanted.extend(chunks.iter().map(|c| (*c, Place::Live(path.to_owned()))));
+        }
+        let unsent = send_chunks(engine, conn, folder, &keys, wanted).await?;
+        let mut records = Vec::new();
         for (f, chunks) in &batch {
             if unsent.contains(f.record.path.as_str()) {
                 // Its file changed under us: the scan brings a newer record.
                 continue;
             }
             state.revision += 1;
-            let rec = vault_record(f, chunks, state.revision);
-            let sealed = seal_record(&keys, &folder.id, &rec)?;
-            if sealed.bytes.len() <= MAX_INLINE_RECORD {
-                inline.push((sealed.id.0, sealed.bytes));
-            } else {
-                holder::put(conn, folder.id.as_str(), sealed.id.0, &sealed.bytes, true).await?;
-            }
-            sent += 1;
+            records.push(vault_record(f, chunks, state.revision));
         }
-        holder::put_records(conn, folder.id.as_str(), inline).await?;
-        state = HolderState {
-            pushed: last as i64,
-            revision: state.revision,
-        };
+        sent += send_records(conn, folder, &keys, &records).await?;
+        state.pushed = last as i64;
         let s = state;
         engine
             .index
             .run(move |i| i.set_holder_state(row, &peer, s))
             .await?;
     }
+    // Then the versions the history kept, so the folder can be recovered as
+    // it was at an earlier time.
+    loop {
+        let after = state.history;
+        let batch = engine
+            .index
+            .run(
+                move |i| -> Result<Vec<(HistoryVersion, Vec<ChunkInfo>)>, IndexError> {
+                    i.history_after(row, after, BATCH)?
+                        .into_iter()
+                        .map(|v| {
+                            let chunks = i.history_chunks(v.id)?;
+                            Ok((v, chunks))
+                        })
+                        .collect()
+                },
+            )
+            .await?;
+        let Some(last) = batch.iter().map(|(v, _)| v.id).max() else {
+            return Ok(sent);
+        };
+        let wanted: Vec<(ChunkInfo, Place)> = batch
+            .iter()
+            .flat_map(|(_, chunks)| chunks.iter().map(|c| (*c, Place::History)))
+            .collect();
+        let unsent = send_chunks(engine, conn, folder, &keys, wanted).await?;
+        let mut records = Vec::new();
+        for (v, chunks) in &batch {
+            if chunks.iter().any(|c| unsent.contains(&c.hash.to_hex())) {
+                // Pruned meanwhile, or its bytes are damaged: nothing to keep.
+                continue;
+            }
+            state.revision += 1;
+            records.push(history_record(v, chunks, state.revision));
+        }
+        sent += send_records(conn, folder, &keys, &records).await?;
+        state.history = last;
+        let s = state;
+        engine
+            .index
+            .run(move |i| i.set_holder_state(row, &peer, s))
+            .await?;
+    }
+}
+
+/// Seals and sends records, small ones batched; returns how many went.
+async fn send_records(
+    conn: &Connection,
+    folder: &Folder,
+    keys: &VaultKeys,
+    records: &[VaultRecord],
+) -> Result<usize, BackupError> {
+    let mut inline = Vec::new();
+    for rec in records {
+        let sealed = seal_record(keys, &folder.id, rec)?;
+        if sealed.bytes.len() <= MAX_INLINE_RECORD {
+            inline.push((sealed.id.0, sealed.bytes));
+        } else {
+            holder::put(conn, folder.id.as_str(), sealed.id.0, &sealed.bytes, true).await?;
+        }
+    }
+    holder::put_records(conn, folder.id.as_str(), inline).await?;
+    Ok(records.len())
 }
 
 /// The record a holder keeps for a local file.
@@ -176,24 +234,50 @@ fn vault_record(f: &LocalFile, chunks: &[ChunkInfo], revision: u64) -> VaultReco
     }
 }
 
-/// Sends the holder the chunks of `batch` it lacks, sealed. Returns the paths
-/// whose chunks could not be read as indexed (changed since).
+/// The record a holder keeps for a version in the history.
+fn history_record(v: &HistoryVersion, chunks: &[ChunkInfo], revision: u64) -> VaultRecord {
+    VaultRecord {
+        path: v.path.clone(),
+        kind: v.kind.into(),
+        size: v.size,
+        mtime_ns: v.mtime_ns,
+        permissions: v.permissions,
+        hash: v.hash,
+        symlink_target: v.symlink_target.clone(),
+        deleted: false,
+        version: v.version.clone(),
+        modified_by: v.modified_by,
+        chunks: chunks.iter().map(|c| (c.hash, c.len)).collect(),
+        revision,
+        superseded_at_ns: Some(v.superseded_at.saturating_mul(1_000_000_000)),
+    }
+}
+
+/// Where a chunk to send is read.
+#[derive(Debug, Clone)]
+enum Place {
+    /// In the live file at this path.
+    Live(String),
+    /// In the history (its store, or a version still pending there).
+    History,
+}
+
+/// Sends the holder the chunks it lacks among `wanted`, sealed. Returns what
+/// could not be read as indexed: the paths of live files (changed since) and
+/// the hex hashes of history chunks (pruned or damaged).
 async fn send_chunks(
+    engine: &Arc<Engine>,
     conn: &Connection,
     folder: &Folder,
     keys: &Arc<VaultKeys>,
-    batch: &[(LocalFile, Vec<ChunkInfo>)],
+    wanted: Vec<(ChunkInfo, Place)>,
 ) -> Result<HashSet<String>, BackupError> {
     // Each distinct chunk once, with where to read it.
-    let mut wanted: HashMap<ChunkHash, (String, ChunkInfo)> = HashMap::new();
-    for (f, chunks) in batch {
-        for c in chunks {
-            wanted
-                .entry(c.hash)
-                .or_insert_with(|| (f.record.path.as_str().to_owned(), *c));
-        }
+    let mut once: HashMap<ChunkHash, (Place, ChunkInfo)> = HashMap::new();
+    for (c, place) in wanted {
+        once.entry(c.hash).or_insert((place, c));
     }
-    let list: Vec<(ChunkHash, (String, ChunkInfo))> = wanted.into_iter().collect();
+    let list: Vec<(ChunkHash, (Place, ChunkInfo))> = once.into_iter().collect();
     let ids: Vec<[u8; 32]> = list.iter().map(|(h, _)| keys.chunk_id(h).0).collect();
     let missing = holder::missing(conn, folder.id.as_str(), &ids).await?;
     let mut unreadable = HashSet::new();
@@ -204,14 +288,10 @@ async fn send_chunks(
         {
             settle(r, &mut unreadable)?;
         }
-        let (hash, (path, c)) = list[i].clone();
-        let (conn, keys, root, fid) = (
-            conn.clone(),
-            keys.clone(),
-            folder.path.clone(),
-            folder.id.clone(),
-        );
-        tasks.spawn(async move { send_one(&conn, &keys, &fid, &root, &path, c, hash).await });
+        let (hash, (place, c)) = list[i].clone();
+        let (engine, conn, keys, folder) =
+            (engine.clone(), conn.clone(), keys.clone(), folder.clone());
+        tasks.spawn(async move { send_one(&engine, &conn, &keys, &folder, place, c, hash).await });
     }
     while let Some(r) = tasks.join_next().await {
         settle(r, &mut unreadable)?;
@@ -227,8 +307,8 @@ fn settle(
 ) -> Result<(), BackupError> {
     match r {
         Ok(Ok(None)) => Ok(()),
-        Ok(Ok(Some(path))) => {
-            unreadable.insert(path);
+        Ok(Ok(Some(what))) => {
+            unreadable.insert(what);
             Ok(())
         }
         Ok(Err(e)) => Err(e),
@@ -236,30 +316,37 @@ fn settle(
     }
 }
 
-/// Reads, seals and sends one chunk; `Some(path)` if the file no longer has it.
+/// Reads, seals and sends one chunk; what [`send_chunks`] reports if it
+/// cannot be read as indexed.
 async fn send_one(
+    engine: &Arc<Engine>,
     conn: &Connection,
     keys: &VaultKeys,
-    folder: &FolderId,
-    root: &std::path::Path,
-    path: &str,
+    folder: &Folder,
+    place: Place,
     c: ChunkInfo,
     hash: ChunkHash,
 ) -> Sent {
-    let at = root.join(path);
-    let (keys2, folder2) = (keys.clone(), folder.clone());
-    let sealed = tokio::task::spawn_blocking(move || {
-        read_verified(&at, c.offset, c.len, &hash)
-            .map(|bytes| seal_chunk(&keys2, &folder2, &hash, &bytes))
-    })
-    .await
-    .map_err(|e| BackupError::Holder(FetchError::Link(e.to_string())))?;
-    match sealed {
-        None => Ok(Some(path.to_owned())),
-        Some(sealed) => {
-            let sealed = sealed?;
-            holder::put(conn, folder.as_str(), sealed.id.0, &sealed.bytes, false).await?;
-            Ok(None)
+    let joined = |e: tokio::task::JoinError| BackupError::Holder(FetchError::Link(e.to_string()));
+    let bytes = match &place {
+        Place::Live(path) => {
+            let at = folder.path.join(path);
+            tokio::task::spawn_blocking(move || read_verified(&at, c.offset, c.len, &hash))
+                .await
+                .map_err(joined)?
         }
-    }
+        Place::History => history_chunk(engine, folder.row, folder.path.clone(), hash, c.len).await,
+    };
+    let Some(bytes) = bytes else {
+        return Ok(Some(match place {
+            Place::Live(path) => path,
+            Place::History => hash.to_hex(),
+        }));
+    };
+    let (keys, fid) = (keys.clone(), folder.id.clone());
+    let sealed = tokio::task::spawn_blocking(move || seal_chunk(&keys, &fid, &hash, &bytes))
+        .await
+        .map_err(joined)??;
+    holder::put(conn, folder.id.as_str(), sealed.id.0, &sealed.bytes, false).await?;
+    Ok(None)
 }

@@ -570,7 +570,7 @@ fn versions_reply(all: Vec<crate::index::HistoryVersion>) -> Reply {
 
 /// A chunk of a version kept of folder `row` (rooted at `root`), read from
 /// the chunk store or the version's pending file and checked against `hash`.
-async fn history_chunk(
+pub(super) async fn history_chunk(
     engine: &Arc<Engine>,
     row: i64,
     root: std::path::PathBuf,

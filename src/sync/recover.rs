@@ -41,6 +41,11 @@ pub enum RecoverError {
     /// The holder served something that does not open or check.
     #[error("{0}")]
     Refused(#[from] HolderError),
+    /// This device already has the folder (or holds it).
+    #[error(
+        "this device already has folder {0}; to go back in time there, use `ferry restore --at`"
+    )]
+    Taken(FolderId),
     /// The destination is not usable.
     #[error("{path}: {reason}")]
     Destination {
@@ -75,12 +80,14 @@ pub struct Recovered {
 }
 
 /// Rebuilds into `into` (missing or empty) the folder of `holder` that
-/// `secret` opens, as it is now.
+/// `secret` opens, as it is now or, with `at` (Unix seconds), as it was then.
 pub async fn recover(
     conn: &Connection,
     holder: DeviceId,
     secret: &FolderSecret,
     into: &Path,
+    at: Option<i64>,
+    taken: &std::collections::HashSet<String>,
 ) -> Result<Recovered, RecoverError> {
     let link = |error| RecoverError::Holder { holder, error };
     let keys = secret.keys();
@@ -110,12 +117,12 @@ pub async fn recover(
     let Some((folder, label, records)) = found else {
         return Err(RecoverError::NoVault(holder));
     };
+    if taken.contains(folder.as_str()) {
+        return Err(RecoverError::Taken(folder));
+    }
     prepare(into)?;
     let revision = records.iter().map(|r| r.revision).max().unwrap_or(0);
-    let mut live: Vec<&VaultRecord> = records
-        .iter()
-        .filter(|r| r.superseded_at_ns.is_none() && !r.deleted)
-        .collect();
+    let mut live = state_at(&records, at);
     // Parents before children; directories get their permissions last, so a
     // read-only one does not stop its contents being written.
     live.sort_by(|a, b| a.path.as_str().cmp(b.path.as_str()));
@@ -164,6 +171,45 @@ pub async fn recover(
         })?;
     }
     Ok(out)
+}
+
+/// The records to rebuild: the current ones, or with `at` (Unix seconds) per
+/// path the version current then. That is the first version kept that left
+/// the path after `at`, if its content was written by then (its mtime); with
+/// none, the current record if it was modified by then (directories always);
+/// else nothing (the path did not exist then, or its version was not kept).
+fn state_at(records: &[VaultRecord], at: Option<i64>) -> Vec<&VaultRecord> {
+    let current = records
+        .iter()
+        .filter(|r| r.superseded_at_ns.is_none() && !r.deleted);
+    let Some(at) = at else {
+        return current.collect();
+    };
+    let at_ns = at.saturating_mul(1_000_000_000).saturating_add(999_999_999);
+    let mut first_after: HashMap<&str, &VaultRecord> = HashMap::new();
+    for r in records.iter().filter(|r| r.kind != RecordKind::Dir) {
+        let Some(left) = r.superseded_at_ns else {
+            continue;
+        };
+        if left <= at_ns {
+            continue;
+        }
+        let slot = first_after.entry(r.path.as_str()).or_insert(r);
+        let key = |v: &VaultRecord| (v.superseded_at_ns, v.revision);
+        if key(r) < key(slot) {
+            *slot = r;
+        }
+    }
+    let mut out: Vec<&VaultRecord> = first_after
+        .values()
+        .filter(|v| v.mtime_ns <= at_ns)
+        .copied()
+        .collect();
+    out.extend(current.filter(|r| {
+        !first_after.contains_key(r.path.as_str())
+            && (r.kind == RecordKind::Dir || r.mtime_ns <= at_ns)
+    }));
+    out
 }
 
 /// Makes sure `into` is a directory with nothing in it.
@@ -278,4 +324,72 @@ async fn fill(
     fs::rename(tmp, target).map_err(io)?;
     sync_dir(dir).map_err(io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relpath::RelPath;
+
+    const S: i64 = 1_000_000_000;
+
+    fn rec(path: &str, mtime: i64, left: Option<i64>, revision: u64) -> VaultRecord {
+        VaultRecord {
+            path: RelPath::new(path).unwrap(),
+            kind: RecordKind::File,
+            size: 0,
+            mtime_ns: mtime * S,
+            permissions: 0o644,
+            hash: None,
+            symlink_target: None,
+            deleted: false,
+            version: Default::default(),
+            modified_by: crate::device::ShortId(1),
+            chunks: vec![],
+            revision,
+            superseded_at_ns: left.map(|t| t * S),
+        }
+    }
+
+    fn picked(records: &[VaultRecord], at: Option<i64>) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = state_at(records, at)
+            .into_iter()
+            .map(|r| (r.path.as_str().to_owned(), r.revision))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_state_at_a_time_is_the_version_current_then() {
+        let mut gone = rec("gone.txt", 10, None, 6);
+        gone.deleted = true;
+        let records = vec![
+            // a.txt: written at 10, replaced at 20 by one written at 19,
+            // replaced at 30 by the current one, written at 29.
+            rec("a.txt", 10, Some(20), 1),
+            rec("a.txt", 19, Some(30), 2),
+            rec("a.txt", 29, None, 3),
+            // gone.txt: written at 10, deleted at 25.
+            rec("gone.txt", 10, Some(25), 4),
+            gone,
+            // new.txt: made at 40.
+            rec("new.txt", 40, None, 5),
+        ];
+        assert_eq!(
+            picked(&records, None),
+            vec![("a.txt".into(), 3), ("new.txt".into(), 5)]
+        );
+        assert_eq!(
+            picked(&records, Some(15)),
+            vec![("a.txt".into(), 1), ("gone.txt".into(), 4)]
+        );
+        assert_eq!(
+            picked(&records, Some(22)),
+            vec![("a.txt".into(), 2), ("gone.txt".into(), 4)]
+        );
+        assert_eq!(picked(&records, Some(35)), vec![("a.txt".into(), 3)]);
+        // Before anything was written: nothing.
+        assert!(picked(&records, Some(5)).is_empty());
+    }
 }

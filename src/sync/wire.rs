@@ -1,11 +1,12 @@
-//! Conversions between index records and their wire form, with the checks a
-//! record from a peer must pass before anything stores it.
+//! Conversions between index records (and folder offers) and their wire form,
+//! with the checks a record from a peer must pass before anything stores it.
 
 use crate::chunking::{ChunkGroup, ChunkInfo, FileHash, groups};
 use crate::device::ShortId;
-use crate::index::{FileKind, LocalFile, RemoteFile};
-use crate::protocol::{WireFile, WireGroup};
+use crate::index::{FileKind, LocalFile, Offered, RemoteFile};
+use crate::protocol::{FolderOffer, WireFile, WireGroup};
 use crate::relpath::RelPath;
+use crate::vault::FolderSecret;
 use crate::version_vector::VersionVector;
 
 /// Why a record from a peer was refused.
@@ -129,6 +130,29 @@ pub fn from_wire(w: WireFile) -> Result<RemoteFile, BadRecord> {
             })
             .collect(),
     })
+}
+
+/// A folder offer as sent; an encrypted one never carries the secret.
+pub fn offer_to_wire(o: Offered) -> FolderOffer {
+    FolderOffer {
+        secret: o.secret.filter(|_| !o.encrypted).map(|s| *s.as_bytes()),
+        id: o.id,
+        label: o.label,
+        encrypted: o.encrypted,
+    }
+}
+
+/// A folder offer as received; a secret with an encrypted offer is dropped.
+pub fn offer_from_wire(o: FolderOffer) -> Offered {
+    Offered {
+        secret: o
+            .secret
+            .filter(|_| !o.encrypted)
+            .map(FolderSecret::from_bytes),
+        id: o.id,
+        label: o.label,
+        encrypted: o.encrypted,
+    }
 }
 
 #[cfg(test)]
