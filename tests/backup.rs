@@ -161,15 +161,33 @@ fn a_holder_keeps_a_folder_it_cannot_read_and_a_fresh_device_recovers_it() {
     assert!(!into2.join("private-plans").exists());
 }
 
+/// The sealed chunks (or records) the holder stores: (row id, bytes).
+fn sealed_rows(db: &rusqlite::Connection, table: &str) -> Vec<(i64, Vec<u8>)> {
+    db.prepare(&format!("SELECT id, bytes FROM {table} ORDER BY id"))
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn set_sealed(db: &rusqlite::Connection, table: &str, id: i64, bytes: &[u8]) {
+    db.execute(
+        &format!("UPDATE {table} SET bytes = ?2 WHERE id = ?1"),
+        rusqlite::params![id, bytes],
+    )
+    .unwrap();
+}
+
 #[test]
-fn altered_bytes_on_the_holder_are_refused_naming_it() {
+fn altered_truncated_or_swapped_bytes_on_the_holder_are_refused_naming_it() {
     let lab = Lab::new();
     let a = lab.node("a");
     let h = lab.node("h");
     let c = lab.node("c");
     let docs = a.add_folder("docs");
-    fs::write(docs.join("one.bin"), pseudo_random(200_000, 3)).unwrap();
-    let (_aa, ah) = (Agent::start(&a), Agent::start(&h));
+    fs::write(docs.join("one.bin"), pseudo_random(400_000, 3)).unwrap();
+    let (_aa, _ah) = (Agent::start(&a), Agent::start(&h));
     pair(&a, &h, &["--folder", "docs", "--encrypted"], &[]);
     wait_until("the holder has the folder", || held(&a, &h));
     let key = a
@@ -178,42 +196,75 @@ fn altered_bytes_on_the_holder_are_refused_naming_it() {
         .stdout
         .trim()
         .to_owned();
-
-    // One byte of every sealed chunk flipped in the holder's store.
-    ah.stop();
-    let db = rusqlite::Connection::open(h.home.join("index.db")).unwrap();
-    let rows: Vec<(i64, Vec<u8>)> = db
-        .prepare("SELECT id, bytes FROM vault_chunks")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    assert!(!rows.is_empty());
-    for (id, mut bytes) in rows {
-        bytes[100] ^= 0x55;
-        db.execute(
-            "UPDATE vault_chunks SET bytes = ?2 WHERE id = ?1",
-            rusqlite::params![id, bytes],
-        )
-        .unwrap();
-    }
-    drop(db);
-    let _ah = Agent::start(&h);
-
     let _ac = Agent::start(&c);
     pair(&h, &c, &[], &[]);
+
+    // The holder's store changed behind its back, one way at a time.
+    let db = rusqlite::Connection::open(h.home.join("index.db")).unwrap();
+    let chunks = sealed_rows(&db, "vault_chunks");
+    assert!(chunks.len() >= 2, "{} chunks", chunks.len());
+    let records = sealed_rows(&db, "vault_records");
+    let (c0, c1, r0) = (&chunks[0], &chunks[1], &records[0]);
+    let flip = |b: &[u8]| {
+        let mut b = b.to_vec();
+        b[100] ^= 0x55;
+        b
+    };
+    type Tamper<'a> = (&'a str, &'a str, Box<dyn Fn(&rusqlite::Connection) + 'a>);
+    let cases: Vec<Tamper> = vec![
+        (
+            "altered chunk",
+            "altered",
+            Box::new(|db| {
+                for (id, b) in &chunks {
+                    set_sealed(db, "vault_chunks", *id, &flip(b));
+                }
+            }),
+        ),
+        (
+            "truncated chunk",
+            "cut short",
+            Box::new(|db| {
+                for (id, b) in &chunks {
+                    set_sealed(db, "vault_chunks", *id, &b[..b.len() - 7]);
+                }
+            }),
+        ),
+        (
+            "swapped chunks",
+            "swapped",
+            Box::new(|db| {
+                set_sealed(db, "vault_chunks", c0.0, &c1.1);
+                set_sealed(db, "vault_chunks", c1.0, &c0.1);
+            }),
+        ),
+        (
+            "altered record",
+            "altered",
+            Box::new(|db| set_sealed(db, "vault_records", r0.0, &flip(&r0.1))),
+        ),
+    ];
+    for (n, (what, says, tamper)) in cases.iter().enumerate() {
+        tamper(&db);
+        let into = c.path(&format!("restored-{n}"));
+        let run = recover(&c, &h, &key, &into);
+        assert_ne!(run.code, 0, "{what}: {run}");
+        assert!(
+            run.stderr.contains(&h.id()) && run.stderr.contains(says),
+            "{what}: {run}"
+        );
+        // Nothing half-written is left in place.
+        let left = fs::read_dir(&into).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "{what}: files left in {}", into.display());
+        for (id, b) in &chunks {
+            set_sealed(&db, "vault_chunks", *id, b);
+        }
+        set_sealed(&db, "vault_records", r0.0, &r0.1);
+    }
+    // Put back as the owner sealed it, it recovers.
     let into = c.path("restored");
-    let run = recover(&c, &h, &key, &into);
-    assert_ne!(run.code, 0, "{run}");
-    assert!(
-        run.stderr.contains(&h.id()) && run.stderr.contains("altered"),
-        "{run}"
-    );
-    // Nothing half-written is left in place.
-    assert!(!into.join("one.bin").exists());
-    let left: Vec<_> = fs::read_dir(&into).map(|d| d.count()).into_iter().collect();
-    assert!(left.iter().all(|&n| n == 0), "{left:?}");
+    recover(&c, &h, &key, &into).ok();
+    assert_eq!(tree(&into), tree(&docs));
 }
 
 #[test]
