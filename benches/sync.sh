@@ -29,7 +29,11 @@
 # figures), and writes every figure to WORK/results.json.
 #
 #   bash benches/sync.sh [--runs N] [--small-only|--large-only] [--compare]
-#                        [--work DIR] [--keep] [--tools ferry,rsync,syncthing]
+#                        [--work DIR] [--keep] [--tools ferry,ferry-holder,rsync,syncthing]
+#
+# --tools ferry,ferry-holder measures encryption's overhead: the same scenarios
+# with B holding A's folder as an encrypted backup (sealed on A, stored on B
+# unreadable; done when A counts the holder up to date), and what B stores.
 #
 # FERRY=/path/to/ferry uses that binary; otherwise ferry is built in release
 # mode (honouring CARGO_TARGET_DIR). Needs python3 and, under the work dir
@@ -46,7 +50,7 @@ runs=3 only="" compare=0 work=/tmp/ferry-bench keep=0 tools=""
 cmdline="benches/sync.sh $*"
 usage() {
   echo "usage: bash benches/sync.sh [--runs N] [--small-only|--large-only] [--compare]" >&2
-  echo "                            [--work DIR] [--keep] [--tools ferry,rsync,syncthing]" >&2
+  echo "                            [--work DIR] [--keep] [--tools ferry,ferry-holder,rsync,syncthing]" >&2
   exit 2
 }
 while (($#)); do

@@ -476,6 +476,50 @@ class Ferry:
 
 # --------------------------------------------------------------------- rsync
 
+class FerryHolder(Ferry):
+    """ferry with B as an encrypted backup holder of A's folder: the same
+    corpus, sealed on A and stored on B (which cannot read it). Done when A
+    counts the holder up to date; "stored" is what B keeps (sealed chunks
+    and records) against the plaintext."""
+    name = "ferry-holder"
+    verifies_tree = False
+
+    def holder_done(self, after_sequence=0):
+        f = self.folder(self.a_home)
+        hs = (f or {}).get("holders") or []
+        return bool(hs) and f["sequence"] > after_sequence and all(h["up_to_date"] for h in hs)
+
+    def stored(self):
+        s = self.json(self.b_home, "status") or {}
+        return sum(v["bytes"] for v in s.get("vaults") or [])
+
+    def initial(self, expect):
+        code = self.cli(self.a_home, "invite", "--folder", "docs", "--encrypted").stdout.strip()
+        cpu0 = {s: cpu_seconds(p.pid) for s, p in self.procs.items()}
+        t0 = time.time()
+        self.cli(self.b_home, "join", code)
+        wait_until("the holder to have everything", self.holder_done, 1200,
+                   progress=lambda: self.progress(self.a_home))
+        secs = time.time() - t0
+        cpu = {s: cpu_seconds(p.pid) - cpu0[s] for s, p in self.procs.items()}
+        wire, _ = self.wire()
+        return {"secs": secs, "wire": wire, "cpu_a": cpu["A"], "cpu_b": cpu["B"],
+                "stored": self.stored()}
+
+    def insert(self, corpus, expect):
+        time.sleep(2)
+        w0, _ = self.wire()
+        seq = self.folder(self.a_home)["sequence"]
+        cpu0 = {s: cpu_seconds(p.pid) for s, p in self.procs.items()}
+        t0 = swap_in_insert(corpus, self.dir, self.a_dir)
+        wait_until("the holder to have the insert", lambda: self.holder_done(seq), 600, every=0.02)
+        secs = time.time() - t0
+        cpu = {s: cpu_seconds(p.pid) - cpu0[s] for s, p in self.procs.items()}
+        time.sleep(1)
+        w1, _ = self.wire()
+        return {"secs": secs, "wire": w1 - w0, "cpu_a": cpu["A"], "cpu_b": cpu["B"]}
+
+
 class Rsync:
     name = "rsync"
 
@@ -745,7 +789,7 @@ def run_scenario(tool_cls, binary, base, corpus, manifest, kind, run, keep):
         # Peak memory as the sync completes (VmHWM only grows; the large
         # scenario reads it again after the insert).
         mem = tool.memory()
-        bad = verify_tree(tool.b_dir, expect)
+        bad = verify_tree(tool.b_dir, expect) if getattr(tool, "verifies_tree", True) else None
         if bad:
             raise RuntimeError(f"{tool.name} {kind}: B's tree differs from the corpus: {bad}")
         for k, v in r.items():
@@ -754,7 +798,8 @@ def run_scenario(tool_cls, binary, base, corpus, manifest, kind, run, keep):
             busy = machine_busy()
             r = tool.insert(corpus, manifest["insert_tree"])
             r["other"] = machine_busy() - busy - r.get("cpu_a", 0) - r.get("cpu_b", 0)
-            bad = verify_tree(tool.b_dir, manifest["insert_tree"])
+            bad = (verify_tree(tool.b_dir, manifest["insert_tree"])
+                   if getattr(tool, "verifies_tree", True) else None)
             if bad:
                 raise RuntimeError(f"{tool.name} insert: B's file differs: {bad}")
             for k, v in r.items():
@@ -790,6 +835,7 @@ ROWS = [
     ("small.cpu_b", "small files: CPU during sync, B", "s"),
     ("small.other", "small files: other CPU on the machine", "s"),
     ("small.scan_a", "small files: A's first scan (untimed)", "s"),
+    ("small.stored", "small files: stored on a holder", "MB"),
     ("small.idle_a", "small files: A's CPU when idle after it", "%"),
     ("small.idle_b", "small files: B's CPU when idle after it", "%"),
     ("large.secs", "1 GiB file: initial sync", "s"),
@@ -800,6 +846,7 @@ ROWS = [
     ("large.cpu_b", "1 GiB file: CPU during sync, B", "s"),
     ("large.other", "1 GiB file: other CPU on the machine", "s"),
     ("large.scan_a", "1 GiB file: A's first scan (untimed)", "s"),
+    ("large.stored", "1 GiB file: stored on a holder", "MB"),
     ("insert.secs", "100-byte insert: seconds until B has it", "s"),
     ("insert.wire", "100-byte insert: wire bytes", "MB"),
     ("insert.chunk_in", "100-byte insert: file data received", "MB"),
@@ -959,17 +1006,18 @@ def main():
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--work", default="/tmp/ferry-bench")
     ap.add_argument("--keep", action="store_true", help="keep each run's directories")
-    ap.add_argument("--tools", help="comma-separated subset of ferry,rsync,syncthing (implies those)")
+    ap.add_argument("--tools", help="comma-separated subset of ferry,ferry-holder,rsync,syncthing "
+                    "(ferry-holder: B holds A's folder encrypted)")
     ap.add_argument("--ferry", required=True)
     ap.add_argument("--cmdline", default="")
     a = ap.parse_args()
 
     tools = ["ferry"] + (["rsync", "syncthing"] if a.compare else [])
     if a.tools:
-        tools = [t for t in ("ferry", "rsync", "syncthing") if t in a.tools.split(",")]
+        tools = [t for t in ("ferry", "ferry-holder", "rsync", "syncthing") if t in a.tools.split(",")]
     kinds = ["small"] * (not a.large_only) + ["large"] * (not a.small_only)
-    classes = {"ferry": Ferry, "rsync": Rsync, "syncthing": Syncthing}
-    binaries = {"ferry": a.ferry, "rsync": "rsync", "syncthing": "syncthing"}
+    classes = {"ferry": Ferry, "ferry-holder": FerryHolder, "rsync": Rsync, "syncthing": Syncthing}
+    binaries = {"ferry": a.ferry, "ferry-holder": a.ferry, "rsync": "rsync", "syncthing": "syncthing"}
 
     os.makedirs(a.work, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
