@@ -50,7 +50,7 @@
 //! it sealed (see `vault`): the receiver keeps a *vault* for it, and lists it
 //! back in its own hello, encrypted, once it has accepted. The folder's device
 //! then sends it sealed chunks and records with [`Request::VaultMissing`],
-//! [`Request::VaultPutChunk`] (followed by `size` raw sealed bytes) and
+//! [`Request::VaultPutChunks`] (followed by their raw sealed bytes) and
 //! [`Request::VaultPutRecords`]; any paired device may read a vault back with
 //! [`Request::VaultList`], [`Request::VaultRecords`] and
 //! [`Request::VaultChunk`] (answered with [`Reply::VaultChunk`] and `size` raw
@@ -374,14 +374,15 @@ pub enum Request {
         /// Keyed chunk ids, at most [`MAX_VAULT_IDS`].
         ids: Vec<[u8; 32]>,
     },
-    /// Store one sealed chunk; `size` raw bytes follow (revision 3).
-    VaultPutChunk {
+    /// Store sealed chunks; their bytes follow, raw, one after the other
+    /// (revision 3).
+    VaultPutChunks {
         /// The folder id.
         folder: String,
-        /// Its keyed id.
-        id: [u8; 32],
-        /// Its sealed length, at most [`MAX_SEALED_CHUNK`].
-        size: u32,
+        /// Each chunk's keyed id and sealed length, at most
+        /// [`MAX_PUT_CHUNKS`], each at most [`MAX_SEALED_CHUNK`], together at
+        /// most [`MAX_PUT_BYTES`].
+        chunks: Vec<([u8; 32], u32)>,
     },
     /// Store sealed records, replacing those with the same ids (revision 3).
     VaultPutRecords {
@@ -489,6 +490,10 @@ pub enum Reply {
 pub const MAX_VAULT_IDS: usize = 4096;
 /// Largest sealed chunk: the largest chunk, padded, with its header and tag.
 pub const MAX_SEALED_CHUNK: u32 = MAX_CHUNK + 8192;
+/// Most chunks in one [`Request::VaultPutChunks`].
+pub const MAX_PUT_CHUNKS: usize = 256;
+/// Most bytes of sealed chunks in one [`Request::VaultPutChunks`].
+pub const MAX_PUT_BYTES: usize = 16 << 20;
 /// Largest sealed record (a file of about 2 million chunks).
 pub const MAX_SEALED_RECORD: u32 = 96 * 1024 * 1024 + 8192;
 /// Largest sealed record carried inside a frame; larger ones go on their own.
@@ -678,10 +683,17 @@ impl Bounded for Request {
                 }
                 Ok(())
             }
-            Request::VaultPutChunk { folder, size, .. } => {
+            Request::VaultPutChunks { folder, chunks } => {
                 check_name("folder id", folder)?;
-                if *size > MAX_SEALED_CHUNK {
-                    return Err(format!("a sealed chunk of {size} bytes"));
+                if chunks.len() > MAX_PUT_CHUNKS {
+                    return Err(format!("{} chunks in one put", chunks.len()));
+                }
+                if let Some((_, n)) = chunks.iter().find(|(_, n)| *n > MAX_SEALED_CHUNK) {
+                    return Err(format!("a sealed chunk of {n} bytes"));
+                }
+                let total: u64 = chunks.iter().map(|(_, n)| *n as u64).sum();
+                if total > MAX_PUT_BYTES as u64 {
+                    return Err(format!("a put of {total} bytes"));
                 }
                 Ok(())
             }

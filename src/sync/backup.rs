@@ -38,8 +38,6 @@ pub enum BackupError {
 
 /// Records read per round.
 const BATCH: usize = 512;
-/// Sealed chunks in flight to a holder at once.
-const IN_FLIGHT: usize = 8;
 
 /// Keeps `peer` sent every folder it holds for this device while the link
 /// lasts: after each local change, when the peer's list of held folders
@@ -207,7 +205,7 @@ async fn send_records(
         if sealed.bytes.len() <= MAX_INLINE_RECORD {
             inline.push((sealed.id.0, sealed.bytes));
         } else {
-            holder::put(conn, folder.id.as_str(), sealed.id.0, &sealed.bytes, true).await?;
+            holder::put_record(conn, folder.id.as_str(), sealed.id.0, &sealed.bytes).await?;
         }
     }
     holder::put_records(conn, folder.id.as_str(), inline).await?;
@@ -262,9 +260,10 @@ enum Place {
     History,
 }
 
-/// Sends the holder the chunks it lacks among `wanted`, sealed. Returns what
-/// could not be read as indexed: the paths of live files (changed since) and
-/// the hex hashes of history chunks (pruned or damaged).
+/// Sends the holder the chunks it lacks among `wanted`, sealed, in groups
+/// (one request and one holder transaction each), a few groups at once.
+/// Returns what could not be read as indexed: the paths of live files
+/// (changed since) and the hex hashes of history chunks (pruned or damaged).
 async fn send_chunks(
     engine: &Arc<Engine>,
     conn: &Connection,
@@ -282,16 +281,26 @@ async fn send_chunks(
     let missing = holder::missing(conn, folder.id.as_str(), &ids).await?;
     let mut unreadable = HashSet::new();
     let mut tasks = tokio::task::JoinSet::new();
-    for i in missing {
-        if tasks.len() >= IN_FLIGHT
+    let mut group = Vec::new();
+    let mut bytes = 0usize;
+    let mut it = missing.into_iter().peekable();
+    while let Some(i) = it.next() {
+        bytes += list[i].1.1.len as usize;
+        group.push(list[i].clone());
+        let full = group.len() >= GROUP_CHUNKS || bytes >= GROUP_BYTES;
+        if !full && it.peek().is_some() {
+            continue;
+        }
+        if tasks.len() >= GROUPS_IN_FLIGHT
             && let Some(r) = tasks.join_next().await
         {
             settle(r, &mut unreadable)?;
         }
-        let (hash, (place, c)) = list[i].clone();
+        let batch = std::mem::take(&mut group);
+        bytes = 0;
         let (engine, conn, keys, folder) =
             (engine.clone(), conn.clone(), keys.clone(), folder.clone());
-        tasks.spawn(async move { send_one(&engine, &conn, &keys, &folder, place, c, hash).await });
+        tasks.spawn(async move { send_group(&engine, &conn, &keys, &folder, batch).await });
     }
     while let Some(r) = tasks.join_next().await {
         settle(r, &mut unreadable)?;
@@ -299,16 +308,21 @@ async fn send_chunks(
     Ok(unreadable)
 }
 
-type Sent = Result<Option<String>, BackupError>;
+/// Chunks per put request, and about how many plaintext bytes.
+const GROUP_CHUNKS: usize = 64;
+const GROUP_BYTES: usize = 2 << 20;
+/// Put requests in flight to a holder at once.
+const GROUPS_IN_FLIGHT: usize = 4;
+
+type Sent = Result<Vec<String>, BackupError>;
 
 fn settle(
     r: Result<Sent, tokio::task::JoinError>,
     unreadable: &mut HashSet<String>,
 ) -> Result<(), BackupError> {
     match r {
-        Ok(Ok(None)) => Ok(()),
-        Ok(Ok(Some(what))) => {
-            unreadable.insert(what);
+        Ok(Ok(missed)) => {
+            unreadable.extend(missed);
             Ok(())
         }
         Ok(Err(e)) => Err(e),
@@ -316,37 +330,52 @@ fn settle(
     }
 }
 
-/// Reads, seals and sends one chunk; what [`send_chunks`] reports if it
-/// cannot be read as indexed.
-async fn send_one(
+/// Reads, seals and sends a group of chunks; returns what [`send_chunks`]
+/// reports for those that cannot be read as indexed.
+async fn send_group(
     engine: &Arc<Engine>,
     conn: &Connection,
     keys: &VaultKeys,
     folder: &Folder,
-    place: Place,
-    c: ChunkInfo,
-    hash: ChunkHash,
+    group: Vec<(ChunkHash, (Place, ChunkInfo))>,
 ) -> Sent {
     let joined = |e: tokio::task::JoinError| BackupError::Holder(FetchError::Link(e.to_string()));
-    let bytes = match &place {
-        Place::Live(path) => {
-            let at = folder.path.join(path);
-            tokio::task::spawn_blocking(move || read_verified(&at, c.offset, c.len, &hash))
-                .await
-                .map_err(joined)?
+    // History chunks are read here; live ones with the sealing, below.
+    let mut history = HashMap::new();
+    for (hash, (place, c)) in &group {
+        if let Place::History = place
+            && let Some(b) =
+                history_chunk(engine, folder.row, folder.path.clone(), *hash, c.len).await
+        {
+            history.insert(*hash, b);
         }
-        Place::History => history_chunk(engine, folder.row, folder.path.clone(), hash, c.len).await,
-    };
-    let Some(bytes) = bytes else {
-        return Ok(Some(match place {
-            Place::Live(path) => path,
-            Place::History => hash.to_hex(),
-        }));
-    };
-    let (keys, fid) = (keys.clone(), folder.id.clone());
-    let sealed = tokio::task::spawn_blocking(move || seal_chunk(&keys, &fid, &hash, &bytes))
-        .await
-        .map_err(joined)??;
-    holder::put(conn, folder.id.as_str(), sealed.id.0, &sealed.bytes, false).await?;
-    Ok(None)
+    }
+    let (keys, fid, root) = (keys.clone(), folder.id.clone(), folder.path.clone());
+    let (sealed, missed) = tokio::task::spawn_blocking(move || -> Result<_, BackupError> {
+        let mut sealed = Vec::with_capacity(group.len());
+        let mut missed = Vec::new();
+        for (hash, (place, c)) in group {
+            let bytes = match &place {
+                Place::Live(path) => read_verified(&root.join(path), c.offset, c.len, &hash),
+                Place::History => history.remove(&hash),
+            };
+            match bytes {
+                Some(b) => {
+                    let s = seal_chunk(&keys, &fid, &hash, &b)?;
+                    sealed.push((s.id.0, s.bytes));
+                }
+                None => missed.push(match place {
+                    Place::Live(path) => path,
+                    Place::History => hash.to_hex(),
+                }),
+            }
+        }
+        Ok((sealed, missed))
+    })
+    .await
+    .map_err(joined)??;
+    if !sealed.is_empty() {
+        holder::put_chunks(conn, folder.id.as_str(), &sealed).await?;
+    }
+    Ok(missed)
 }

@@ -23,7 +23,7 @@ pub fn is_vault_request(req: &Request) -> bool {
     matches!(
         req,
         Request::VaultMissing { .. }
-            | Request::VaultPutChunk { .. }
+            | Request::VaultPutChunks { .. }
             | Request::VaultPutRecords { .. }
             | Request::VaultPutRecord { .. }
             | Request::VaultList
@@ -58,7 +58,7 @@ pub(super) async fn serve(
     }
     let folder = match &req {
         Request::VaultMissing { folder, .. }
-        | Request::VaultPutChunk { folder, .. }
+        | Request::VaultPutChunks { folder, .. }
         | Request::VaultPutRecords { folder, .. }
         | Request::VaultPutRecord { folder, .. }
         | Request::VaultRecords { folder, .. }
@@ -78,7 +78,7 @@ pub(super) async fn serve(
     let writes = matches!(
         req,
         Request::VaultMissing { .. }
-            | Request::VaultPutChunk { .. }
+            | Request::VaultPutChunks { .. }
             | Request::VaultPutRecords { .. }
             | Request::VaultPutRecord { .. }
     );
@@ -100,21 +100,30 @@ pub(super) async fn serve(
                 .map_err(store_err)?;
             reply(send, &Reply::VaultMissing { missing }, None).await
         }
-        Request::VaultPutChunk { id, size, .. } | Request::VaultPutRecord { id, size, .. } => {
-            let record = matches!(req, Request::VaultPutRecord { .. });
+        Request::VaultPutChunks { chunks, .. } => {
+            let mut entries = Vec::with_capacity(chunks.len());
+            for (id, size) in chunks {
+                let mut bytes = vec![0u8; size as usize];
+                recv.read_exact(&mut bytes)
+                    .await
+                    .map_err(|e| ServeError::Link(e.to_string()))?;
+                entries.push((id, bytes));
+            }
+            engine
+                .index
+                .run(move |i| i.vault_put_chunks(vault, &entries))
+                .await
+                .map_err(store_err)?;
+            reply(send, &Reply::VaultStored, None).await
+        }
+        Request::VaultPutRecord { id, size, .. } => {
             let mut bytes = vec![0u8; size as usize];
             recv.read_exact(&mut bytes)
                 .await
                 .map_err(|e| ServeError::Link(e.to_string()))?;
             engine
                 .index
-                .run(move |i| {
-                    if record {
-                        i.vault_put_records(vault, &[(id, bytes)])
-                    } else {
-                        i.vault_put_chunks(vault, &[(id, bytes)])
-                    }
-                })
+                .run(move |i| i.vault_put_records(vault, &[(id, bytes)]))
                 .await
                 .map_err(store_err)?;
             reply(send, &Reply::VaultStored, None).await
@@ -212,19 +221,39 @@ pub async fn missing(
     Ok(out)
 }
 
-/// Sends one sealed chunk, or a sealed record too large to go inline.
-pub async fn put(
+/// Sends sealed chunks in one request (within
+/// [`crate::protocol::MAX_PUT_CHUNKS`] and [`crate::protocol::MAX_PUT_BYTES`]).
+pub async fn put_chunks(
+    conn: &Connection,
+    folder: &str,
+    chunks: &[([u8; 32], Vec<u8>)],
+) -> Result<(), FetchError> {
+    let req = Request::VaultPutChunks {
+        folder: folder.to_owned(),
+        chunks: chunks.iter().map(|(id, b)| (*id, b.len() as u32)).collect(),
+    };
+    let mut body = Vec::with_capacity(chunks.iter().map(|(_, b)| b.len()).sum());
+    for (_, b) in chunks {
+        body.extend_from_slice(b);
+    }
+    match request_with(conn, &req, Some(&body)).await?.0 {
+        Reply::VaultStored => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Sends a sealed record too large to go inline.
+pub async fn put_record(
     conn: &Connection,
     folder: &str,
     id: [u8; 32],
     bytes: &[u8],
-    record: bool,
 ) -> Result<(), FetchError> {
-    let (folder, size) = (folder.to_owned(), bytes.len() as u32);
-    let req = if record {
-        Request::VaultPutRecord { folder, id, size }
-    } else {
-        Request::VaultPutChunk { folder, id, size }
+    let size = bytes.len() as u32;
+    let req = Request::VaultPutRecord {
+        folder: folder.to_owned(),
+        id,
+        size,
     };
     match request_with(conn, &req, Some(bytes)).await?.0 {
         Reply::VaultStored => Ok(()),
