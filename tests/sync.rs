@@ -545,6 +545,52 @@ fn the_same_file_made_on_two_devices_apart_merges_with_the_newer_mtime() {
 }
 
 #[test]
+fn a_pull_that_finds_an_unscanned_file_in_its_way_leaves_no_temp_behind() {
+    let lab = Lab::new();
+    let a = lab.node("a");
+    let b = lab.node("b");
+    // A notices its own changes only after 3 s, so B's version of the same
+    // new path arrives while A's file is on disk but not yet in its index.
+    a.edit_config("debounce_ms = 200", "debounce_ms = 3000");
+    let a_docs = a.add_folder("docs");
+    let b_docs = b.path("docs");
+    let (_aa, _ab) = (Agent::start(&a), Agent::start(&b));
+    pair(
+        &a,
+        &b,
+        &["--folder", "docs"],
+        &["--into", b_docs.to_str().unwrap()],
+    );
+    fs::write(a_docs.join("ready.txt"), b"ready").unwrap();
+    wait_until("B has ready.txt", || b_docs.join("ready.txt").exists());
+
+    let write = |p: &Path, secs: u64| {
+        fs::write(p, b"made on both").unwrap();
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    };
+    write(&a_docs.join("new.txt"), 1_600_000_000);
+    write(&b_docs.join("new.txt"), 1_700_000_000);
+    // The pull is refused (a local file in the way), A scans, and the two
+    // versions, alike, merge: nothing else is pulled, so the temp file the
+    // refused pull had filled must not stay behind.
+    wait_same(&a_docs, &b_docs);
+    for root in [&a_docs, &b_docs] {
+        let temps: Vec<String> = fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".ferry-tmp"))
+            .collect();
+        assert!(temps.is_empty(), "{temps:?} in {}", root.display());
+    }
+}
+
+#[test]
 fn a_mass_delete_waits_for_confirmation_before_reaching_peers() {
     let lab = Lab::new();
     let (a, _b, _aa, _ab, a_docs, b_docs) = two(&lab);

@@ -619,7 +619,8 @@ async fn take(
     });
     let local_kind = live_local.as_ref().map(|l| l.record.kind);
     let reserve = superseded.map(|s| (path.clone(), s));
-    commits
+    let assembled = staged.clone();
+    let placed = commits
         .commit(reserve, move |i, reserved, dirs| {
             let pulled = Pulled {
                 remote: &remote2,
@@ -655,7 +656,16 @@ async fn take(
                 PullError::Fetch(NOT_EMPTY.into())
             }
             other => PullError::Index(other),
-        })?;
+        });
+    if placed.is_err()
+        && let Some(tmp) = assembled
+    {
+        // Not put in place (the local file changed, or appeared, meanwhile):
+        // the next pass decides afresh, so the finished temp file must not
+        // linger in the folder.
+        let _ = fs::remove_file(tmp);
+    }
+    placed?;
     if let Some((copy, device)) = conflict {
         let path = remote.path.clone();
         let lv = local.map(|l| l.record.version).unwrap_or_default();
