@@ -29,8 +29,10 @@
 # figures), and writes every figure to WORK/results.json.
 #
 #   bash benches/sync.sh [--runs N] [--small-only|--large-only] [--compare]
-#                        [--work DIR] [--keep] [--tools ferry,ferry-holder,rsync,syncthing]
+#                        [--work DIR] [--keep] [--tools ferry,ferry-holder,rsync,rsync-fsync,syncthing]
 #
+# rsync-fsync is rsync --fsync, for context: ferry and Syncthing fsync every
+# file they write, plain rsync does not.
 # --tools ferry,ferry-holder measures encryption's overhead: the same scenarios
 # with B holding A's folder as an encrypted backup (sealed on A, stored on B
 # unreadable; done when A counts the holder up to date), and what B stores.
@@ -50,7 +52,7 @@ runs=3 only="" compare=0 work=/tmp/ferry-bench keep=0 tools=""
 cmdline="benches/sync.sh $*"
 usage() {
   echo "usage: bash benches/sync.sh [--runs N] [--small-only|--large-only] [--compare]" >&2
-  echo "                            [--work DIR] [--keep] [--tools ferry,ferry-holder,rsync,syncthing]" >&2
+  echo "                            [--work DIR] [--keep] [--tools ferry,ferry-holder,rsync,rsync-fsync,syncthing]" >&2
   exit 2
 }
 while (($#)); do

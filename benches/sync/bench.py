@@ -542,8 +542,10 @@ class Rsync:
         wait_until("the rsync daemon", lambda: port_open(self.port), 30)
         return None  # rsync has no index to build first
 
+    flags = []
+
     def transfer(self):
-        cmd = ["rsync", "-a", "--stats", f"rsync://127.0.0.1:{self.port}/docs/", self.b_dir + "/"]
+        cmd = ["rsync", "-a", "--stats", *self.flags, f"rsync://127.0.0.1:{self.port}/docs/", self.b_dir + "/"]
         cpu_a, cpu_b = cpu_seconds(self.daemon.pid, children=True), os.times()
         t0 = time.time()
         client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -580,6 +582,13 @@ class Rsync:
     def teardown(self):
         if self.daemon:
             stop(self.daemon)
+
+
+class RsyncFsync(Rsync):
+    """rsync with --fsync, as ferry and Syncthing make files durable: for
+    context (the targets compare with plain rsync)."""
+    name = "rsync-fsync"
+    flags = ["--fsync"]
 
 
 # ----------------------------------------------------------------- Syncthing
@@ -1006,18 +1015,21 @@ def main():
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--work", default="/tmp/ferry-bench")
     ap.add_argument("--keep", action="store_true", help="keep each run's directories")
-    ap.add_argument("--tools", help="comma-separated subset of ferry,ferry-holder,rsync,syncthing "
-                    "(ferry-holder: B holds A's folder encrypted)")
+    ap.add_argument("--tools", help="comma-separated subset of ferry,ferry-holder,rsync,rsync-fsync,syncthing "
+                    "(ferry-holder: B holds A's folder encrypted; rsync-fsync: rsync --fsync)")
     ap.add_argument("--ferry", required=True)
     ap.add_argument("--cmdline", default="")
     a = ap.parse_args()
 
     tools = ["ferry"] + (["rsync", "syncthing"] if a.compare else [])
     if a.tools:
-        tools = [t for t in ("ferry", "ferry-holder", "rsync", "syncthing") if t in a.tools.split(",")]
+        tools = [t for t in ("ferry", "ferry-holder", "rsync", "rsync-fsync", "syncthing")
+                 if t in a.tools.split(",")]
     kinds = ["small"] * (not a.large_only) + ["large"] * (not a.small_only)
-    classes = {"ferry": Ferry, "ferry-holder": FerryHolder, "rsync": Rsync, "syncthing": Syncthing}
-    binaries = {"ferry": a.ferry, "ferry-holder": a.ferry, "rsync": "rsync", "syncthing": "syncthing"}
+    classes = {"ferry": Ferry, "ferry-holder": FerryHolder, "rsync": Rsync, "rsync-fsync": RsyncFsync,
+               "syncthing": Syncthing}
+    binaries = {"ferry": a.ferry, "ferry-holder": a.ferry, "rsync": "rsync", "rsync-fsync": "rsync",
+                "syncthing": "syncthing"}
 
     os.makedirs(a.work, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
