@@ -111,17 +111,24 @@ pub struct ScanReport {
     /// Temp files of pulls that never finished, untouched for a day: the sync
     /// engine removes them (the scanner writes nothing into the folder).
     pub stale_temps: Vec<std::path::PathBuf>,
+    /// The other temp files of pulls found: the sync engine removes those no
+    /// pull still needs.
+    pub temps: Vec<std::path::PathBuf>,
 }
 
 /// How long an untouched temp file of a pull is kept for a resume.
 const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
-fn is_stale_temp(entry: &fs::DirEntry) -> bool {
-    use std::os::unix::fs::MetadataExt;
+fn is_temp(entry: &fs::DirEntry) -> bool {
     entry
         .file_name()
         .to_string_lossy()
         .starts_with(crate::relpath::TEMP_PREFIX)
+}
+
+fn is_stale_temp(entry: &fs::DirEntry) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    is_temp(entry)
         && entry.metadata().is_ok_and(|m| {
             // ctime: set_modified gives a finished temp the remote's mtime.
             let age = crate::index::now_secs().saturating_sub(m.ctime());
@@ -291,6 +298,8 @@ pub fn scan(
                 Err(RelPathError::Reserved(_)) => {
                     if is_stale_temp(&entry) {
                         report.stale_temps.push(entry.path());
+                    } else if is_temp(&entry) {
+                        report.temps.push(entry.path());
                     }
                     continue;
                 }

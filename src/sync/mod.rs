@@ -118,6 +118,9 @@ pub struct FolderHandle {
     pub case_insensitive: bool,
     /// The next pull undoes local changes (`ferry revert`, receive-only).
     pub revert: std::sync::atomic::AtomicBool,
+    /// Temp files of pulls that did not finish (found by scans, or left by
+    /// failed pulls): removed once no pull needs them.
+    pub leftover_temps: Mutex<HashSet<PathBuf>>,
     stop: CancellationToken,
 }
 
@@ -238,6 +241,7 @@ impl Engine {
                                 notice: None,
                             }),
                             revert: std::sync::atomic::AtomicBool::new(false),
+                            leftover_temps: Mutex::new(HashSet::new()),
                             case_insensitive: case_insensitive(&f.path),
                             stop: self.shutdown.child_token(),
                         });
@@ -507,6 +511,10 @@ impl Engine {
                     tracing::info!(path = %t.display(), "removing the temp file of a pull abandoned a day ago");
                     let _ = std::fs::remove_file(t);
                 }
+                h.leftover_temps
+                    .lock()
+                    .expect("temps lock")
+                    .extend(report.temps.iter().cloned());
                 st.state = FolderActivity::Idle;
                 st.error = None;
                 st.held_deletes = report.held_deletes;

@@ -351,10 +351,12 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
             h,
             needed(&actions, "send-only folder: remote changes are not applied"),
         );
+        sweep_temps(h, &HashSet::new());
         return Ok(Outcome::Done);
     }
     if actions.is_empty() {
         set_need(h, clashes);
+        sweep_temps(h, &HashSet::new());
         return Ok(Outcome::Done);
     }
     h.set_state(FolderActivity::Syncing);
@@ -370,12 +372,21 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
     let mut stage_no = 0;
     let commits = Committer::start(engine.index.clone(), row);
     let mut set = tokio::task::JoinSet::new();
+    // The temp files of pulls that failed this pass, kept for a resume.
+    let mut keep: HashSet<PathBuf> = HashSet::new();
     for action in actions {
         let s = stage(&action).0;
         if s != stage_no {
             // Finish one stage before the next (parents before children).
             while let Some(r) = set.join_next().await {
-                collect(r, &mut outcome, &mut failed, &mut changed, &mut rescan);
+                collect(
+                    r,
+                    &mut outcome,
+                    &mut failed,
+                    &mut changed,
+                    &mut rescan,
+                    &mut keep,
+                );
             }
             stage_no = s;
         }
@@ -392,21 +403,30 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         let commits = commits.clone();
         set.spawn(async move {
             let _permit = permit;
-            let path = match &action {
-                Action::Take { remote, .. } => remote.path.clone(),
-                Action::Merge { path, .. } | Action::Won { path, .. } => path.clone(),
-            };
-            let size = match &action {
-                Action::Take { remote, .. } => remote.size,
-                _ => 0,
+            let (path, size, tmp) = match &action {
+                Action::Take { remote, .. } => (
+                    remote.path.clone(),
+                    remote.size,
+                    (!remote.deleted && remote.kind == FileKind::File)
+                        .then(|| temp_path(&folder.path, remote, "part")),
+                ),
+                Action::Merge { path, .. } | Action::Won { path, .. } => (path.clone(), 0, None),
             };
             let r = apply(&engine, &folder, action, &requests, &commits).await;
-            (path, size, r)
+            (path, size, r, tmp)
         });
     }
     while let Some(r) = set.join_next().await {
-        collect(r, &mut outcome, &mut failed, &mut changed, &mut rescan);
+        collect(
+            r,
+            &mut outcome,
+            &mut failed,
+            &mut changed,
+            &mut rescan,
+            &mut keep,
+        );
     }
+    sweep_temps(h, &keep);
     if changed {
         engine.local_changed();
     }
@@ -424,7 +444,29 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
     Ok(outcome)
 }
 
-type Applied = (RelPath, u64, Result<bool, PullError>);
+/// What one applied action gives back: its path, size, result, and the temp
+/// file a file pull assembles in.
+type Applied = (RelPath, u64, Result<bool, PullError>, Option<PathBuf>);
+
+/// Removes the temp files of earlier pulls that no pull of this pass failed
+/// on (those stay for a resume): a version given up, replaced or deleted
+/// meanwhile leaves none behind. Runs with the folder's disk lock held, so
+/// no pull is writing one.
+fn sweep_temps(h: &FolderHandle, keep: &HashSet<PathBuf>) {
+    let mut left = h.leftover_temps.lock().expect("temps lock");
+    left.extend(keep.iter().cloned());
+    left.retain(|t| {
+        if keep.contains(t) {
+            return true;
+        }
+        match fs::remove_file(t) {
+            Ok(()) => tracing::debug!(path = %t.display(), "removed the temp file of a pull no longer needed"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %t.display(), "cannot remove a leftover temp file: {e}"),
+        }
+        false
+    });
+}
 
 fn collect(
     r: Result<Applied, tokio::task::JoinError>,
@@ -432,8 +474,9 @@ fn collect(
     failed: &mut Vec<NeedItem>,
     changed: &mut bool,
     rescan: &mut bool,
+    keep: &mut HashSet<PathBuf>,
 ) {
-    let (path, size, r) = match r {
+    let (path, size, r, tmp) = match r {
         Ok(x) => x,
         Err(e) => {
             tracing::error!("a pull task failed: {e}");
@@ -448,6 +491,7 @@ fn collect(
         }
         Err(e) => {
             tracing::debug!(%path, "not pulled: {e}");
+            keep.extend(tmp);
             match e.outcome() {
                 Outcome::Rescan => *outcome = Outcome::Rescan,
                 Outcome::Retry if *outcome == Outcome::Done => *outcome = Outcome::Retry,
