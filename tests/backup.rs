@@ -243,6 +243,14 @@ fn altered_truncated_or_swapped_bytes_on_the_holder_are_refused_naming_it() {
             "altered",
             Box::new(|db| set_sealed(db, "vault_records", r0.0, &flip(&r0.1))),
         ),
+        (
+            "a chunk the holder's store cannot read back",
+            "store failed",
+            Box::new(|db| {
+                db.execute("UPDATE vault_chunks SET bytes = 'not a blob'", [])
+                    .unwrap();
+            }),
+        ),
     ];
     for (n, (what, says, tamper)) in cases.iter().enumerate() {
         tamper(&db);

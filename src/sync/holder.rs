@@ -39,8 +39,26 @@ fn unavailable(reason: impl Into<String>) -> Reply {
     }
 }
 
-/// Serves one vault request from `peer`.
+/// Serves one vault request from `peer`; a failure of this device's store is
+/// answered as such (the requester says which holder failed).
 pub(super) async fn serve(
+    engine: &Arc<Engine>,
+    peer: DeviceId,
+    req: Request,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<(), ServeError> {
+    match answer(engine, peer, req, send, recv).await {
+        Err(ServeError::Store(e)) => {
+            tracing::warn!(device = %peer, "vault request: {e}");
+            let why = format!("the holder's store failed: {e}");
+            reply(send, &unavailable(why), None).await
+        }
+        other => other,
+    }
+}
+
+async fn answer(
     engine: &Arc<Engine>,
     peer: DeviceId,
     req: Request,
@@ -52,7 +70,7 @@ pub(super) async fn serve(
             .index
             .run(|i| i.vaults())
             .await
-            .map_err(|e| ServeError::Link(e.to_string()))?;
+            .map_err(|e| ServeError::Store(e.to_string()))?;
         let vaults = vaults.into_iter().map(|v| (v.folder_id, v.label)).collect();
         return reply(send, &Reply::Vaults { vaults }, None).await;
     }
@@ -71,7 +89,7 @@ pub(super) async fn serve(
         .index
         .run(move |i| i.vault(&f))
         .await
-        .map_err(|e| ServeError::Link(e.to_string()))?;
+        .map_err(|e| ServeError::Store(e.to_string()))?;
     let Some((vault, owner)) = vault else {
         return reply(send, &unavailable(format!("no vault {folder} here")), None).await;
     };
@@ -90,7 +108,7 @@ pub(super) async fn serve(
         )
         .await;
     }
-    let store_err = |e: crate::index::IndexError| ServeError::Link(e.to_string());
+    let store_err = |e: crate::index::IndexError| ServeError::Store(e.to_string());
     match req {
         Request::VaultMissing { ids, .. } => {
             let missing = engine

@@ -280,6 +280,9 @@ async fn serve(engine: &Arc<Engine>, conn: &Connection, peer: DeviceId) {
             {
                 Ok(Ok(())) => {}
                 Ok(Err(ServeError::Protocol(e))) => refuse(&conn, peer, &e),
+                Ok(Err(ServeError::Store(e))) => {
+                    tracing::warn!(device = %peer, "serving a request: {e}");
+                }
                 Ok(Err(ServeError::Link(e))) => {
                     tracing::debug!(device = %peer, "request: {e}");
                 }
@@ -292,6 +295,9 @@ async fn serve(engine: &Arc<Engine>, conn: &Connection, peer: DeviceId) {
 }
 
 pub(super) enum ServeError {
+    /// This device's index failed while serving (answered, not the peer's
+    /// fault).
+    Store(String),
     Protocol(String),
     Link(String),
 }
