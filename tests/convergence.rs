@@ -44,7 +44,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use agent::{Agent, Lab, Node, PATIENCE, pair, pseudo_random, tree, wait_until};
+use agent::{Agent, Lab, Node, PATIENCE, Rng, env_number, pair, pseudo_random, tree, wait_until};
 use serde_json::Value;
 
 /// The seed when `FERRY_CONVERGENCE_SEED` is not set.
@@ -96,70 +96,17 @@ enum Op {
     StopAgent,
 }
 
-/// splitmix64: a small, fast, well-mixed generator, fully determined by its
-/// seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (`n > 0`).
-    fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "below(0)");
-        self.next() % n
-    }
-
-    /// A number in `lo..hi` (`lo < hi`).
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo)
-    }
-
-    /// True with probability `percent` / 100.
-    fn percent(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    /// One of `items`, if there are any.
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        if items.is_empty() {
-            return None;
+/// An operation drawn from [`MIX`].
+fn draw_op(rng: &mut Rng) -> Op {
+    let total: u64 = MIX.iter().map(|(_, w)| w).sum();
+    let mut x = rng.below(total);
+    for &(op, w) in MIX {
+        if x < w {
+            return op;
         }
-        let i = self.below(items.len() as u64) as usize;
-        Some(&items[i])
+        x -= w;
     }
-
-    /// An operation drawn from [`MIX`].
-    fn op(&mut self) -> Op {
-        let total: u64 = MIX.iter().map(|(_, w)| w).sum();
-        let mut x = self.below(total);
-        for &(op, w) in MIX {
-            if x < w {
-                return op;
-            }
-            x -= w;
-        }
-        unreachable!("the weights add up to {total}")
-    }
-}
-
-/// `name` as a number (decimal or `0x` hex), or `default` when it is unset.
-#[track_caller]
-fn env_number(name: &str, default: u64) -> u64 {
-    let Ok(text) = std::env::var(name) else {
-        return default;
-    };
-    let t = text.trim();
-    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
-        None => t.replace('_', "").parse(),
-    };
-    parsed.unwrap_or_else(|e| panic!("{name}={text:?} is not a number: {e}"))
+    unreachable!("the weights add up to {total}")
 }
 
 /// What the run did, one line per operation; printed with the seed if the
@@ -283,9 +230,9 @@ fn file_name(rng: &mut Rng) -> String {
 /// mostly small, sometimes tens of KB, now and then a few hundred KB.
 fn content(rng: &mut Rng) -> Vec<u8> {
     let len = match rng.below(100) {
-        0..=69 => rng.between(1, 2_000),
-        70..=93 => rng.between(2_000, 64_000),
-        _ => rng.between(100_000, 600_000),
+        0..=69 => rng.between(1, 1_999),
+        70..=93 => rng.between(2_000, 63_999),
+        _ => rng.between(100_000, 599_999),
     };
     pseudo_random(len as usize, rng.next())
 }
@@ -329,7 +276,7 @@ fn apply(op: Op, root: &Path, rng: &mut Rng) -> Result<String, String> {
         }
         Op::Append => {
             let rel = rng.pick(&files).ok_or("append: no file")?.clone();
-            let data = pseudo_random(rng.between(1, 300) as usize, rng.next());
+            let data = pseudo_random(rng.between(1, 299) as usize, rng.next());
             let what = format!("append {} bytes to {rel}", data.len());
             let r = fs::OpenOptions::new()
                 .append(true)
@@ -620,14 +567,14 @@ fn converge(default_ops: u64) {
             journal.note(format!("{i:5} {}: agent started again", d.node.name));
         }
         let who = rng.below(3) as usize;
-        let op = rng.op();
+        let op = draw_op(&mut rng);
         let name = devs[who].node.name.clone();
         let outcome = if op == Op::StopAgent {
             let running = devs.iter().filter(|d| d.agent.is_some()).count();
             match devs[who].agent.take() {
                 Some(agent) if running >= 2 => {
                     agent.stop();
-                    devs[who].back_at = i + rng.between(1, 8);
+                    devs[who].back_at = i + rng.between(1, 7);
                     stops += 1;
                     Ok(format!("agent stopped until op {}", devs[who].back_at))
                 }

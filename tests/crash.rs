@@ -54,7 +54,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent::{Agent, Lab, Node, pair, pseudo_random, tree, two};
+use agent::{Agent, Lab, Node, Rng, env_number, pair, pseudo_random, tree, two};
 use serde_json::Value;
 
 /// Upper bound for the waits on whole syncs and scans of this file's large
@@ -67,54 +67,14 @@ const TEMP_PREFIX: &str = ".ferry-tmp-";
 // ---------------------------------------------------------------------------
 // Seed, kill count, and a small deterministic generator.
 
-/// splitmix64: small, fast and good enough for picking moments and sizes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        assert!(lo <= hi);
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(self.between(lo, hi))
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.between(0, i as u64) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
 const DEFAULT_SEED: u64 = 0xF3A7_C0DE_2026;
 const DEFAULT_KILLS: u32 = 6;
-
-fn env_u64(name: &str) -> Option<u64> {
-    let raw = std::env::var(name).ok()?;
-    let s = raw.trim().replace('_', "");
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    Some(parsed.unwrap_or_else(|e| panic!("{name}={raw:?} is not a number: {e}")))
-}
 
 /// The generator for test `name` and its kill count (`default_kills` unless
 /// `FERRY_CRASH_KILLS` is set), printed so a failure can be rerun.
 fn setup(name: &str, default_kills: u32) -> (Rng, u32) {
-    let seed = env_u64("FERRY_CRASH_SEED").unwrap_or(DEFAULT_SEED);
-    let kills = env_u64("FERRY_CRASH_KILLS").map_or(default_kills, |k| k as u32);
+    let seed = env_number("FERRY_CRASH_SEED", DEFAULT_SEED);
+    let kills = env_number("FERRY_CRASH_KILLS", u64::from(default_kills)) as u32;
     eprintln!("{name}: FERRY_CRASH_SEED={seed:#x} FERRY_CRASH_KILLS={kills}");
     // Each test its own stream, the same for the same seed.
     let salt = name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
