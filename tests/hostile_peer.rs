@@ -494,6 +494,68 @@ fn an_unsafe_path_from_a_peer_is_refused_and_nothing_is_written() {
 }
 
 #[test]
+fn a_file_under_a_symlink_from_a_peer_is_never_written_through_it() {
+    let lab = Lab::new();
+    let (a, m, _agent_a, docs) = alice_and_mallory(&lab);
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &m, &a);
+    let outside = a.dir.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let payload = Content::new(b"written by mallory through a link\n".to_vec());
+    let honest = Arc::new(AtomicBool::new(true));
+    let mut link = rt.block_on(mallory.link());
+    rt.spawn(serve(link.conn.clone(), payload.clone(), honest));
+
+    // A symlink pointing out of the folder, then a file "inside" it, in one
+    // update and in that order.
+    let mut symlink = payload.record("door", mallory.me, link.next_sequence());
+    symlink.kind = 2;
+    symlink.size = 0;
+    symlink.hash = None;
+    symlink.groups = Vec::new();
+    symlink.symlink_target = Some(outside.to_str().unwrap().to_owned());
+    let through = payload.record("door/evil.txt", mallory.me, link.next_sequence());
+    let later = payload.record("later.txt", mallory.me, link.next_sequence());
+    rt.block_on(link.announce(vec![symlink, through, later]));
+
+    // Whichever lands first, nothing goes through the link: if the link is
+    // there, the file under it is refused as unsafe; if the file came first,
+    // `door` is a real directory of the folder (made for it, then kept as a
+    // local directory) and the file is in it.
+    wait_until("alice pulls the rest", || docs.join("later.txt").exists());
+    let refused = |a: &Node| {
+        let need = a.run(&["status", "--need", "docs", "--json"]).ok().json();
+        need["need"].as_array().and_then(|items| {
+            items
+                .iter()
+                .find(|i| i["path"] == "door/evil.txt")
+                .and_then(|i| i["reason"].as_str().map(str::to_owned))
+        })
+    };
+    let outcome = wait_for("alice settles on door", || {
+        let door = fs::symlink_metadata(docs.join("door")).ok()?;
+        if door.file_type().is_symlink() {
+            refused(&a).map(Some)
+        } else if door.is_dir() && docs.join("door/evil.txt").exists() {
+            Some(None)
+        } else {
+            None
+        }
+    });
+    assert!(
+        fs::read_dir(&outside).unwrap().next().is_none(),
+        "something was written through the link: {:?}",
+        names(&outside)
+    );
+    match outcome {
+        Some(reason) => assert!(reason.contains("unsafe"), "{reason}"),
+        None => assert_eq!(fs::read(docs.join("door/evil.txt")).unwrap(), *payload.data),
+    }
+    assert_eq!(fs::read(docs.join("hello.txt")).unwrap(), HELLO);
+    rt.block_on(mallory.ep.close());
+}
+
+#[test]
 fn a_corrupt_chunk_is_discarded_counted_and_never_written() {
     let lab = Lab::new();
     let (a, m, _agent_a, docs) = alice_and_mallory(&lab);
