@@ -45,6 +45,15 @@ fn held(a: &Node, h: &Node) -> bool {
     up && records > 0
 }
 
+/// The recovery code of `folder` on `node` (`ferry folder key`).
+fn key_of(node: &Node, folder: &str) -> String {
+    node.run(&["folder", "key", folder])
+        .ok()
+        .stdout
+        .trim()
+        .to_owned()
+}
+
 /// `ferry recover` on `node` from `holder` with `key` into `into`.
 fn recover(node: &Node, holder: &Node, key: &str, into: &Path) -> Run {
     node.run(&[
@@ -128,12 +137,7 @@ fn a_holder_keeps_a_folder_it_cannot_read_and_a_fresh_device_recovers_it() {
 
     // A fresh device pairs with the holder and recovers the folder with the
     // recovery code, byte for byte.
-    let key = a
-        .run(&["folder", "key", "docs"])
-        .ok()
-        .stdout
-        .trim()
-        .to_owned();
+    let key = key_of(&a, "docs");
     let _ac = Agent::start(&c);
     pair(&h, &c, &[], &[]);
     let into = c.path("restored");
@@ -145,12 +149,7 @@ fn a_holder_keeps_a_folder_it_cannot_read_and_a_fresh_device_recovers_it() {
 
     // A key for another folder opens nothing on the holder.
     a.add_folder("other");
-    let wrong = a
-        .run(&["folder", "key", "other"])
-        .ok()
-        .stdout
-        .trim()
-        .to_owned();
+    let wrong = key_of(&a, "other");
     let into2 = c.path("wrong");
     let run = recover(&c, &h, &wrong, &into2);
     assert_ne!(run.code, 0, "{run}");
@@ -190,12 +189,7 @@ fn altered_truncated_or_swapped_bytes_on_the_holder_are_refused_naming_it() {
     let (_aa, _ah) = (Agent::start(&a), Agent::start(&h));
     pair(&a, &h, &["--folder", "docs", "--encrypted"], &[]);
     wait_until("the holder has the folder", || held(&a, &h));
-    let key = a
-        .run(&["folder", "key", "docs"])
-        .ok()
-        .stdout
-        .trim()
-        .to_owned();
+    let key = key_of(&a, "docs");
     let _ac = Agent::start(&c);
     pair(&h, &c, &[], &[]);
 
@@ -293,14 +287,7 @@ fn trusted_devices_share_the_key_and_a_paired_device_accepts_to_hold_the_folder(
     );
     // Both trusted devices seal the folder alike: either one's recovery code
     // opens what a holder keeps.
-    let key_of = |n: &Node| {
-        n.run(&["folder", "key", "docs"])
-            .ok()
-            .stdout
-            .trim()
-            .to_owned()
-    };
-    assert_eq!(key_of(&a), key_of(&b));
+    assert_eq!(key_of(&a, "docs"), key_of(&b, "docs"));
 
     // A device paired without a folder is asked to hold it, and accepts.
     pair(&a, &h, &[], &[]);
@@ -338,7 +325,7 @@ fn trusted_devices_share_the_key_and_a_paired_device_accepts_to_hold_the_folder(
     let c = lab.node("c");
     let _ac = Agent::start(&c);
     pair(&h, &c, &[], &[]);
-    let key = key_of(&b);
+    let key = key_of(&b, "docs");
     let now = c.path("now");
     recover(&c, &h, &key, &now).ok();
     assert_eq!(

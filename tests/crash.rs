@@ -54,7 +54,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent::{Agent, Lab, Node, Rng, env_number, pair, pseudo_random, tree, two};
+use agent::{Agent, Lab, Node, Rng, env_number, pair, pseudo_random, spawn_daemon, tree, two};
 use serde_json::Value;
 
 /// Upper bound for the waits on whole syncs and scans of this file's large
@@ -479,38 +479,6 @@ fn many_kills_during_a_large_sync() {
 // ---------------------------------------------------------------------------
 // Scenario 2: kills during a first scan.
 
-/// Starts `node`'s agent as [`Agent::start`] does (same arguments, stderr
-/// appended to the node's log), but returns at once: the kill can then land
-/// before the control socket answers, while the first scan runs.
-fn spawn_agent(node: &Node) -> Child {
-    use std::io::Write;
-    let mut log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&node.log)
-        .expect("open agent log");
-    writeln!(log, "----- starting the agent (to be killed) -----").unwrap();
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .arg("--home")
-        .arg(&node.home)
-        .args([
-            "--log-level",
-            "info",
-            "daemon",
-            "--offline",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env_remove("FERRY_HOME")
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn ferry daemon")
-}
-
 /// Writes `count` small files into the new directory `dir` of `root`.
 fn small_files(rng: &mut Rng, root: &Path, dir: &str, count: usize) {
     let dir = root.join(dir);
@@ -542,7 +510,11 @@ fn kills_during_a_first_scan_leave_a_complete_index() {
 
     let (mut mid_scan, mut batches) = (0, 0);
     for k in 1..=kills {
-        let mut agent = spawn_agent(&a);
+        let mut agent = spawn_daemon(
+            &a,
+            Command::new(env!("CARGO_BIN_EXE_ferry")),
+            "----- starting the agent (to be killed) -----",
+        );
         let delay = rng.millis(20, 400);
         std::thread::sleep(delay);
         agent.kill().unwrap();

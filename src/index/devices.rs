@@ -47,7 +47,8 @@ fn parse_addrs(json: &str) -> Vec<SocketAddr> {
     serde_json::from_str(json).unwrap_or_default()
 }
 
-fn device_id(s: &str) -> Result<DeviceId> {
+/// A device id as stored, or why the stored text is not one.
+pub(super) fn device_id(s: &str) -> Result<DeviceId> {
     s.parse()
         .map_err(|e| IndexError::Corrupt(format!("device id {s:?}: {e}")))
 }

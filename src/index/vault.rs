@@ -4,6 +4,7 @@
 
 use rusqlite::{OptionalExtension, params};
 
+use super::devices::device_id;
 use super::{Index, IndexError, Result, now_secs};
 use crate::device::DeviceId;
 use crate::folder::FolderId;
@@ -74,11 +75,6 @@ fn holder_state(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<HolderS
         history: r.get(first + 1)?,
         revision: r.get::<_, i64>(first + 2)? as u64,
     })
-}
-
-fn device_id(s: &str) -> Result<DeviceId> {
-    s.parse()
-        .map_err(|e| IndexError::Corrupt(format!("device id {s:?}: {e}")))
 }
 
 impl Index {

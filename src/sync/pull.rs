@@ -1,6 +1,6 @@
 //! Deciding what to pull (version vectors), and putting remote versions in
 //! place: chunks copied from local files where possible and fetched from peers
-//! otherwise, assembled in a temp file under the folder's marker, fsynced,
+//! otherwise, assembled in a temp file beside its target, fsynced,
 //! verified against the whole-file hash, and renamed into place, with the
 //! version it replaces kept in the history (its row reserved and committed
 //! before anything moves) and the index updated in the transaction that
@@ -34,10 +34,11 @@ use crate::version_vector::{Relation, VersionVector};
 const MAX_LISTED: usize = 500;
 
 /// How a pull pass ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Outcome {
     /// Everything needed is in place (or nothing can be done until peers
     /// announce more).
+    #[default]
     Done,
     /// A local file changed under the pull: scan first, then decide again.
     Rescan,
@@ -99,6 +100,13 @@ impl PullError {
             PullError::LocalChanged => Outcome::Rescan,
             _ => Outcome::Retry,
         }
+    }
+
+    /// Whether the pull's temp file stays for a resume. Not when the pull
+    /// was refused (a local file changed or appeared in its way, an unsafe
+    /// path): the next pass decides afresh.
+    fn keeps_temp(&self) -> bool {
+        !matches!(self, PullError::LocalChanged | PullError::Unsafe(_))
     }
 }
 
@@ -351,42 +359,30 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
             h,
             needed(&actions, "send-only folder: remote changes are not applied"),
         );
-        sweep_temps(h, &HashSet::new());
+        sweep_temps(h, &HashSet::new(), HashSet::new());
         return Ok(Outcome::Done);
     }
     if actions.is_empty() {
         set_need(h, clashes);
-        sweep_temps(h, &HashSet::new());
+        sweep_temps(h, &HashSet::new(), HashSet::new());
         return Ok(Outcome::Done);
     }
     h.set_state(FolderActivity::Syncing);
     set_need(h, needed(&actions, "pending"));
 
-    let mut outcome = Outcome::Done;
-    let mut failed: Vec<NeedItem> = Vec::new();
-    let mut changed = false;
-    let mut rescan = false;
+    let mut tally = Tally::default();
     let files = Arc::new(Semaphore::new(engine.sync.parallel_files));
     let small = Arc::new(Semaphore::new(engine.sync.parallel_files * 8));
     let requests = Arc::new(Semaphore::new(engine.sync.requests_in_flight));
     let mut stage_no = 0;
     let commits = Committer::start(engine.index.clone(), row);
     let mut set = tokio::task::JoinSet::new();
-    // The temp files of pulls that failed this pass, kept for a resume.
-    let mut keep: HashSet<PathBuf> = HashSet::new();
     for action in actions {
         let s = stage(&action).0;
         if s != stage_no {
             // Finish one stage before the next (parents before children).
             while let Some(r) = set.join_next().await {
-                collect(
-                    r,
-                    &mut outcome,
-                    &mut failed,
-                    &mut changed,
-                    &mut rescan,
-                    &mut keep,
-                );
+                tally.add(r);
             }
             stage_no = s;
         }
@@ -417,16 +413,17 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         });
     }
     while let Some(r) = set.join_next().await {
-        collect(
-            r,
-            &mut outcome,
-            &mut failed,
-            &mut changed,
-            &mut rescan,
-            &mut keep,
-        );
+        tally.add(r);
     }
-    sweep_temps(h, &keep);
+    let Tally {
+        mut outcome,
+        mut failed,
+        changed,
+        rescan,
+        keep,
+        discard,
+    } = tally;
+    sweep_temps(h, &keep, discard);
     if changed {
         engine.local_changed();
     }
@@ -452,9 +449,10 @@ type Applied = (RelPath, u64, Result<bool, PullError>, Option<PathBuf>);
 /// on (those stay for a resume): a version given up, replaced or deleted
 /// meanwhile leaves none behind. Runs with the folder's disk lock held, so
 /// no pull is writing one.
-fn sweep_temps(h: &FolderHandle, keep: &HashSet<PathBuf>) {
+fn sweep_temps(h: &FolderHandle, keep: &HashSet<PathBuf>, discard: HashSet<PathBuf>) {
     let mut left = h.leftover_temps.lock().expect("temps lock");
     left.extend(keep.iter().cloned());
+    left.extend(discard);
     left.retain(|t| {
         if keep.contains(t) {
             return true;
@@ -468,40 +466,59 @@ fn sweep_temps(h: &FolderHandle, keep: &HashSet<PathBuf>) {
     });
 }
 
-fn collect(
-    r: Result<Applied, tokio::task::JoinError>,
-    outcome: &mut Outcome,
-    failed: &mut Vec<NeedItem>,
-    changed: &mut bool,
-    rescan: &mut bool,
-    keep: &mut HashSet<PathBuf>,
-) {
-    let (path, size, r, tmp) = match r {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::error!("a pull task failed: {e}");
-            *outcome = Outcome::Retry;
-            return;
-        }
-    };
-    match r {
-        Ok(made_copy) => {
-            *changed = true;
-            *rescan |= made_copy;
-        }
-        Err(e) => {
-            tracing::debug!(%path, "not pulled: {e}");
-            keep.extend(tmp);
-            match e.outcome() {
-                Outcome::Rescan => *outcome = Outcome::Rescan,
-                Outcome::Retry if *outcome == Outcome::Done => *outcome = Outcome::Retry,
-                _ => {}
+/// What a pull pass has come to so far.
+#[derive(Default)]
+struct Tally {
+    /// What the folder task does next.
+    outcome: Outcome,
+    /// The items not pulled, with why.
+    failed: Vec<NeedItem>,
+    /// Something was put in place.
+    changed: bool,
+    /// A conflict copy was made: the scanner should record it.
+    rescan: bool,
+    /// Temp files of pulls that failed, kept for a resume.
+    keep: HashSet<PathBuf>,
+    /// Temp files of pulls that were refused, to remove.
+    discard: HashSet<PathBuf>,
+}
+
+impl Tally {
+    /// Takes in one applied action.
+    fn add(&mut self, r: Result<Applied, tokio::task::JoinError>) {
+        let (path, size, r, tmp) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!("a pull task failed: {e}");
+                self.outcome = Outcome::Retry;
+                return;
             }
-            failed.push(NeedItem {
-                path: path.to_string(),
-                size,
-                reason: e.to_string(),
-            });
+        };
+        match r {
+            Ok(made_copy) => {
+                self.changed = true;
+                self.rescan |= made_copy;
+            }
+            Err(e) => {
+                tracing::debug!(%path, "not pulled: {e}");
+                if e.keeps_temp() {
+                    self.keep.extend(tmp);
+                } else {
+                    self.discard.extend(tmp);
+                }
+                match e.outcome() {
+                    Outcome::Rescan => self.outcome = Outcome::Rescan,
+                    Outcome::Retry if self.outcome == Outcome::Done => {
+                        self.outcome = Outcome::Retry
+                    }
+                    _ => {}
+                }
+                self.failed.push(NeedItem {
+                    path: path.to_string(),
+                    size,
+                    reason: e.to_string(),
+                });
+            }
         }
     }
 }
@@ -663,8 +680,7 @@ async fn take(
     });
     let local_kind = live_local.as_ref().map(|l| l.record.kind);
     let reserve = superseded.map(|s| (path.clone(), s));
-    let assembled = staged.clone();
-    let placed = commits
+    commits
         .commit(reserve, move |i, reserved, dirs| {
             let pulled = Pulled {
                 remote: &remote2,
@@ -700,16 +716,7 @@ async fn take(
                 PullError::Fetch(NOT_EMPTY.into())
             }
             other => PullError::Index(other),
-        });
-    if placed.is_err()
-        && let Some(tmp) = assembled
-    {
-        // Not put in place (the local file changed, or appeared, meanwhile):
-        // the next pass decides afresh, so the finished temp file must not
-        // linger in the folder.
-        let _ = fs::remove_file(tmp);
-    }
-    placed?;
+        })?;
     if let Some((copy, device)) = conflict {
         let path = remote.path.clone();
         let lv = local.map(|l| l.record.version).unwrap_or_default();

@@ -142,6 +142,36 @@ fn wait_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// Spawns `cmd` (the ferry binary, or a wrapper that execs it) as `node`'s
+/// agent on loopback, offline, its stderr appended to the node's log after
+/// `banner`; returns at once, without waiting for it to answer.
+pub fn spawn_daemon(node: &Node, mut cmd: Command, banner: &str) -> Child {
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&node.log)
+        .expect("open agent log");
+    writeln!(log, "{banner}").expect("write agent log");
+    cmd.arg("--home")
+        .arg(&node.home)
+        .args([
+            "--log-level",
+            "info",
+            "daemon",
+            "--offline",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("FERRY_HOME")
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn ferry daemon")
+}
+
 /// Polls `f` until it returns `Some`, failing the test after [`PATIENCE`].
 #[track_caller]
 pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -382,32 +412,8 @@ impl Agent {
         Some(Self::start_in(node, cmd))
     }
 
-    fn start_in(node: &Node, mut cmd: Command) -> Self {
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .expect("open agent log");
-        writeln!(log, "----- starting the agent -----").expect("write agent log");
-        let child = cmd
-            .arg("--home")
-            .arg(&node.home)
-            .args([
-                "--log-level",
-                "info",
-                "daemon",
-                "--offline",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .env_remove("FERRY_HOME")
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ferry daemon");
+    fn start_in(node: &Node, cmd: Command) -> Self {
+        let child = spawn_daemon(node, cmd, "----- starting the agent -----");
         let mut agent = Self {
             child: Some(child),
             node: node.clone(),
