@@ -40,6 +40,18 @@ fn chunk_bytes_in(node: &Node, from: &Node) -> u64 {
     peer_info(node, from)["chunk_bytes_in"].as_u64().unwrap()
 }
 
+/// Writes `content` to `path` with mtime `secs` (Unix seconds).
+fn write_at(path: &Path, content: &[u8], secs: u64) {
+    fs::write(path, content).unwrap();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
 /// Waits until both trees are the same, naming the entries that still differ
 /// if they never are.
 #[track_caller]
@@ -508,22 +520,11 @@ fn the_same_file_made_on_two_devices_apart_merges_with_the_newer_mtime() {
     // While they are apart, both make the same file with different mtimes
     // and index it: concurrent versions of the same content.
     ab.stop();
-    let set_mtime = |p: &Path, secs: u64| {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-        fs::File::options()
-            .write(true)
-            .open(p)
-            .unwrap()
-            .set_modified(t)
-            .unwrap();
-    };
-    fs::write(a_docs.join("same.txt"), b"identical").unwrap();
-    set_mtime(&a_docs.join("same.txt"), 1_600_000_000);
+    write_at(&a_docs.join("same.txt"), b"identical", 1_600_000_000);
     let files = |n: &Node| n.run(&["status", "--json"]).ok().json()["folders"][0]["files"].clone();
     wait_until("A indexed its file", || files(&a) == 2);
     aa.stop();
-    fs::write(b_docs.join("same.txt"), b"identical").unwrap();
-    set_mtime(&b_docs.join("same.txt"), 1_700_000_000);
+    write_at(&b_docs.join("same.txt"), b"identical", 1_700_000_000);
     let _ab = Agent::start(&b);
     wait_until("B indexed its file", || files(&b) == 2);
     let _aa = Agent::start(&a);
@@ -564,18 +565,8 @@ fn a_pull_that_finds_an_unscanned_file_in_its_way_leaves_no_temp_behind() {
     fs::write(a_docs.join("ready.txt"), b"ready").unwrap();
     wait_until("B has ready.txt", || b_docs.join("ready.txt").exists());
 
-    let write = |p: &Path, secs: u64| {
-        fs::write(p, b"made on both").unwrap();
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-        fs::File::options()
-            .write(true)
-            .open(p)
-            .unwrap()
-            .set_modified(t)
-            .unwrap();
-    };
-    write(&a_docs.join("new.txt"), 1_600_000_000);
-    write(&b_docs.join("new.txt"), 1_700_000_000);
+    write_at(&a_docs.join("new.txt"), b"made on both", 1_600_000_000);
+    write_at(&b_docs.join("new.txt"), b"made on both", 1_700_000_000);
     // The pull is refused (a local file in the way), A scans, and the two
     // versions, alike, merge: nothing else is pulled, so the temp file the
     // refused pull had filled must not stay behind.
