@@ -316,12 +316,14 @@ pub async fn list(conn: &Connection) -> Result<Vec<(String, String)>, FetchError
     }
 }
 
-/// Every sealed record of a vault: (id, bytes).
+/// Every sealed record of a vault: (id, bytes); `None`, after one page, if
+/// `wanted` turns down its first record (a vault another key sealed).
 pub async fn records(
     conn: &Connection,
     folder: &str,
-) -> Result<Vec<([u8; 32], Vec<u8>)>, FetchError> {
-    let mut out = Vec::new();
+    wanted: impl Fn(&[u8; 32], &[u8]) -> bool,
+) -> Result<Option<Vec<([u8; 32], Vec<u8>)>>, FetchError> {
+    let mut out: Vec<([u8; 32], Vec<u8>)> = Vec::new();
     let mut after = None;
     loop {
         let req = Request::VaultRecords {
@@ -346,13 +348,17 @@ pub async fn records(
                 "a page of records that does not move forward".into(),
             )));
         }
+        let first_page = out.is_empty();
         out.extend(records);
         for id in large {
             let bytes = get(conn, folder, id, true).await?;
             out.push((id, bytes));
         }
+        if first_page && out.first().is_some_and(|(id, b)| !wanted(id, b)) {
+            return Ok(None);
+        }
         if !more {
-            return Ok(out);
+            return Ok(Some(out));
         }
         match last {
             Some(l) => after = Some(l),

@@ -96,20 +96,23 @@ pub async fn recover(
         let Ok(folder) = FolderId::new(&id) else {
             continue;
         };
-        let sealed = holder::records(conn, &id).await.map_err(link)?;
+        // A vault sealed with another key is left after its first record.
+        let ours = |rid: &[u8; 32], bytes: &[u8]| {
+            !matches!(
+                open_record(&keys, &folder, &RecordId(*rid), 0, bytes),
+                Err(VaultError::WrongKey { .. })
+            )
+        };
+        let Some(sealed) = holder::records(conn, &id, ours).await.map_err(link)? else {
+            continue;
+        };
         let mut opened = Vec::with_capacity(sealed.len());
-        let mut wrong_key = false;
         for (rid, bytes) in &sealed {
-            match open_record(&keys, &folder, &RecordId(*rid), 0, bytes) {
-                Ok(r) => opened.push(r),
-                Err(VaultError::WrongKey { .. }) if opened.is_empty() => {
-                    wrong_key = true;
-                    break;
-                }
-                Err(e) => return Err(e.from_holder(holder).into()),
-            }
+            let r = open_record(&keys, &folder, &RecordId(*rid), 0, bytes)
+                .map_err(|e| e.from_holder(holder))?;
+            opened.push(r);
         }
-        if !wrong_key && !opened.is_empty() {
+        if !opened.is_empty() {
             found = Some((folder, label, opened));
             break;
         }
