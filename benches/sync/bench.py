@@ -401,7 +401,12 @@ class Ferry:
             with open(cfg) as f:
                 text = f.read()
             with open(cfg, "w") as f:
-                f.write(text.replace("local_discovery = true", "local_discovery = false"))
+                text = text.replace("local_discovery = true", "local_discovery = false")
+                # FERRY_BENCH_CONFIG="key = value;key2 = value2": settings to try (tuning).
+                for setting in filter(None, os.environ.get("FERRY_BENCH_CONFIG", "").split(";")):
+                    key = setting.split("=")[0].strip()
+                    text = re.sub(rf"(?m)^#?\s*{re.escape(key)}\s*=.*$", setting.strip(), text, count=1)
+                f.write(text)
         self.cli(self.a_home, "folder", "add", self.a_dir, "--id", "docs")
         t = time.time()
         self.start_agent("A", self.a_home)

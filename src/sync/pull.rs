@@ -373,9 +373,12 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
     let mut tally = Tally::default();
     let files = Arc::new(Semaphore::new(engine.sync.parallel_files));
     let small = Arc::new(Semaphore::new(engine.sync.parallel_files * 8));
-    let requests = Arc::new(Semaphore::new(engine.sync.requests_in_flight));
+    let pass = Arc::new(Pass {
+        requests: Arc::new(Semaphore::new(engine.sync.requests_in_flight)),
+        commits: Committer::start(engine.index.clone(), row),
+        reads: Reads::start(engine.index.clone()),
+    });
     let mut stage_no = 0;
-    let commits = Committer::start(engine.index.clone(), row);
     let mut set = tokio::task::JoinSet::new();
     for action in actions {
         let s = stage(&action).0;
@@ -395,8 +398,7 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         let permit = pool.clone().acquire_owned().await.expect("semaphore open");
         let engine = engine.clone();
         let folder = folder.clone();
-        let requests = requests.clone();
-        let commits = commits.clone();
+        let pass = pass.clone();
         set.spawn(async move {
             let _permit = permit;
             let (path, size, tmp) = match &action {
@@ -408,7 +410,7 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
                 ),
                 Action::Merge { path, .. } | Action::Won { path, .. } => (path.clone(), 0, None),
             };
-            let r = apply(&engine, &folder, action, &requests, &commits).await;
+            let r = apply(&engine, &folder, action, &pass).await;
             (path, size, r, tmp)
         });
     }
@@ -550,8 +552,7 @@ async fn apply(
     engine: &Arc<Engine>,
     folder: &Folder,
     action: Action,
-    requests: &Arc<Semaphore>,
-    commits: &Committer,
+    pass: &Pass,
 ) -> Result<bool, PullError> {
     let row = folder.row;
     match action {
@@ -596,8 +597,7 @@ async fn apply(
                 local.map(|l| *l),
                 version,
                 conflict,
-                requests,
-                commits,
+                pass,
             )
             .await?;
             Ok(made_copy)
@@ -614,8 +614,7 @@ async fn take(
     local: Option<LocalFile>,
     version: VersionVector,
     conflict: Option<(RelPath, DeviceId)>,
-    requests: &Arc<Semaphore>,
-    commits: &Committer,
+    pass: &Pass,
 ) -> Result<(), PullError> {
     let root = folder.path.clone();
     let live_local = local.as_ref().filter(|l| !l.record.deleted).cloned();
@@ -634,15 +633,13 @@ async fn take(
             .as_ref()
             .is_some_and(|l| l.record.kind == FileKind::File && l.record.hash == remote.hash);
         let prefetched;
-        (chunks, prefetched) = chunk_list(engine, folder, &remote, &sources).await?;
+        (chunks, prefetched) = chunk_list(engine, folder, &remote, &sources, &pass.reads).await?;
         if same_content {
             // Only the version or metadata differ: no need to copy the file.
             None
         } else {
             Some(
-                assemble(
-                    engine, folder, &remote, &sources, &chunks, prefetched, requests,
-                )
+                assemble(engine, folder, &remote, &sources, &chunks, prefetched, pass)
                 .await?,
             )
         }
@@ -680,7 +677,7 @@ async fn take(
     });
     let local_kind = live_local.as_ref().map(|l| l.record.kind);
     let reserve = superseded.map(|s| (path.clone(), s));
-    commits
+    pass.commits
         .commit(reserve, move |i, reserved, dirs| {
             let pulled = Pulled {
                 remote: &remote2,
@@ -728,6 +725,63 @@ async fn take(
         tracing::info!(folder = %folder.id, path = %remote.path, "conflict: kept the local version as a conflict copy");
     }
     Ok(())
+}
+
+/// What the pulls of one pass share: the bound on chunk requests in flight,
+/// and the batchers of their index writes and reads.
+struct Pass {
+    requests: Arc<Semaphore>,
+    commits: Committer,
+    reads: Reads,
+}
+
+/// A read of the index on behalf of one pull.
+type ReadJob = Box<dyn FnOnce(&mut Index) + Send>;
+
+/// Runs the pulls' index reads (where a file's chunks are found here) in
+/// groups: whatever queued while the last group ran goes into the next, under
+/// one lock and one blocking task, instead of one each per file.
+#[derive(Clone)]
+struct Reads {
+    jobs: mpsc::Sender<ReadJob>,
+}
+
+impl Reads {
+    fn start(index: SharedIndex) -> Self {
+        let (jobs, mut rx) = mpsc::channel::<ReadJob>(MAX_BATCH);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                index
+                    .run(move |i| {
+                        for job in batch {
+                            job(i);
+                        }
+                    })
+                    .await;
+            }
+        });
+        Self { jobs }
+    }
+
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Index) -> crate::index::Result<R> + Send + 'static,
+    ) -> crate::index::Result<R> {
+        let (done, result) = oneshot::channel();
+        let gone = || crate::index::IndexError::Io(io::Error::other("the pull was stopped"));
+        let job: ReadJob = Box::new(move |i| {
+            let _ = done.send(f(i));
+        });
+        self.jobs.send(job).await.map_err(|_| gone())?;
+        result.await.unwrap_or_else(|_| Err(gone()))
+    }
 }
 
 /// Files up to this size are pulled more at a time than larger ones.
@@ -1208,6 +1262,7 @@ async fn chunk_list(
     folder: &Folder,
     remote: &RemoteFile,
     sources: &[DeviceId],
+    reads: &Reads,
 ) -> Result<(Vec<ChunkInfo>, LocalSources), PullError> {
     let row = folder.row;
     let path = remote.path.clone();
@@ -1215,9 +1270,8 @@ async fn chunk_list(
     // A file of one chunk (most small files): that chunk's hash is the file's,
     // so where it is found locally can be asked in the same index call.
     let single = matches!(remote.groups[..], [g] if g.chunks == 1);
-    let (known_lists, single_sources, old) = engine
-        .index
-        .run(move |i| -> Result<_, crate::index::IndexError> {
+    let (known_lists, single_sources, old) = reads
+        .run(move |i| {
             let mut lists = Vec::new();
             if let Some(same) = i.chunks_of_content(&hash)? {
                 lists.push(same);
@@ -1316,9 +1370,9 @@ async fn chunk_list(
             });
         }
     }
+    // Found or not, the one chunk has been looked up (an empty list: fetch it).
     if let ([only], Some(sources)) = (&out[..], single_sources)
         && only.hash.0 == hash.0
-        && !sources.is_empty()
     {
         prefetched.insert(only.hash, sources);
     }
@@ -1338,21 +1392,30 @@ async fn assemble(
     sources: &[DeviceId],
     chunks: &[ChunkInfo],
     prefetched: LocalSources,
-    requests: &Arc<Semaphore>,
+    pass: &Pass,
 ) -> Result<PathBuf, PullError> {
     let root = folder.path.clone();
-    parents(&root, &remote.path)?;
     let tmp = temp_path(&root, remote, "part");
-    let file = Arc::new(
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&tmp)?,
-    );
-    let resumed = file.metadata()?.len() == remote.size;
-    file.set_len(remote.size)?;
+    // Making the parents and the file waits on the filesystem (inode
+    // allocation, directory locks): not on an async worker.
+    let (file, resumed) = {
+        let (rel, tmp, size) = (remote.path.clone(), tmp.clone(), remote.size);
+        tokio::task::spawn_blocking(move || -> Result<(File, bool), PullError> {
+            parents(&root, &rel)?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&tmp)?;
+            let resumed = file.metadata()?.len() == size;
+            file.set_len(size)?;
+            Ok((file, resumed))
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))??
+    };
+    let file = Arc::new(file);
 
     // Which chunks still need bytes, grouped by hash (a chunk may repeat).
     let mut todo: HashMap<ChunkHash, Vec<&ChunkInfo>> = HashMap::new();
@@ -1391,8 +1454,8 @@ async fn assemble(
         .collect();
     let mut local = prefetched;
     if !hashes.is_empty() {
-        let found = engine
-            .index
+        let found = pass
+            .reads
             .run(move |i| i.chunk_sources_of(&hashes, 4))
             .await?;
         local.extend(found);
@@ -1402,8 +1465,8 @@ async fn assemble(
     for (h, places) in todo {
         let places: Vec<ChunkInfo> = places.into_iter().copied().collect();
         match local.remove(&h) {
-            Some(sources) => local_jobs.push((h, places, sources)),
-            None => remote_todo.push((h, places)),
+            Some(sources) if !sources.is_empty() => local_jobs.push((h, places, sources)),
+            _ => remote_todo.push((h, places)),
         }
     }
     let looked_up = started.elapsed();
@@ -1441,7 +1504,8 @@ async fn assemble(
         let unflushed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut set = tokio::task::JoinSet::new();
         for (n, (h, places)) in remote_todo.into_iter().enumerate() {
-            let permit = requests
+            let permit = pass
+                .requests
                 .clone()
                 .acquire_owned()
                 .await
@@ -1516,6 +1580,12 @@ async fn assemble(
         if one_chunk {
             file.sync_all()?;
             return Ok(true);
+        }
+        if size <= SMALL_FILE {
+            // Too little to gain from a thread of its own.
+            let hashed = hash_file(&tmp2, size)?;
+            file.sync_all()?;
+            return Ok(hashed.as_bytes() == &expect.0);
         }
         // The fsync waits on the disk while the hash keeps the cores busy:
         // run them side by side.
