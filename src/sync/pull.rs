@@ -638,10 +638,7 @@ async fn take(
             // Only the version or metadata differ: no need to copy the file.
             None
         } else {
-            Some(
-                assemble(engine, folder, &remote, &sources, &chunks, prefetched, pass)
-                .await?,
-            )
+            Some(assemble(engine, folder, &remote, &sources, &chunks, prefetched, pass).await?)
         }
     };
 
