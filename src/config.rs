@@ -1,5 +1,7 @@
 //! The device's TOML configuration: its typed form, defaults, and the commented
-//! file `ferry init` writes.
+//! file `ferry init` writes; [`edit`] reads and changes single settings.
+
+pub mod edit;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

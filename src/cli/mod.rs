@@ -2,6 +2,7 @@
 //! file per user action; each prints human output or, with `--json`, JSON.
 
 mod agent;
+mod config;
 mod conflicts;
 mod folder;
 mod folder_key;
@@ -59,6 +60,9 @@ pub enum Command {
     /// Add, list or remove synced folders.
     #[command(subcommand)]
     Folder(folder::FolderCommand),
+    /// Read or change settings (config.toml) by dotted key.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Run the background agent in the foreground (until SIGINT/SIGTERM).
     Daemon {
         /// Turn off relays, internet discovery and port mapping (LANs, tests).
@@ -277,6 +281,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(EXIT_OK)
         }
         Command::Folder(cmd) => folder::run(&Home::open(&root)?, cmd),
+        Command::Config(cmd) => config::run(&root, cmd),
         Command::Daemon { offline, listen } => agent::daemon(&Home::open(&root)?, offline, listen),
         Command::Invite {
             folder,
