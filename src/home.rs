@@ -18,7 +18,8 @@ use crate::index::{Index, IndexError};
 pub const KEY_FILE: &str = "device.key";
 /// The config file's name in the home.
 pub const CONFIG_FILE: &str = "config.toml";
-const DB_FILE: &str = "index.db";
+/// The index database's file name in the home.
+pub const DB_FILE: &str = "index.db";
 
 /// Why a home could not be created or opened.
 #[derive(Debug, thiserror::Error)]
