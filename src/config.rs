@@ -1,5 +1,7 @@
 //! The device's TOML configuration: its typed form, defaults, and the commented
-//! file `ferry init` writes.
+//! file `ferry init` writes; [`edit`] reads and changes single settings.
+
+pub mod edit;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -411,8 +413,11 @@ impl Config {
     pub fn to_commented_toml(&self) -> String {
         let name = toml::Value::String(self.device.name.clone());
         format!(
-            r#"# ferry configuration. Every setting is written out with its default;
-# edit a value and restart the agent for it to take effect.
+            r#"# ferry configuration. Every setting is written out with its default.
+# Change one with `ferry config set KEY VALUE` (it checks the value and the
+# running agent applies [scan], [sync] and [history] at once; [device],
+# [database] and [network] wait for a restart of the agent), or edit this file
+# and restart the agent.
 
 [device]
 # The name other devices see for this one.

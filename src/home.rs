@@ -5,6 +5,7 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use iroh_base::SecretKey;
@@ -13,9 +14,12 @@ use crate::config::{Config, ConfigError};
 use crate::device::DeviceId;
 use crate::index::{Index, IndexError};
 
-const KEY_FILE: &str = "device.key";
-const CONFIG_FILE: &str = "config.toml";
-const DB_FILE: &str = "index.db";
+/// The device key's file name in the home.
+pub const KEY_FILE: &str = "device.key";
+/// The config file's name in the home.
+pub const CONFIG_FILE: &str = "config.toml";
+/// The index database's file name in the home.
+pub const DB_FILE: &str = "index.db";
 
 /// Why a home could not be created or opened.
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +94,13 @@ pub enum InitOutcome {
     AlreadyInitialised(Home),
 }
 
-/// An opened device home.
+/// An opened device home. Clones share the config, so the running agent's
+/// parts all see a reloaded config ([`Home::set_config`]).
 #[derive(Debug, Clone)]
 pub struct Home {
     root: PathBuf,
     secret: SecretKey,
-    config: Config,
+    config: Arc<RwLock<Arc<Config>>>,
 }
 
 impl Home {
@@ -155,19 +160,11 @@ impl Home {
             blake3::Hash::from_hex(text.trim()).map_err(|_| HomeError::BadKey(key_path.clone()))?;
         let secret = SecretKey::from_bytes(bytes.as_bytes());
 
-        let config_path = root.join(CONFIG_FILE);
-        let config = match fs::read_to_string(&config_path) {
-            Ok(t) => Config::from_toml_str(&t).map_err(|source| HomeError::Config {
-                path: config_path.clone(),
-                source,
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
-            Err(e) => return Err(io_err(&config_path)(e)),
-        };
+        let config = read_config(&root.join(CONFIG_FILE))?;
         let home = Home {
             root: root.to_owned(),
             secret,
-            config,
+            config: Arc::new(RwLock::new(Arc::new(config))),
         };
         // Keep the index's record of this device in step with the key and config;
         // read first so that read-only commands do not need the write lock.
@@ -181,9 +178,10 @@ impl Home {
             .map_err(index_err)?
             .into_iter()
             .find(|d| d.is_local);
-        if local.is_none_or(|d| d.id != home.device_id() || d.name != home.config.device.name) {
+        let name = home.config().device.name.clone();
+        if local.is_none_or(|d| d.id != home.device_id() || d.name != name) {
             index
-                .set_local_device(home.device_id(), &home.config.device.name)
+                .set_local_device(home.device_id(), &name)
                 .map_err(index_err)?;
         }
         Ok(home)
@@ -204,9 +202,23 @@ impl Home {
         DeviceId::new(self.secret.public())
     }
 
-    /// The parsed config.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The config in use: as read when the home was opened, or as last set
+    /// with [`Home::set_config`].
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the config in use, for this handle and all its clones.
+    pub fn set_config(&self, config: Config) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+    }
+
+    /// Reads and validates the config file as it is now on disk.
+    pub fn read_config(&self) -> Result<Config, HomeError> {
+        read_config(&self.config_path())
     }
 
     /// The config file's path.
@@ -217,14 +229,27 @@ impl Home {
     /// Opens the index database, told which folders keep local versions.
     pub fn index(&self) -> Result<Index, HomeError> {
         let path = self.root.join(DB_FILE);
+        let config = self.config();
         let mut index = Index::open(
             &path,
-            Duration::from_millis(self.config.database.busy_timeout_ms),
+            Duration::from_millis(config.database.busy_timeout_ms),
         )
         .map_err(|source| HomeError::Index { path, source })?;
         keep_index_private(&self.root);
-        index.set_local_history(self.config.local_history());
+        index.set_local_history(config.local_history());
         Ok(index)
+    }
+}
+
+/// Reads a config file; a missing file is the default config.
+fn read_config(path: &Path) -> Result<Config, HomeError> {
+    match fs::read_to_string(path) {
+        Ok(t) => Config::from_toml_str(&t).map_err(|source| HomeError::Config {
+            path: path.to_owned(),
+            source,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+        Err(e) => Err(io_err(path)(e)),
     }
 }
 
@@ -246,8 +271,9 @@ fn keep_index_private(root: &Path) {
 }
 
 /// Writes `bytes` to a temp file beside `path` with `mode`, fsyncs it, and
-/// renames it into place, so `path` is either absent or complete.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HomeError> {
+/// renames it into place (then fsyncs the directory), so `path` is either
+/// its old or its new content, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HomeError> {
     let tmp = path.with_extension("tmp");
     let mut f = OpenOptions::new()
         .write(true)

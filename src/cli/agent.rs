@@ -346,6 +346,10 @@ pub(super) fn recover(
     } else {
         from.to_owned()
     };
+    let spinner = output::waiting(
+        format!("recovering from {holder}: fetching and checking every record and chunk"),
+        false,
+    );
     let v = call(
         home.root(),
         &Request::Recover {
@@ -355,7 +359,11 @@ pub(super) fn recover(
             at,
         },
         RECOVER,
-    )?;
+    );
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let v = v?;
     println!(
         "Recovered folder {} ({}) into {}: {} files, {} bytes, from holder {}.",
         v["folder"].as_str().unwrap_or_default(),

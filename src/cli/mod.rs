@@ -2,7 +2,9 @@
 //! file per user action; each prints human output or, with `--json`, JSON.
 
 mod agent;
+mod config;
 mod conflicts;
+mod doctor;
 mod folder;
 mod folder_key;
 mod history;
@@ -59,6 +61,9 @@ pub enum Command {
     /// Add, list or remove synced folders.
     #[command(subcommand)]
     Folder(folder::FolderCommand),
+    /// Read or change settings (config.toml) by dotted key.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Run the background agent in the foreground (until SIGINT/SIGTERM).
     Daemon {
         /// Turn off relays, internet discovery and port mapping (LANs, tests).
@@ -151,6 +156,14 @@ pub enum Command {
         /// Print as JSON.
         #[arg(long)]
         json: bool,
+        /// Keep showing it, refreshed every --interval seconds (redrawn on a
+        /// terminal, a new block each time otherwise) until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, value_name = "SECS", default_value_t = 2, requires = "watch",
+              value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        interval: u64,
     },
     /// Undo local changes in a receive-only folder: put back the synced state
     /// (the local versions go to the history).
@@ -213,6 +226,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the home, the index, every folder, the agent and the links to
+    /// paired devices; say what to do about each problem (exit 1 if any).
+    Doctor {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List what the index holds for the files of a folder.
     Ls {
         /// The folder id.
@@ -257,15 +277,28 @@ fn one_line(e: &anyhow::Error) -> String {
     msg
 }
 
+/// Logs go to stderr through tracing, at `RUST_LOG` or else `--log-level`.
+/// On a terminal: coloured, with timestamps. Otherwise (a pipe, a file,
+/// journald): plain lines without escape codes and without timestamps, since
+/// whatever collects them adds its own; `FERRY_LOG_TIMESTAMPS=1` puts them
+/// back.
 fn init_logging(level: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    let terminal = std::io::stderr().is_terminal();
+    let colour = terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let timestamps = terminal || std::env::var("FERRY_LOG_TIMESTAMPS").is_ok_and(|v| v == "1");
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_ansi(colour);
+    let _ = if timestamps {
+        builder.try_init()
+    } else {
+        builder.without_time().try_init()
+    };
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
@@ -277,6 +310,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(EXIT_OK)
         }
         Command::Folder(cmd) => folder::run(&Home::open(&root)?, cmd),
+        Command::Config(cmd) => config::run(&root, cmd),
+        Command::Doctor { json } => doctor::run(&root, json),
         Command::Daemon { offline, listen } => agent::daemon(&Home::open(&root)?, offline, listen),
         Command::Invite {
             folder,
@@ -303,10 +338,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             at,
         } => agent::recover(&Home::open(&root)?, &from, &key, &into, at),
         Command::Scan { folder, json } => scan::run(&Home::open(&root)?, folder.as_deref(), json),
-        Command::Status { need: None, json } => status::run(&Home::open(&root)?, json),
+        Command::Status {
+            need,
+            json,
+            watch: true,
+            interval,
+        } => status::watch(
+            &Home::open(&root)?,
+            need.as_deref(),
+            json,
+            std::time::Duration::from_secs(interval),
+        ),
+        Command::Status {
+            need: None, json, ..
+        } => status::run(&Home::open(&root)?, json),
         Command::Status {
             need: Some(folder),
             json,
+            ..
         } => status::need(&Home::open(&root)?, &folder, json),
         Command::Conflicts { json } => conflicts::run(&Home::open(&root)?, json),
         Command::Revert { folder } => {

@@ -1,5 +1,39 @@
 //! Shared formatting for human output: sizes, times, aligned tables.
 
+/// A bar of `total` bytes on stderr, only when stderr is a terminal and the
+/// output is not JSON (so no bar bytes reach a pipe, a file or a script).
+pub(super) fn byte_bar(total: u64, prefix: &str, json: bool) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_owned());
+    Some(bar)
+}
+
+/// A spinner with the time elapsed, on stderr, while the agent does a long
+/// job it reports only at the end; only on a terminal and without JSON.
+pub(super) fn waiting(message: String, json: bool) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner().with_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .expect("valid template"),
+    );
+    bar.set_message(message);
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    Some(bar)
+}
+
 /// `1.5 MiB`-style sizes.
 pub(super) fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

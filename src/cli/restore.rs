@@ -57,7 +57,14 @@ pub(super) fn run(home: &Home, a: RestoreArgs) -> anyhow::Result<i32> {
         Some(dest) => {
             let store = ChunkStore::open(&crate::history::store_dir(home.root()), &index)?;
             let dest = std::path::absolute(dest)?;
-            restore::restore_to(
+            let total = plan.items.iter().map(|i| i.source.size()).sum();
+            let bar = output::byte_bar(total, "restoring", a.json);
+            let done = |n: u64| {
+                if let Some(b) = &bar {
+                    b.inc(n);
+                }
+            };
+            let outcome = restore::restore_to_with(
                 &index,
                 &store,
                 &t.folder,
@@ -68,7 +75,12 @@ pub(super) fn run(home: &Home, a: RestoreArgs) -> anyhow::Result<i32> {
                     base: t.path.as_ref(),
                     force: a.force,
                 },
-            )?
+                &done,
+            );
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            outcome?
         }
         None if restore::changes_nothing(&index, &t.folder, &plan)? => Outcome {
             unchanged: plan.items.iter().map(|i| i.path.to_string()).collect(),
@@ -83,6 +95,16 @@ pub(super) fn run(home: &Home, a: RestoreArgs) -> anyhow::Result<i32> {
             ..Outcome::default()
         },
         None => {
+            let total: u64 = plan.items.iter().map(|i| i.source.size()).sum();
+            let spinner = output::waiting(
+                format!(
+                    "the agent restores {} path{} ({}) in place",
+                    plan.items.len(),
+                    if plan.items.len() == 1 { "" } else { "s" },
+                    output::bytes(total)
+                ),
+                a.json,
+            );
             let v = control::call(
                 home.root(),
                 &Request::Restore {
@@ -93,8 +115,11 @@ pub(super) fn run(home: &Home, a: RestoreArgs) -> anyhow::Result<i32> {
                     recursive: a.recursive,
                 },
                 RESTORE_LIMIT,
-            )?;
-            serde_json::from_value(v)
+            );
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            serde_json::from_value(v?)
                 .map_err(|e| control::ControlError::BadAnswer(format!("restore result: {e}")))?
         }
     };

@@ -235,6 +235,46 @@ pub(super) fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
     Ok(super::EXIT_OK)
 }
 
+/// `ferry status --watch`: the status (or `--need FOLDER`) again every
+/// `interval`. On a terminal the screen is redrawn; otherwise each refresh is
+/// a new block (a JSON document per refresh with `--json`), headed by a line
+/// with the time unless it is JSON. Runs until interrupted, or until stdout is
+/// closed (the write then raises SIGPIPE, which ends ferry quietly).
+pub(super) fn watch(
+    home: &Home,
+    need_of: Option<&str>,
+    json: bool,
+    interval: Duration,
+) -> anyhow::Result<i32> {
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stdout().is_terminal() && !json;
+    loop {
+        if terminal {
+            // Home the cursor and clear the screen, then draw afresh.
+            print!("\x1b[H\x1b[2J");
+        } else if !json {
+            println!("--- {} UTC ---", output::time(crate::index::now_secs()));
+        }
+        let result = match need_of {
+            Some(folder) => need(home, folder, json),
+            None => run(home, json),
+        };
+        if let Err(e) = result {
+            // The agent may stop or start meanwhile: say so, keep watching.
+            if json {
+                println!("{}", json!({ "error": super::one_line(&e) }));
+            } else {
+                println!("{}", super::one_line(&e));
+            }
+        }
+        if !terminal {
+            println!();
+        }
+        std::io::stdout().flush()?;
+        std::thread::sleep(interval);
+    }
+}
+
 /// What the running agent says of a folder.
 #[derive(Default)]
 struct Live {

@@ -7,7 +7,7 @@
 //!
 //! Requests (`cmd` selects; other fields are its arguments):
 //! - `{"cmd":"status"}` → `{pid, device_id, name, addresses, relay,
-//!   refused_links, folders}` (`refused_links`: sync links refused from unpaired
+//!   refused_links, config_restart_needed, folders}` (`refused_links`: sync links refused from unpaired
 //!   devices; `folders`: per folder id `{state, error, need_items, need_bytes,
 //!   need: [{path, size, reason}]}`)
 //! - `{"cmd":"invite","folder":ID|null,"expires_secs":N}` → `{code, expires_at}`
@@ -23,6 +23,14 @@
 //! - `{"cmd":"revert","folder":ID}` → `{reverting: ID}` (receive-only folders)
 //! - `{"cmd":"reload"}` → `{reloaded: true}` (the CLI sends it after changing
 //!   folders, so the agent picks them up at once instead of within 5 s)
+//! - `{"cmd":"reload-config"}` → `{applied: [KEY], restart_needed: [KEY]}`:
+//!   reads `config.toml` again (refused, changing nothing, if it does not
+//!   validate) and takes on at once the settings it can (`scan.*`, `sync.*`,
+//!   `history.*`: the next scan, pull pass and prune use them, and the folder
+//!   watchers restart with a new debounce); `restart_needed` lists the settings
+//!   that differ from what the agent runs with and take effect only when it
+//!   restarts (`device.*`, `database.*`, `network.*`). `status` repeats the
+//!   latter as `config_restart_needed`.
 //! - `{"cmd":"restore","folder":ID,"path":REL|null,"version":N|null,
 //!   "at":UNIX_SECS|null,"recursive":BOOL}` → `{restored: [{path, version,
 //!   size, kept, written_to}], unchanged: [PATH], left: [{path, reason}]}`:
@@ -100,6 +108,8 @@ pub enum Request {
     Devices,
     /// Folders were added, accepted or removed: pick them up now.
     Reload,
+    /// `config.toml` changed: take on what can change while running.
+    ReloadConfig,
     /// Undo local changes in a receive-only folder.
     Revert {
         /// The folder id.

@@ -123,6 +123,8 @@ fn pass(
         st.index = Some(home.index().map_err(|e| e.to_string())?);
     }
     let index = st.index.as_mut().expect("opened above");
+    // The config may have been reloaded since the last pass.
+    index.set_local_history(home.config().local_history());
     let stopped = || stop.is_cancelled();
     if !st.swept {
         for f in index.folders().map_err(|e| e.to_string())? {

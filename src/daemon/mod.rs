@@ -133,6 +133,8 @@ struct Agent {
     engine: Arc<Engine>,
     invites: Arc<Invites>,
     store: ChunkStore,
+    /// Settings changed in the file that take effect only after a restart.
+    restart_needed: std::sync::Mutex<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +236,7 @@ pub async fn run(home: Home, opts: DaemonOptions) -> Result<(), DaemonError> {
         engine: engine.clone(),
         invites: Arc::new(Invites::default()),
         store: store.clone(),
+        restart_needed: std::sync::Mutex::new(Vec::new()),
     });
     let router = Router::builder(ep.clone())
         .accept(SYNC_ALPN, SyncHandler(peers.clone()))
@@ -393,6 +396,7 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             "addresses": transport::direct_addrs(&agent.ep),
             "relay": transport::relay_url(&agent.ep),
             "refused_links": agent.allow.refused(),
+            "config_restart_needed": *agent.restart_needed.lock().expect("restart lock"),
             "folders": agent.engine.statuses(),
         })),
         Request::Revert { folder } => {
@@ -428,6 +432,7 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             }
             Ok(json!({ "reloaded": true }))
         }
+        Request::ReloadConfig => reload_config(agent).await,
         Request::Restore {
             folder,
             path,
@@ -538,6 +543,25 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             Ok(json!({ "folder": fid.as_str(), "device": did.to_string(), "encrypted": encrypted }))
         }
     }
+}
+
+/// Reads `config.toml` again and takes on what can change while running.
+async fn reload_config(agent: &Arc<Agent>) -> Result<Value, String> {
+    use crate::config::edit;
+    let file = agent.home.read_config().map_err(|e| e.to_string())?;
+    let running = agent.home.config();
+    let next = edit::live_part(&running, &file);
+    let applied = edit::changed(&running, &next);
+    let restart = edit::changed(&next, &file);
+    if !applied.is_empty() {
+        agent.home.set_config(next);
+        let local = agent.home.config().local_history();
+        agent.index.run(move |i| i.set_local_history(local)).await;
+        agent.engine.config_changed();
+        tracing::info!(settings = ?applied, "config reloaded");
+    }
+    *agent.restart_needed.lock().expect("restart lock") = restart.clone();
+    Ok(json!({ "applied": applied, "restart_needed": restart }))
 }
 
 impl Agent {

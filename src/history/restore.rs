@@ -862,6 +862,19 @@ pub fn restore_to(
     plan: Plan,
     dest: Dest<'_>,
 ) -> Result<Outcome> {
+    restore_to_with(index, store, folder, plan, dest, &|_| {})
+}
+
+/// [`restore_to`], calling `done(bytes)` after each path is read back and
+/// staged (for a progress bar).
+pub fn restore_to_with(
+    index: &Index,
+    store: &ChunkStore,
+    folder: &Folder,
+    plan: Plan,
+    dest: Dest<'_>,
+    done: &dyn Fn(u64),
+) -> Result<Outcome> {
     let Dest {
         path: dest,
         tree,
@@ -898,6 +911,7 @@ pub fn restore_to(
             )));
         }
         let staged = stage(index, store, root, &item.source, &parent)?;
+        done(item.source.size());
         fs::rename(&staged.tmp, dest).map_err(io_at(dest))?;
         sync_dir(&parent)?;
         out.restored.push(Restored {
@@ -938,6 +952,7 @@ pub fn restore_to(
         let final_path = rel.to_fs(&staging);
         let dir = final_path.parent().unwrap_or(&staging).to_owned();
         let s = stage(index, store, root, &item.source, &dir)?;
+        done(item.source.size());
         fs::rename(&s.tmp, &final_path).map_err(io_at(&final_path))?;
         written.push((item, rel));
     }

@@ -331,6 +331,21 @@ impl Index {
             .pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
+    /// SQLite's `PRAGMA integrity_check`: empty when the database is sound,
+    /// else the problems it lists.
+    pub fn integrity_problems(&self) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
+        let lines = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(lines.into_iter().filter(|l| l != "ok").collect())
+    }
+
+    /// The schema version this ferry writes (an opened index is migrated to it).
+    pub fn current_schema_version() -> i64 {
+        schema::MIGRATIONS.len() as i64
+    }
+
     /// Records this device (id and name); replaces an earlier name.
     pub fn set_local_device(&self, id: DeviceId, name: &str) -> Result<()> {
         let tx = self.conn.unchecked_transaction()?;

@@ -34,7 +34,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ScanConfig, SyncConfig};
+use crate::config::SyncConfig;
 use crate::device::DeviceId;
 use crate::folder::FolderType;
 use crate::home::Home;
@@ -140,8 +140,9 @@ pub struct Engine {
     home: Home,
     index: SharedIndex,
     me: DeviceId,
-    sync: SyncConfig,
-    scan: ScanOptions,
+    /// Bumped when the agent reloads its config; folder tasks then take on
+    /// a new debounce or rescan interval.
+    config_gen: tokio::sync::watch::Sender<u64>,
     folders: Mutex<HashMap<String, Arc<FolderHandle>>>,
     links: Mutex<HashMap<DeviceId, Connection>>,
     /// The folder ids each connected peer shares with this device.
@@ -168,11 +169,9 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// An engine for the home's folders; call [`Engine::start`].
     pub fn new(home: Home, index: SharedIndex, shutdown: CancellationToken) -> Arc<Self> {
-        let scan_cfg: &ScanConfig = &home.config().scan;
         Arc::new(Self {
             me: home.device_id(),
-            sync: home.config().sync.clone(),
-            scan: ScanOptions::from(scan_cfg),
+            config_gen: tokio::sync::watch::channel(0).0,
             home,
             index,
             folders: Mutex::new(HashMap::new()),
@@ -256,6 +255,25 @@ impl Engine {
             self.tracker.spawn(async move { this.run_folder(h).await });
         }
         Ok(())
+    }
+
+    /// The `[sync]` settings in use now.
+    pub fn sync_config(&self) -> SyncConfig {
+        self.home.config().sync.clone()
+    }
+
+    /// The home's config was replaced ([`Home::set_config`]): scans and
+    /// pulls read it as they start; this wakes the folder tasks so they take
+    /// on a new debounce and rescan interval, and gives the scanners' index
+    /// connections the new local-history setting.
+    pub fn config_changed(&self) {
+        let local = self.home.config().local_history();
+        for h in self.folders.lock().expect("folders lock").values() {
+            if let Some(i) = h.scanner.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                i.set_local_history(local.clone());
+            }
+        }
+        self.config_gen.send_modify(|n| *n += 1);
     }
 
     /// The handle of a folder by id.
@@ -405,20 +423,9 @@ impl Engine {
     /// remote changes, pulling after each.
     async fn run_folder(self: Arc<Self>, h: Arc<FolderHandle>) {
         let root: PathBuf = h.folder().path;
-        let (_watcher, mut events) = match watch::watch(&root, self.sync.debounce_ms) {
-            Ok((w, rx)) => (Some(w), Some(rx)),
-            Err(e) => {
-                tracing::warn!(folder = %h.folder().id, "{e}; falling back to periodic scans");
-                h.status.lock().expect("status lock").notice = Some(e.to_string());
-                (None, None)
-            }
-        };
-        // Without a watcher, scan every 10 s instead of hourly.
-        let rescan = if events.is_some() {
-            Duration::from_secs(self.sync.rescan_interval_secs)
-        } else {
-            Duration::from_secs(10)
-        };
+        let mut config_gen = self.config_gen.subscribe();
+        let mut debounce_ms = self.sync_config().debounce_ms;
+        let (mut watcher, mut events) = self.start_watcher(&h, &root, debounce_ms);
         let mut scan_due = true;
         let mut pull_due = true;
         let mut retry = Duration::from_secs(1);
@@ -463,8 +470,24 @@ impl Engine {
                     None => std::future::pending().await,
                 }
             };
+            // Without a watcher, scan every 10 s instead of hourly.
+            let rescan = if events.is_some() {
+                Duration::from_secs(self.sync_config().rescan_interval_secs)
+            } else {
+                Duration::from_secs(10)
+            };
             tokio::select! {
                 _ = h.stop.cancelled() => return,
+                Ok(()) = config_gen.changed() => {
+                    let now = self.sync_config().debounce_ms;
+                    if now != debounce_ms && watcher.is_some() {
+                        debounce_ms = now;
+                        drop(watcher.take());
+                        (watcher, events) = self.start_watcher(&h, &root, debounce_ms);
+                        // Changes between the two watchers would be missed.
+                        scan_due = true;
+                    }
+                }
                 _ = h.remote_changed.notified() => pull_due = true,
                 _ = h.scan_now.notified() => scan_due = true,
                 _ = wake => pull_due = true,
@@ -482,6 +505,27 @@ impl Engine {
         }
     }
 
+    /// Watches a folder root; without a watcher (limits reached), notes why
+    /// in the folder's status and returns none.
+    fn start_watcher(
+        &self,
+        h: &FolderHandle,
+        root: &std::path::Path,
+        debounce_ms: u64,
+    ) -> (
+        Option<notify::RecommendedWatcher>,
+        Option<tokio::sync::mpsc::Receiver<()>>,
+    ) {
+        match watch::watch(root, debounce_ms) {
+            Ok((w, rx)) => (Some(w), Some(rx)),
+            Err(e) => {
+                tracing::warn!(folder = %h.folder().id, "{e}; falling back to periodic scans");
+                h.status.lock().expect("status lock").notice = Some(e.to_string());
+                (None, None)
+            }
+        }
+    }
+
     /// Scans a folder with its own index connection (so the agent's other work
     /// is not blocked), then wakes the link senders.
     pub async fn scan_folder(&self, h: &Arc<FolderHandle>, confirm_deletes: bool) -> Option<u64> {
@@ -489,7 +533,7 @@ impl Engine {
         h.set_state(FolderActivity::Scanning);
         let folder = h.folder();
         let home = self.home.clone();
-        let mut opts = self.scan.clone();
+        let mut opts = ScanOptions::from(&self.home.config().scan);
         opts.confirm_deletes = confirm_deletes;
         let me = self.me.short();
         let scanner = h.scanner.clone();

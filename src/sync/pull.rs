@@ -371,10 +371,12 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
     set_need(h, needed(&actions, "pending"));
 
     let mut tally = Tally::default();
-    let files = Arc::new(Semaphore::new(engine.sync.parallel_files));
-    let small = Arc::new(Semaphore::new(engine.sync.parallel_files * 8));
+    // Read each pass, so a reloaded config applies from the next one.
+    let sync_cfg = engine.sync_config();
+    let files = Arc::new(Semaphore::new(sync_cfg.parallel_files));
+    let small = Arc::new(Semaphore::new(sync_cfg.parallel_files * 8));
     let pass = Arc::new(Pass {
-        requests: Arc::new(Semaphore::new(engine.sync.requests_in_flight)),
+        requests: Arc::new(Semaphore::new(sync_cfg.requests_in_flight)),
         commits: Committer::start(engine.index.clone(), row),
         reads: Reads::start(engine.index.clone()),
     });
