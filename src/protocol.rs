@@ -53,7 +53,7 @@
 //! [`Request::VaultPutChunks`] (followed by their raw sealed bytes) and
 //! [`Request::VaultPutRecords`]; any paired device may read a vault back with
 //! [`Request::VaultList`], [`Request::VaultRecords`] and
-//! [`Request::VaultChunk`] (answered with [`Reply::VaultChunk`] and `size` raw
+//! [`Request::VaultChunk`] (answered with [`Reply::VaultBytes`] and `size` raw
 //! bytes). Only the device that shared a vault may write to it; the holder
 //! cannot check what it stores, the reader checks everything it gets.
 

@@ -136,7 +136,7 @@ pub enum Command {
         #[arg(long)]
         into: PathBuf,
         /// The folder as it was at this time, from the versions the holder
-        /// keeps: YYYY-MM-DD[ HH:MM[:SS]] in UTC, RFC 3339, or @UNIX-SECONDS.
+        /// keeps: YYYY-MM-DD (HH:MM or HH:MM:SS may follow) in UTC, RFC 3339, or @UNIX-SECONDS.
         #[arg(long, value_name = "TIME", value_parser = crate::history::time::parse_utc)]
         at: Option<i64>,
     },
@@ -190,7 +190,7 @@ pub enum Command {
         /// The version to restore (an id from `ferry history`).
         #[arg(long, conflicts_with = "at")]
         version: Option<i64>,
-        /// Restore what was current at this time: YYYY-MM-DD[ HH:MM[:SS]] in
+        /// Restore what was current at this time: YYYY-MM-DD (HH:MM or HH:MM:SS may follow) in
         /// UTC, RFC 3339 (2024-05-01T14:30:00+02:00), or @UNIX-SECONDS.
         #[arg(long, value_name = "TIME", value_parser = crate::history::time::parse_utc)]
         at: Option<i64>,

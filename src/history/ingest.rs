@@ -20,7 +20,7 @@
 //! (kept, and ingested like any other). Until then the row is not listed,
 //! counted, pruned, verified nor served: after a kill past the move the
 //! version shows up at the agent's first history pass once the row is
-//! [`RESERVATION_GRACE`] old, and the file under `.ferry/versions` is left
+//! `RESERVATION_GRACE` old, and the file under `.ferry/versions` is left
 //! alone meanwhile.
 
 use std::collections::HashSet;
