@@ -56,6 +56,12 @@
 //! [`Request::VaultChunk`] (answered with [`Reply::VaultBytes`] and `size` raw
 //! bytes). Only the device that shared a vault may write to it; the holder
 //! cannot check what it stores, the reader checks everything it gets.
+//!
+//! Revision 4 lets the owner mirror its retention on the holder: it pages
+//! through the chunk ids the holder keeps with [`Request::VaultChunkIds`]
+//! (answered with [`Reply::VaultIds`]) and drops the records of versions its
+//! history pruned and the chunks nothing it keeps refers to with
+//! [`Request::VaultDrop`].
 
 use std::net::SocketAddr;
 
@@ -68,7 +74,7 @@ pub const PAIR_ALPN: &[u8] = b"ferry/pair/2";
 /// ALPN of links between paired devices.
 pub const SYNC_ALPN: &[u8] = b"ferry/sync/2";
 /// Minor revision of both protocols.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest frame payload accepted, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Longest device name or folder label accepted from a peer, in bytes.
@@ -424,6 +430,23 @@ pub enum Request {
         /// Its keyed id.
         id: [u8; 32],
     },
+    /// A page of the keyed ids of the sealed chunks a vault holds, after
+    /// `after` (revision 4).
+    VaultChunkIds {
+        /// The folder id.
+        folder: String,
+        /// The last id of the previous page.
+        after: Option<[u8; 32]>,
+    },
+    /// Drop sealed records and chunks the owner no longer keeps (revision 4).
+    VaultDrop {
+        /// The folder id.
+        folder: String,
+        /// Keyed record ids, at most [`MAX_VAULT_IDS`].
+        records: Vec<[u8; 32]>,
+        /// Keyed chunk ids, at most [`MAX_VAULT_IDS`].
+        chunks: Vec<[u8; 32]>,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -483,6 +506,13 @@ pub enum Reply {
     VaultBytes {
         /// Its length.
         size: u32,
+    },
+    /// A page of keyed ids (revision 4).
+    VaultIds {
+        /// At most [`MAX_VAULT_IDS`], in increasing order.
+        ids: Vec<[u8; 32]>,
+        /// More follow.
+        more: bool,
     },
 }
 
@@ -715,6 +745,22 @@ impl Bounded for Request {
             | Request::VaultChunk { folder, .. }
             | Request::VaultRecord { folder, .. } => check_name("folder id", folder),
             Request::VaultList => Ok(()),
+            Request::VaultChunkIds { folder, .. } => check_name("folder id", folder),
+            Request::VaultDrop {
+                folder,
+                records,
+                chunks,
+            } => {
+                check_name("folder id", folder)?;
+                if records.len() > MAX_VAULT_IDS || chunks.len() > MAX_VAULT_IDS {
+                    return Err(format!(
+                        "{} records and {} chunks in one drop",
+                        records.len(),
+                        chunks.len()
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -740,6 +786,12 @@ impl Bounded for Reply {
             Reply::VaultMissing { missing } => {
                 if missing.len() > MAX_VAULT_IDS {
                     return Err(format!("{} ids in one reply", missing.len()));
+                }
+                Ok(())
+            }
+            Reply::VaultIds { ids, .. } => {
+                if ids.len() > MAX_VAULT_IDS {
+                    return Err(format!("{} ids in one reply", ids.len()));
                 }
                 Ok(())
             }

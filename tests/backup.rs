@@ -358,3 +358,70 @@ fn trusted_devices_share_the_key_and_a_paired_device_accepts_to_hold_the_folder(
         b"DELTA-MARKER-4410"
     );
 }
+
+#[test]
+fn versions_pruned_on_the_owner_are_dropped_from_the_holder_with_their_chunks() {
+    let lab = Lab::new();
+    let a = lab.node("a");
+    let h = lab.node("h");
+    let docs = a.add_folder("docs");
+    // Versions replaced by local edits are kept too, so one edit makes one.
+    a.run(&["config", "set", "history.local", "true"]).ok();
+    let old = pseudo_random(2_000_000, 31);
+    fs::write(docs.join("report.bin"), &old).unwrap();
+    let (_aa, _ah) = (Agent::start(&a), Agent::start(&h));
+    pair(&a, &h, &["--folder", "docs", "--encrypted"], &[]);
+    wait_until("the holder has the folder", || held(&a, &h));
+
+    // An edit: the holder gets the new file and the version it replaced.
+    let new = pseudo_random(2_000_000, 32);
+    fs::write(docs.join("report.bin"), &new).unwrap();
+    wait_until("the holder has the old version too", || {
+        held(&a, &h) && status(&h)["vaults"][0]["records"].as_u64() >= Some(2)
+    });
+    let before = status(&h)["vaults"][0].clone();
+    assert!(
+        before["bytes"].as_u64().unwrap() >= 4_000_000,
+        "both versions' chunks are held: {before}"
+    );
+
+    // A's history drops the old version (a 1 MB cap; nothing under an hour
+    // old is ever pruned, so the version is made two hours old in A's index);
+    // the holder follows at its next round (the next change here, or the
+    // hourly backstop).
+    let db = rusqlite::Connection::open(a.home.join("index.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let aged = db
+        .execute(
+            "UPDATE history SET superseded_at = superseded_at - 7200",
+            [],
+        )
+        .unwrap();
+    assert_eq!(aged, 1, "one version kept");
+    drop(db);
+    a.run(&["config", "set", "history.max_size_mb", "1"]).ok();
+    let pruned = a.run(&["history", "prune", "--json"]).ok().json();
+    assert!(pruned["versions"].as_u64() >= Some(1), "{pruned}");
+    fs::write(docs.join("wake.txt"), b"a change").unwrap();
+    let after = agent::wait_for("the holder to drop the pruned version", || {
+        let v = status(&h)["vaults"][0].clone();
+        let records = v["records"].as_u64()?;
+        let bytes = v["bytes"].as_u64()?;
+        // The current report.bin and wake.txt; the old version gone, and
+        // with it the chunks nothing else refers to.
+        (held(&a, &h) && records == 2 && bytes < 3_000_000).then_some(v)
+    });
+    assert!(
+        after["chunks"].as_u64() < before["chunks"].as_u64(),
+        "{before} -> {after}"
+    );
+
+    // What is left still recovers the folder as it is.
+    let c = lab.node("c");
+    let _ac = Agent::start(&c);
+    pair(&h, &c, &[], &[]);
+    let into = c.path("restored");
+    recover(&c, &h, &key_of(&a, "docs"), &into).ok();
+    assert_eq!(fs::read(into.join("report.bin")).unwrap(), new);
+    assert_eq!(tree(&into), tree(&docs));
+}

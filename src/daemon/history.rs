@@ -188,6 +188,10 @@ fn pass(
             .collect();
         let r = prune::prune(index, store, &folders, now_secs()).map_err(|e| e.to_string())?;
         st.next_prune = Instant::now() + if r.gc_busy { PRUNE_RETRY } else { PRUNE_EVERY };
+        if r.versions > 0 {
+            // Backup holders drop what was pruned at their next round.
+            engine.local_changed();
+        }
         tracing::info!(
             versions = r.versions,
             bytes = r.bytes,

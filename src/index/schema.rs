@@ -66,6 +66,10 @@
 //!   the owner's label. `vault_chunks` and `vault_records` hold the sealed
 //!   bytes as the owner sent them, under their keyed ids; this device can read
 //!   neither.
+//! - `vault_sent_versions` lists, per folder and holder, the history versions
+//!   (`version`: the `history.id` here, which may since have been pruned) sent
+//!   to the holder and the keyed id of the sealed record they went under, so
+//!   that versions this device prunes are dropped from the holder too.
 
 /// `PRAGMA application_id` of a ferry index: "FRRY".
 pub const APPLICATION_ID: i32 = 0x4652_5259;
@@ -307,5 +311,16 @@ CREATE TABLE vault_records (
     bytes  BLOB    NOT NULL,
     UNIQUE (vault, record)
 );
+"#,
+    // 10 -> 11: which history versions went to each holder, under which
+    // sealed record id, so that a version pruned here is dropped there too.
+    r#"
+CREATE TABLE vault_sent_versions (
+    folder  INTEGER NOT NULL REFERENCES folders(id) ON DELETE CASCADE,
+    device  INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    record  BLOB    NOT NULL CHECK (length(record) = 32),
+    PRIMARY KEY (folder, device, version)
+) WITHOUT ROWID;
 "#,
 ];

@@ -400,6 +400,140 @@ impl Index {
             .optional()?)
     }
 
+    /// Notes that these history versions of `folder` went to `device` under
+    /// these sealed record ids.
+    pub fn note_sent_versions(
+        &self,
+        folder: i64,
+        device: &DeviceId,
+        sent: &[(i64, [u8; 32])],
+    ) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT OR REPLACE INTO vault_sent_versions (folder, device, version, record)
+             SELECT ?1, id, ?3, ?4 FROM devices WHERE device_id = ?2",
+        )?;
+        for (version, record) in sent {
+            stmt.execute(params![folder, device.to_string(), version, &record[..]])?;
+        }
+        Ok(())
+    }
+
+    /// The versions sent to `device` that the history here no longer keeps:
+    /// (history id, sealed record id), at most `limit`.
+    pub fn pruned_sent_versions(
+        &self,
+        folder: i64,
+        device: &DeviceId,
+        limit: usize,
+    ) -> Result<Vec<(i64, [u8; 32])>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT s.version, s.record FROM vault_sent_versions s
+             WHERE s.folder = ?1 AND s.device = (SELECT id FROM devices WHERE device_id = ?2)
+               AND NOT EXISTS (SELECT 1 FROM history h WHERE h.id = s.version)
+             ORDER BY s.version LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![folder, device.to_string(), limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        rows.map(|row| {
+            let (v, id) = row?;
+            let id: [u8; 32] = id
+                .try_into()
+                .map_err(|_| IndexError::Corrupt("a sent record id of the wrong size".into()))?;
+            Ok((v, id))
+        })
+        .collect()
+    }
+
+    /// Forgets sent versions the holder has dropped.
+    pub fn forget_sent_versions(
+        &self,
+        folder: i64,
+        device: &DeviceId,
+        versions: &[i64],
+    ) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "DELETE FROM vault_sent_versions WHERE folder = ?1 AND version = ?3
+               AND device = (SELECT id FROM devices WHERE device_id = ?2)",
+        )?;
+        for v in versions {
+            stmt.execute(params![folder, device.to_string(), v])?;
+        }
+        Ok(())
+    }
+
+    /// The hashes of every chunk a holder of `folder` needs: those of its live
+    /// files and of the versions its history keeps.
+    pub fn live_chunk_hashes(&self, folder: i64) -> Result<Vec<[u8; 32]>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT c.hash FROM chunks c JOIN files f ON f.id = c.file
+               WHERE f.folder = ?1 AND f.deleted = 0
+             UNION
+             SELECT hc.hash FROM history_chunks hc JOIN history h ON h.id = hc.version
+               WHERE h.folder = ?1",
+        )?;
+        let rows = stmt.query_map([folder], |r| r.get::<_, Vec<u8>>(0))?;
+        rows.map(|row| {
+            row?.try_into()
+                .map_err(|_| IndexError::Corrupt("a chunk hash of the wrong size".into()))
+        })
+        .collect()
+    }
+
+    /// A page of the sealed chunk ids a vault holds, after `after`, at most
+    /// `limit`; and whether more follow.
+    pub fn vault_chunk_ids(
+        &self,
+        vault: i64,
+        after: Option<[u8; 32]>,
+        limit: usize,
+    ) -> Result<(Vec<[u8; 32]>, bool)> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT chunk FROM vault_chunks WHERE vault = ?1 AND chunk > ?2
+             ORDER BY chunk LIMIT ?3",
+        )?;
+        let start: Vec<u8> = after.map_or_else(Vec::new, |a| a.to_vec());
+        let rows = stmt.query_map(params![vault, start, limit as i64 + 1], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })?;
+        let mut ids = Vec::new();
+        for row in rows {
+            let id: [u8; 32] = row?
+                .try_into()
+                .map_err(|_| IndexError::Corrupt("a vault chunk id of the wrong size".into()))?;
+            ids.push(id);
+        }
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        Ok((ids, more))
+    }
+
+    /// Drops sealed records and chunks from a vault (ids it does not hold
+    /// are ignored), in one transaction; returns how many of each went.
+    pub fn vault_drop(
+        &mut self,
+        vault: i64,
+        records: &[[u8; 32]],
+        chunks: &[[u8; 32]],
+    ) -> Result<(usize, usize)> {
+        let tx = self.conn.transaction()?;
+        let (mut r, mut c) = (0, 0);
+        {
+            let mut del =
+                tx.prepare_cached("DELETE FROM vault_records WHERE vault = ?1 AND record = ?2")?;
+            for id in records {
+                r += del.execute(params![vault, &id[..]])?;
+            }
+            let mut del =
+                tx.prepare_cached("DELETE FROM vault_chunks WHERE vault = ?1 AND chunk = ?2")?;
+            for id in chunks {
+                c += del.execute(params![vault, &id[..]])?;
+            }
+        }
+        tx.commit()?;
+        Ok((r, c))
+    }
+
     /// One sealed chunk.
     pub fn vault_chunk(&self, vault: i64, id: &[u8; 32]) -> Result<Option<Vec<u8>>> {
         Ok(self
@@ -462,6 +596,43 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(idx.folder_secret(f.row).unwrap().as_bytes(), &[2; 32]);
+    }
+
+    #[test]
+    fn a_vault_pages_its_chunk_ids_and_drops_what_it_is_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut idx = Index::open(&dir.path().join("index.db"), Duration::from_secs(5)).unwrap();
+        let owner: DeviceId = "11".repeat(32).parse().unwrap();
+        idx.add_peer(owner, "owner", &[]).unwrap();
+        let v = idx.add_vault("docs", &owner, "Docs").unwrap();
+        let chunks: Vec<SealedEntry> = (0..10u8).map(|n| ([n; 32], vec![n; 3])).collect();
+        idx.vault_put_chunks(v, &chunks).unwrap();
+        idx.vault_put_records(v, &[([7; 32], vec![1]), ([8; 32], vec![2])])
+            .unwrap();
+        // Pages of 4: every id once, in order.
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (ids, more) = idx.vault_chunk_ids(v, after, 4).unwrap();
+            assert!(ids.len() <= 4);
+            after = ids.last().copied();
+            seen.extend(ids);
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(seen, (0..10u8).map(|n| [n; 32]).collect::<Vec<_>>());
+        // Ids it does not hold are ignored; the rest go.
+        let (r, c) = idx
+            .vault_drop(v, &[[7; 32], [99; 32]], &[[0; 32], [5; 32], [99; 32]])
+            .unwrap();
+        assert_eq!((r, c), (1, 2));
+        let (ids, more) = idx.vault_chunk_ids(v, None, 100).unwrap();
+        assert!(!more);
+        assert_eq!(ids.len(), 8);
+        assert!(!ids.contains(&[5; 32]));
+        assert!(idx.vault_record(v, &[7; 32]).unwrap().is_none());
+        assert!(idx.vault_record(v, &[8; 32]).unwrap().is_some());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use iroh::endpoint::Connection;
 
@@ -18,6 +18,7 @@ use super::holder;
 use super::link::{FetchError, history_chunk, read_verified};
 use crate::chunking::{ChunkHash, ChunkInfo};
 use crate::device::DeviceId;
+use crate::folder::FolderId;
 use crate::index::{Folder, HistoryVersion, IndexError, LocalFile};
 use crate::protocol::MAX_INLINE_RECORD;
 use crate::vault::{VaultKeys, VaultRecord, seal_chunk, seal_record};
@@ -36,6 +37,9 @@ pub enum BackupError {
     Seal(#[from] crate::vault::VaultError),
 }
 
+/// How often a holder's chunks are collected when nothing was pruned.
+const COLLECT_EVERY: Duration = Duration::from_secs(3600);
+
 /// Records read per round.
 const BATCH: usize = 512;
 
@@ -45,6 +49,7 @@ const BATCH: usize = 512;
 pub async fn run(engine: Arc<Engine>, conn: Connection, peer: DeviceId) {
     let mut changes = engine.local_changes.subscribe();
     let mut vaults = engine.peer_vaults.subscribe();
+    let mut collected: HashMap<FolderId, Instant> = HashMap::new();
     loop {
         let held: HashSet<String> = vaults
             .borrow_and_update()
@@ -70,7 +75,35 @@ pub async fn run(engine: Arc<Engine>, conn: Connection, peer: DeviceId) {
                 Ok(n) => {
                     tracing::info!(device = %peer, folder = %folder.id, records = n, "sent to the backup holder")
                 }
-                Err(e) => tracing::warn!(device = %peer, folder = %folder.id, "backup holder: {e}"),
+                Err(e) => {
+                    tracing::warn!(device = %peer, folder = %folder.id, "backup holder: {e}");
+                    continue;
+                }
+            }
+            // Collecting asks the holder for its whole chunk list: at most
+            // once an hour per folder and link, and whenever versions went.
+            let due = collected
+                .get(&folder.id)
+                .is_none_or(|t: &Instant| t.elapsed() >= COLLECT_EVERY);
+            let row = folder.row;
+            let pruned = engine
+                .index
+                .run(move |i| i.pruned_sent_versions(row, &peer, 1))
+                .await
+                .map(|p| !p.is_empty())
+                .unwrap_or(false);
+            if due || pruned {
+                match collect(&engine, &conn, peer, &folder).await {
+                    Ok((0, 0)) => {}
+                    Ok((records, chunks)) => {
+                        tracing::info!(device = %peer, folder = %folder.id, records, chunks, "dropped what the history no longer keeps from the backup holder")
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = %peer, folder = %folder.id, "backup holder: {e}");
+                        continue;
+                    }
+                }
+                collected.insert(folder.id.clone(), Instant::now());
             }
         }
         tokio::select! {
@@ -139,7 +172,7 @@ pub async fn push(
             state.revision += 1;
             records.push(vault_record(f, chunks, state.revision));
         }
-        sent += send_records(conn, folder, &keys, &records).await?;
+        sent += send_records(conn, folder, &keys, &records).await?.len();
         state.pushed = last as i64;
         let s = state;
         engine
@@ -174,6 +207,7 @@ pub async fn push(
             .collect();
         let unsent = send_chunks(engine, conn, folder, &keys, wanted).await?;
         let mut records = Vec::new();
+        let mut versions = Vec::new();
         for (v, chunks) in &batch {
             if chunks.iter().any(|c| unsent.contains(&c.hash.to_hex())) {
                 // Pruned meanwhile, or its bytes are damaged: nothing to keep.
@@ -181,27 +215,100 @@ pub async fn push(
             }
             state.revision += 1;
             records.push(history_record(v, chunks, state.revision));
+            versions.push(v.id);
         }
-        sent += send_records(conn, folder, &keys, &records).await?;
+        let ids = send_records(conn, folder, &keys, &records).await?;
+        sent += ids.len();
+        let went: Vec<(i64, [u8; 32])> = versions.into_iter().zip(ids).collect();
         state.history = last;
         let s = state;
         engine
             .index
-            .run(move |i| i.set_holder_state(row, &peer, s))
+            .run(move |i| {
+                i.note_sent_versions(row, &peer, &went)?;
+                i.set_holder_state(row, &peer, s)
+            })
             .await?;
     }
 }
 
-/// Seals and sends records, small ones batched; returns how many went.
+/// Versions dropped from a holder per round.
+const DROP_BATCH: usize = 4096;
+
+/// Mirrors this device's retention on a holder that is up to date: drops
+/// the records of the versions the history here no longer keeps, then every
+/// sealed chunk that neither a live file nor a kept version refers to.
+/// Returns (records, chunks) dropped; does nothing while changes are still
+/// to be sent (the holder's records then still name chunks the index here
+/// has moved on from).
+pub async fn collect(
+    engine: &Arc<Engine>,
+    conn: &Connection,
+    peer: DeviceId,
+    folder: &Folder,
+) -> Result<(usize, usize), BackupError> {
+    let row = folder.row;
+    let mut records = 0;
+    loop {
+        let pruned = engine
+            .index
+            .run(move |i| i.pruned_sent_versions(row, &peer, DROP_BATCH))
+            .await?;
+        if pruned.is_empty() {
+            break;
+        }
+        let ids: Vec<[u8; 32]> = pruned.iter().map(|(_, id)| *id).collect();
+        holder::drop_sealed(conn, folder.id.as_str(), &ids, &[]).await?;
+        records += ids.len();
+        let versions: Vec<i64> = pruned.iter().map(|(v, _)| *v).collect();
+        engine
+            .index
+            .run(move |i| i.forget_sent_versions(row, &peer, &versions))
+            .await?;
+    }
+    // What the holder must keep, read in one go with the check that it has
+    // been sent everything.
+    let keys = engine
+        .index
+        .run(move |i| -> Result<_, IndexError> {
+            let state = i.holder_state(row, &peer)?.unwrap_or_default();
+            let behind = !i.local_since(row, state.pushed as u64, 1)?.is_empty()
+                || !i.history_after(row, state.history, 1)?.is_empty();
+            if behind {
+                return Ok(None);
+            }
+            let keys = i.folder_secret(row)?.keys();
+            let live: HashSet<[u8; 32]> = i
+                .live_chunk_hashes(row)?
+                .into_iter()
+                .map(|h| keys.chunk_id(&ChunkHash(h)).0)
+                .collect();
+            Ok(Some(live))
+        })
+        .await?;
+    let Some(live) = keys else {
+        return Ok((records, 0));
+    };
+    let held = holder::chunk_ids(conn, folder.id.as_str()).await?;
+    let unused: Vec<[u8; 32]> = held.into_iter().filter(|id| !live.contains(id)).collect();
+    if !unused.is_empty() {
+        holder::drop_sealed(conn, folder.id.as_str(), &[], &unused).await?;
+    }
+    Ok((records, unused.len()))
+}
+
+/// Seals and sends records, small ones batched; returns their ids, in order.
 async fn send_records(
     conn: &Connection,
     folder: &Folder,
     keys: &VaultKeys,
     records: &[VaultRecord],
-) -> Result<usize, BackupError> {
+) -> Result<Vec<[u8; 32]>, BackupError> {
     let mut inline = Vec::new();
+    let mut ids = Vec::with_capacity(records.len());
     for rec in records {
         let sealed = seal_record(keys, &folder.id, rec)?;
+        ids.push(sealed.id.0);
         if sealed.bytes.len() <= MAX_INLINE_RECORD {
             inline.push((sealed.id.0, sealed.bytes));
         } else {
@@ -209,7 +316,7 @@ async fn send_records(
         }
     }
     holder::put_records(conn, folder.id.as_str(), inline).await?;
-    Ok(records.len())
+    Ok(ids)
 }
 
 /// The record a holder keeps for a local file.

@@ -30,6 +30,8 @@ pub fn is_vault_request(req: &Request) -> bool {
             | Request::VaultRecords { .. }
             | Request::VaultChunk { .. }
             | Request::VaultRecord { .. }
+            | Request::VaultChunkIds { .. }
+            | Request::VaultDrop { .. }
     )
 }
 
@@ -81,7 +83,9 @@ async fn answer(
         | Request::VaultPutRecord { folder, .. }
         | Request::VaultRecords { folder, .. }
         | Request::VaultChunk { folder, .. }
-        | Request::VaultRecord { folder, .. } => folder.clone(),
+        | Request::VaultRecord { folder, .. }
+        | Request::VaultChunkIds { folder, .. }
+        | Request::VaultDrop { folder, .. } => folder.clone(),
         _ => return Err(ServeError::Protocol("not a vault request".into())),
     };
     let f = folder.clone();
@@ -99,6 +103,7 @@ async fn answer(
             | Request::VaultPutChunks { .. }
             | Request::VaultPutRecords { .. }
             | Request::VaultPutRecord { .. }
+            | Request::VaultDrop { .. }
     );
     if writes && owner != peer {
         return reply(
@@ -196,6 +201,25 @@ async fn answer(
                 }
                 None => reply(send, &unavailable("not in this vault"), None).await,
             }
+        }
+        Request::VaultChunkIds { after, .. } => {
+            let (ids, more) = engine
+                .index
+                .run(move |i| i.vault_chunk_ids(vault, after, MAX_VAULT_IDS))
+                .await
+                .map_err(store_err)?;
+            reply(send, &Reply::VaultIds { ids, more }, None).await
+        }
+        Request::VaultDrop {
+            records, chunks, ..
+        } => {
+            let (r, c) = engine
+                .index
+                .run(move |i| i.vault_drop(vault, &records, &chunks))
+                .await
+                .map_err(store_err)?;
+            tracing::debug!(device = %peer, vault, records = r, chunks = c, "dropped from a vault");
+            reply(send, &Reply::VaultStored, None).await
         }
         _ => Err(ServeError::Protocol("not a vault request".into())),
     }
@@ -400,4 +424,65 @@ pub async fn get(
         }
         other => Err(unexpected(other)),
     }
+}
+
+/// Every sealed chunk id a holder keeps of a vault.
+pub async fn chunk_ids(conn: &Connection, folder: &str) -> Result<Vec<[u8; 32]>, FetchError> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let req = Request::VaultChunkIds {
+            folder: folder.to_owned(),
+            after,
+        };
+        let (ids, more) = match request_with(conn, &req, None).await?.0 {
+            Reply::VaultIds { ids, more } => (ids, more),
+            other => return Err(unexpected(other)),
+        };
+        let moves_on = ids.windows(2).all(|w| w[0] < w[1])
+            && match (ids.first(), after) {
+                (Some(first), Some(a)) => *first > a,
+                (None, _) => !more,
+                _ => true,
+            };
+        if !moves_on {
+            return Err(FetchError::Protocol(ProtocolError::Malformed(
+                "a page of ids that does not move forward".into(),
+            )));
+        }
+        after = ids.last().copied();
+        out.extend(ids);
+        if !more {
+            return Ok(out);
+        }
+    }
+}
+
+/// Drops sealed records and chunks from a vault (any number of each).
+pub async fn drop_sealed(
+    conn: &Connection,
+    folder: &str,
+    records: &[[u8; 32]],
+    chunks: &[[u8; 32]],
+) -> Result<(), FetchError> {
+    let pages = records.len().max(chunks.len()).div_ceil(MAX_VAULT_IDS);
+    for n in 0..pages {
+        let page = |ids: &[[u8; 32]]| -> Vec<[u8; 32]> {
+            ids.iter()
+                .skip(n * MAX_VAULT_IDS)
+                .take(MAX_VAULT_IDS)
+                .copied()
+                .collect()
+        };
+        let req = Request::VaultDrop {
+            folder: folder.to_owned(),
+            records: page(records),
+            chunks: page(chunks),
+        };
+        match request_with(conn, &req, None).await?.0 {
+            Reply::VaultStored => {}
+            other => return Err(unexpected(other)),
+        }
+    }
+    Ok(())
 }
