@@ -15,6 +15,7 @@ pub mod home;
 pub mod index;
 pub mod pairing;
 pub mod peers;
+pub mod progress;
 pub mod protocol;
 pub mod relpath;
 pub mod scan;

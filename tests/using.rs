@@ -116,6 +116,7 @@ fn config_set_is_checked_kept_in_the_file_and_applied_live_where_it_can_be() {
     let agent = Agent::start(&a);
     let st = a.run(&["status", "--json"]).ok().json();
     assert_eq!(st["agent"]["config_restart_needed"], serde_json::json!([]));
+    assert_eq!(st["agent"]["operations"], serde_json::json!([]));
     drop(agent);
 }
 

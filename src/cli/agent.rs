@@ -346,8 +346,10 @@ pub(super) fn recover(
     } else {
         from.to_owned()
     };
-    let spinner = output::waiting(
-        format!("recovering from {holder}: fetching and checking every record and chunk"),
+    let follow = output::follow(
+        home.root(),
+        "recover",
+        format!("recovering from {holder}"),
         false,
     );
     let v = call(
@@ -360,9 +362,7 @@ pub(super) fn recover(
         },
         RECOVER,
     );
-    if let Some(s) = spinner {
-        s.finish_and_clear();
-    }
+    drop(follow);
     let v = v?;
     println!(
         "Recovered folder {} ({}) into {}: {} files, {} bytes, from holder {}.",

@@ -34,6 +34,78 @@ pub(super) fn waiting(message: String, json: bool) -> Option<indicatif::Progress
     Some(bar)
 }
 
+/// While the agent runs a long operation of `kind` for this command: the
+/// spinner of [`waiting`], which becomes a bar of the operation's bytes as
+/// the agent's status reports them. Stops when dropped.
+pub(super) struct Follow {
+    bar: indicatif::ProgressBar,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    poller: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.poller.take() {
+            let _ = t.join();
+        }
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Starts a [`Follow`]; `None` off a terminal or with JSON.
+pub(super) fn follow(
+    home: &std::path::Path,
+    kind: &'static str,
+    message: String,
+    json: bool,
+) -> Option<Follow> {
+    use crate::daemon::control::{self, Request};
+    use std::sync::atomic::Ordering;
+    let bar = waiting(message, json)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (home, b, halt) = (home.to_owned(), bar.clone(), stop.clone());
+    let poller = std::thread::spawn(move || {
+        let mut drawing = false;
+        while !halt.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            let Ok(s) = control::call(&home, &Request::Status, std::time::Duration::from_secs(2))
+            else {
+                continue;
+            };
+            let op = s["operations"]
+                .as_array()
+                .and_then(|ops| ops.iter().find(|o| o["kind"] == kind));
+            let (Some(done), Some(total)) = (
+                op.and_then(|o| o["done"].as_u64()),
+                op.and_then(|o| o["total"].as_u64()),
+            ) else {
+                continue;
+            };
+            if total == 0 {
+                continue;
+            }
+            if !drawing {
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ({elapsed})",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                drawing = true;
+            }
+            b.set_length(total);
+            b.set_position(done.min(total));
+        }
+    });
+    Some(Follow {
+        bar,
+        stop,
+        poller: Some(poller),
+    })
+}
+
 /// `1.5 MiB`-style sizes.
 pub(super) fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

@@ -96,7 +96,9 @@ pub(super) fn run(home: &Home, a: RestoreArgs) -> anyhow::Result<i32> {
         },
         None => {
             let total: u64 = plan.items.iter().map(|i| i.source.size()).sum();
-            let spinner = output::waiting(
+            let follow = output::follow(
+                home.root(),
+                "restore",
                 format!(
                     "the agent restores {} path{} ({}) in place",
                     plan.items.len(),
@@ -116,9 +118,7 @@ pub(super) fn run(home: &Home, a: RestoreArgs) -> anyhow::Result<i32> {
                 },
                 RESTORE_LIMIT,
             );
-            if let Some(s) = spinner {
-                s.finish_and_clear();
-            }
+            drop(follow);
             serde_json::from_value(v?)
                 .map_err(|e| control::ControlError::BadAnswer(format!("restore result: {e}")))?
         }

@@ -221,6 +221,7 @@ pub(super) struct Ctx<'a> {
     pub(super) home: &'a Home,
     pub(super) store: &'a ChunkStore,
     pub(super) engine: &'a Arc<Engine>,
+    pub(super) operations: &'a crate::progress::Operations,
 }
 
 /// `restore`: restores in place under the folder's disk lock, scanning
@@ -230,6 +231,7 @@ pub(super) async fn restore(
         home,
         store,
         engine,
+        operations,
     }: Ctx<'_>,
     folder: String,
     path: Option<String>,
@@ -254,16 +256,20 @@ pub(super) async fn restore(
         .scan_folder(&h, false)
         .await
         .ok_or_else(|| format!("the scan of {folder} failed; see `ferry status`"))?;
+    let running = operations.start("restore", &folder);
     let outcome = {
         let _disk = h.disk.lock().await;
         let f = h.folder();
         let store = store.clone();
+        let progress = running.shared();
         with_index(home, move |index| {
             let plan = restore::plan(index, &f, rel.as_ref(), pick, recursive)?;
-            restore::restore_in_place(index, &store, &f, plan)
+            progress.set_total(plan.items.iter().map(|i| i.source.size()).sum());
+            restore::restore_in_place(index, &store, &f, plan, &|n| progress.add(n))
         })
         .await
     };
+    drop(running);
     if outcome.as_ref().is_ok_and(|o| !o.restored.is_empty()) {
         engine.scan_folder(&h, false).await;
     }
@@ -277,6 +283,7 @@ pub(super) async fn resolve(
         home,
         store,
         engine,
+        ..
     }: Ctx<'_>,
     folder: String,
     path: String,

@@ -135,6 +135,8 @@ struct Agent {
     store: ChunkStore,
     /// Settings changed in the file that take effect only after a restart.
     restart_needed: std::sync::Mutex<Vec<String>>,
+    /// Long operations running for CLI commands (recoveries, restores).
+    operations: crate::progress::Operations,
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +239,7 @@ pub async fn run(home: Home, opts: DaemonOptions) -> Result<(), DaemonError> {
         invites: Arc::new(Invites::default()),
         store: store.clone(),
         restart_needed: std::sync::Mutex::new(Vec::new()),
+        operations: crate::progress::Operations::default(),
     });
     let router = Router::builder(ep.clone())
         .accept(SYNC_ALPN, SyncHandler(peers.clone()))
@@ -397,6 +400,7 @@ async fn dispatch(agent: &Arc<Agent>, req: Request) -> Result<Value, String> {
             "relay": transport::relay_url(&agent.ep),
             "refused_links": agent.allow.refused(),
             "config_restart_needed": *agent.restart_needed.lock().expect("restart lock"),
+            "operations": agent.operations.list(),
             "folders": agent.engine.statuses(),
         })),
         Request::Revert { folder } => {
@@ -570,6 +574,7 @@ impl Agent {
             home: &self.home,
             store: &self.store,
             engine: &self.engine,
+            operations: &self.operations,
         }
     }
 }
@@ -675,7 +680,8 @@ async fn recover(
         })
         .await
         .map_err(|e| e.to_string())?;
-    let got = crate::sync::recover::recover(&conn, holder, &secret, &into, at, &taken)
+    let running = agent.operations.start("recover", "");
+    let got = crate::sync::recover::recover(&conn, holder, &secret, &into, at, &taken, &running)
         .await
         .map_err(|e| e.to_string())?;
     let r = got.clone();

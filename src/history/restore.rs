@@ -658,6 +658,7 @@ pub fn restore_in_place(
     store: &ChunkStore,
     folder: &Folder,
     plan: Plan,
+    done: &dyn Fn(u64),
 ) -> Result<Outcome> {
     check_root(folder)?;
     let root = &folder.path;
@@ -691,6 +692,7 @@ pub fn restore_in_place(
     let mut staged = Vec::with_capacity(todo.len());
     for item in &todo {
         staged.push(stage(index, store, root, &item.source, &tmp)?);
+        done(item.source.size());
     }
     for item in &todo {
         ensure_parents(root, &item.path)?;
@@ -1037,7 +1039,7 @@ mod tests {
         // Changed on disk since the last scan: refused, nothing moves.
         std::fs::write(f.folder.path.join("a.txt"), b"three!").unwrap();
         let p = plan(&f.index, &f.folder, Some(&a), Pick::Version(v1), false).unwrap();
-        let err = restore_in_place(&mut f.index, &f.store, &f.folder, p).unwrap_err();
+        let err = restore_in_place(&mut f.index, &f.store, &f.folder, p, &|_| {}).unwrap_err();
         assert!(matches!(err, HistoryError::LocalChanged(_)), "{err}");
         assert_eq!(fs::read(f.folder.path.join("a.txt")).unwrap(), b"three!");
         assert_eq!(
@@ -1050,7 +1052,7 @@ mod tests {
 
         f.record("a.txt", b"three");
         let p = plan(&f.index, &f.folder, Some(&a), Pick::Newest, false).unwrap();
-        let out = restore_in_place(&mut f.index, &f.store, &f.folder, p).unwrap();
+        let out = restore_in_place(&mut f.index, &f.store, &f.folder, p, &|_| {}).unwrap();
         assert_eq!(out.restored.len(), 1);
         assert_eq!(fs::read(f.folder.path.join("a.txt")).unwrap(), b"one");
         let kept = out.restored[0].kept.unwrap();
@@ -1095,7 +1097,7 @@ mod tests {
         let err = restore_to(&f.index, &f.store, &f.folder, p.clone(), d).unwrap_err();
         assert!(matches!(err, HistoryError::Damaged { .. }), "{err}");
         assert!(!dest.exists());
-        let err = restore_in_place(&mut f.index, &f.store, &f.folder, p).unwrap_err();
+        let err = restore_in_place(&mut f.index, &f.store, &f.folder, p, &|_| {}).unwrap_err();
         assert!(matches!(err, HistoryError::Damaged { .. }), "{err}");
         assert_eq!(fs::read(f.folder.path.join("a.bin")).unwrap(), b"x");
         let leftovers: Vec<_> = fs::read_dir(dest.parent().unwrap())

@@ -16,6 +16,7 @@ use super::link::FetchError;
 use crate::device::DeviceId;
 use crate::disk::{sync_dir, system_time};
 use crate::folder::FolderId;
+use crate::progress::Progress;
 use crate::relpath::TEMP_PREFIX;
 use crate::vault::{
     ChunkId, FolderSecret, HolderError, RecordId, RecordKind, VaultError, VaultRecord, open_chunk,
@@ -88,6 +89,7 @@ pub async fn recover(
     into: &Path,
     at: Option<i64>,
     taken: &std::collections::HashSet<String>,
+    progress: &Progress,
 ) -> Result<Recovered, RecoverError> {
     let link = |error| RecoverError::Holder { holder, error };
     let keys = secret.keys();
@@ -129,6 +131,12 @@ pub async fn recover(
     // Parents before children; directories get their permissions last, so a
     // read-only one does not stop its contents being written.
     live.sort_by(|a, b| a.path.as_str().cmp(b.path.as_str()));
+    progress.set_total(
+        live.iter()
+            .filter(|r| r.kind == RecordKind::File)
+            .map(|r| r.size)
+            .sum(),
+    );
     let mut out = Recovered {
         folder: folder.clone(),
         label,
@@ -142,6 +150,7 @@ pub async fn recover(
         holder,
         keys: &keys,
         folder: &folder,
+        progress,
     };
     for r in &live {
         let target = r.path.to_fs(into);
@@ -241,6 +250,7 @@ struct Source<'a> {
     holder: DeviceId,
     keys: &'a crate::vault::VaultKeys,
     folder: &'a FolderId,
+    progress: &'a Progress,
 }
 
 /// Fetches, opens and writes one file: temp file, whole-file hash, metadata,
@@ -309,6 +319,7 @@ async fn fill(
         hasher.update(&plain);
         file.write_all(&plain).map_err(io)?;
         written += plain.len() as u64;
+        src.progress.add(plain.len() as u64);
     }
     let hash_ok = r.hash.is_none_or(|h| h.0 == *hasher.finalize().as_bytes());
     if written != r.size || !hash_ok {
