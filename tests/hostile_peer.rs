@@ -1602,5 +1602,19 @@ fn a_peer_that_stalls_is_timed_out_named_in_status_and_asked_last() {
     });
     needs_nothing(&t.a);
     t.honest_sync_works("after-stall");
+
+    // Half an index update, then nothing: only this link's index receiver
+    // waits on it; Bob's sync with Alice goes on.
+    let frame = ferry::protocol::encode(&IndexMessage::Update {
+        folder: "docs".into(),
+        epoch: link.epoch,
+        sequence: link.sequence + 1,
+        files: vec![shared.record("late.bin", mallory.me, link.sequence + 1)],
+    });
+    rt.block_on(link.index.write_all(&frame[..frame.len() / 2]))
+        .unwrap();
+    t.honest_sync_works("after-half-index-frame");
+    assert!(link.conn.close_reason().is_none());
+    assert!(!t.docs.join("late.bin").exists());
     rt.block_on(mallory.ep.close());
 }
