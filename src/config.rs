@@ -94,6 +94,9 @@ pub struct SyncConfig {
     pub requests_in_flight: usize,
     /// Files pulled at the same time per folder.
     pub parallel_files: usize,
+    /// How long one request to a peer (or from one) may take, in seconds: a
+    /// peer that stalls is given up on after this and asked last.
+    pub request_timeout_secs: u64,
 }
 
 impl Default for SyncConfig {
@@ -105,7 +108,15 @@ impl Default for SyncConfig {
             // file in 2.6-2.9 s, 28 or more in 5.3-5.9 s.
             requests_in_flight: 12,
             parallel_files: 8,
+            request_timeout_secs: 60,
         }
+    }
+}
+
+impl SyncConfig {
+    /// [`SyncConfig::request_timeout_secs`] as a duration.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.request_timeout_secs)
     }
 }
 
@@ -327,6 +338,13 @@ impl Config {
                 "1 to 64",
             );
         }
+        if !(1..=3600).contains(&self.sync.request_timeout_secs) {
+            return invalid(
+                "sync.request_timeout_secs",
+                self.sync.request_timeout_secs.to_string(),
+                "1 to 3600",
+            );
+        }
         if self.database.busy_timeout_ms > 600_000 {
             return invalid(
                 "database.busy_timeout_ms",
@@ -471,6 +489,9 @@ rescan_interval_secs = {rescan}
 requests_in_flight = {inflight}
 # Files pulled at the same time per folder.
 parallel_files = {pfiles}
+# How long one request to or from a peer may take (seconds); a peer that
+# stalls is given up on after this, and asked last while others can serve.
+request_timeout_secs = {reqtimeout}
 
 [history]
 # Each device keeps its own copies of the versions that sync replaces or
@@ -502,6 +523,7 @@ local = {hlocal}
             rescan = self.sync.rescan_interval_secs,
             inflight = self.sync.requests_in_flight,
             pfiles = self.sync.parallel_files,
+            reqtimeout = self.sync.request_timeout_secs,
             listen = toml::Value::String(self.network.listen.clone()),
             relays = toml::Value::String(self.network.relays.clone()),
             discovery = self.network.discovery,

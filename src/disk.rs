@@ -1,7 +1,7 @@
 //! Small filesystem helpers that pulls, restores, the scanner and the history
 //! store share: durable directories, full reads, whole-file hashes, range
-//! copies between files, early writeback, and mtimes as the index stores them
-//! (nanoseconds since the epoch).
+//! copies between files, early writeback, free space, and mtimes as the index
+//! stores them (nanoseconds since the epoch).
 
 use std::fs::{File, Metadata};
 use std::io::{self, Read};
@@ -110,6 +110,20 @@ fn copy_by_reads(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -
         done += n as u64;
     }
     Ok(done)
+}
+
+/// Bytes an unprivileged writer may still put on the filesystem holding `path`.
+pub fn free_space(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("a path with a NUL byte"))?;
+    // SAFETY: `c` is a valid NUL-terminated string and `st` a valid out
+    // pointer for the duration of the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Starts writing `file`'s dirty pages to disk without waiting for them, so a

@@ -94,6 +94,10 @@ pub struct DeviceStatus {
     pub bad_chunks: u64,
     /// Records it sent that were refused (unsafe paths, malformed fields).
     pub bad_records: u64,
+    /// Requests it sent that were refused (over the size limit, malformed).
+    pub bad_requests: u64,
+    /// Requests to it that it left unanswered past the request timeout.
+    pub stalled_requests: u64,
 }
 
 /// The link manager.
@@ -240,6 +244,8 @@ impl Peers {
                     chunk_bytes_out: c.chunk_bytes_out.load(Relaxed),
                     bad_chunks: c.bad_chunks.load(Relaxed),
                     bad_records: c.bad_records.load(Relaxed),
+                    bad_requests: c.bad_requests.load(Relaxed),
+                    stalled_requests: c.stalled_requests.load(Relaxed),
                 }
             })
             .collect())

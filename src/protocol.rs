@@ -622,6 +622,14 @@ impl Bounded for WireFile {
             if g.chunks == 0 || g.chunks as usize > MAX_GROUP_CHUNKS {
                 return Err(format!("a group of {} chunks", g.chunks));
             }
+            // Every chunk holds 1 to MAX_CHUNK bytes: a size outside that
+            // range is a claim no chunk list can back.
+            if g.size < g.chunks as u64 || g.size > g.chunks as u64 * MAX_CHUNK as u64 {
+                return Err(format!(
+                    "a group of {} chunks claiming {} bytes",
+                    g.chunks, g.size
+                ));
+            }
             total = total.saturating_add(g.size);
         }
         if self.kind == 0 && !self.deleted && total != self.size {
@@ -811,6 +819,13 @@ impl Bounded for Reply {
                 if groups.iter().any(|g| g.len() > MAX_GROUP_CHUNKS) {
                     return Err("a group of too many chunks".into());
                 }
+                if let Some(c) = groups
+                    .iter()
+                    .flatten()
+                    .find(|c| c.size == 0 || c.size > MAX_CHUNK)
+                {
+                    return Err(format!("a chunk of {} bytes", c.size));
+                }
                 Ok(())
             }
             Reply::Unavailable { reason } => check_name("reason", reason),
@@ -889,14 +904,13 @@ pub async fn read_msg<T: DeserializeOwned + Bounded>(
     if len > MAX_FRAME {
         return Err(ProtocolError::TooLarge(len));
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ProtocolError::Truncated
-        } else {
-            ProtocolError::Io(e)
-        }
-    })?;
+    // Grown as bytes arrive, so a peer that announces a large frame and
+    // stalls holds no more memory than it sent.
+    let mut payload = Vec::with_capacity(len.min(64 * 1024));
+    let got = r.take(len as u64).read_to_end(&mut payload).await?;
+    if got < len {
+        return Err(ProtocolError::Truncated);
+    }
     decode(&payload).map(Some)
 }
 
@@ -969,6 +983,93 @@ mod tests {
         let frame = encode(&msg);
         let err = decode::<SyncMessage>(&frame[4..]).unwrap_err();
         assert!(matches!(err, ProtocolError::Malformed(_)), "{err}");
+    }
+
+    fn record(groups: Vec<WireGroup>) -> WireFile {
+        WireFile {
+            path: "a".into(),
+            kind: 0,
+            size: groups.iter().map(|g| g.size).sum(),
+            mtime_ns: 1,
+            permissions: 0o644,
+            hash: Some([1; 32]),
+            symlink_target: None,
+            deleted: false,
+            version: vec![(1, 1)],
+            modified_by: 1,
+            sequence: 1,
+            groups,
+        }
+    }
+
+    #[test]
+    fn records_claiming_sizes_their_chunks_cannot_hold_are_refused() {
+        let group = |chunks: u32, size: u64| WireGroup {
+            hash: [0; 32],
+            chunks,
+            size,
+        };
+        assert!(record(vec![group(2, 2 * MAX_CHUNK as u64)]).check().is_ok());
+        for bad in [
+            // 2^62 bytes in one group of one chunk.
+            vec![group(1, 1 << 62)],
+            // Over the chunk maximum on average.
+            vec![group(4, 4 * MAX_CHUNK as u64 + 1)],
+            // Fewer bytes than chunks.
+            vec![group(8, 7)],
+            // More chunks per group than allowed.
+            vec![group(MAX_GROUP_CHUNKS as u32 + 1, 1 << 30)],
+        ] {
+            let r = record(bad);
+            let err = decode::<IndexMessage>(
+                &encode(&IndexMessage::Update {
+                    folder: "docs".into(),
+                    epoch: 1,
+                    sequence: 1,
+                    files: vec![r.clone()],
+                })[4..],
+            )
+            .unwrap_err();
+            assert!(matches!(err, ProtocolError::Malformed(_)), "{r:?}: {err}");
+        }
+        // Sizes that do not add up to the file's.
+        let mut r = record(vec![group(1, 10)]);
+        r.size = 1 << 62;
+        assert!(r.check().is_err());
+        // A group list over the limit.
+        assert!(record(vec![group(1, 1); MAX_GROUPS + 1]).check().is_err());
+    }
+
+    #[test]
+    fn group_replies_with_chunks_over_the_maximum_are_refused() {
+        let chunk = |size| WireChunk {
+            hash: [0; 32],
+            size,
+        };
+        for size in [0, MAX_CHUNK + 1, u32::MAX] {
+            let m = Reply::Groups {
+                groups: vec![vec![chunk(1), chunk(size)]],
+            };
+            assert!(decode::<Reply>(&encode(&m)[4..]).is_err(), "{size}");
+        }
+        let m = Reply::Groups {
+            groups: vec![vec![chunk(MAX_CHUNK)]],
+        };
+        assert_eq!(decode::<Reply>(&encode(&m)[4..]).unwrap(), m);
+    }
+
+    #[tokio::test]
+    async fn a_frame_announcing_more_than_it_sends_holds_only_what_came() {
+        // Claims the largest frame, sends 3 bytes, ends: refused as
+        // truncated (the reader grew its buffer only by what arrived).
+        let mut bytes = (MAX_FRAME as u32).to_be_bytes().to_vec();
+        bytes.extend([1, 2, 3]);
+        let err = read_msg::<SyncMessage>(&mut &bytes[..]).await.unwrap_err();
+        assert!(matches!(err, ProtocolError::Truncated), "{err}");
+        // A 4 GB claim is refused from its length alone.
+        let huge = u32::MAX.to_be_bytes();
+        let err = read_msg::<Request>(&mut &huge[..]).await.unwrap_err();
+        assert!(matches!(err, ProtocolError::TooLarge(_)), "{err}");
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use iroh::endpoint::{AfterHandshakeOutcome, Connection, EndpointHooks, presets};
+use iroh::endpoint::{
+    AfterHandshakeOutcome, Connection, EndpointHooks, QuicTransportConfig, presets,
+};
 use iroh::{Endpoint, EndpointAddr, RelayMode, RelayUrl, SecretKey};
 
 use crate::config::NetworkConfig;
@@ -27,6 +29,17 @@ pub const CLOSE_REMOVED: u32 = 4;
 
 /// How long a dial may take before it is given up (iroh's own limit is ~30 s).
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most bytes a peer may have sent on one connection that this device has
+/// not read yet, over all its streams. QUIC's default has no such cap, so a
+/// peer could park 1.25 MB in each of hundreds of streams it opens.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Most request streams a peer may have open at once (QUIC's default): also
+/// how many of its requests this device serves at a time.
+pub const MAX_REQUEST_STREAMS: u32 = 100;
+/// Most uni-streams a peer may have open at once: a link uses one each way
+/// (the index stream); a little slack for a reconnect's overlap.
+pub const MAX_UNI_STREAMS: u32 = 4;
 
 /// Why the endpoint could not be set up or a peer reached.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +154,13 @@ pub async fn bind(
     } else {
         Endpoint::builder(presets::Minimal)
     };
+    let quic = QuicTransportConfig::builder()
+        .receive_window(CONNECTION_WINDOW.into())
+        .max_concurrent_bidi_streams(MAX_REQUEST_STREAMS.into())
+        .max_concurrent_uni_streams(MAX_UNI_STREAMS.into())
+        .build();
     builder = builder
+        .transport_config(quic)
         .secret_key(secret)
         .alpns(vec![SYNC_ALPN.to_vec(), PAIR_ALPN.to_vec()])
         .relay_mode(relay_mode)

@@ -10,6 +10,7 @@ mod agent;
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,8 +20,8 @@ use ferry::config::NetworkConfig;
 use ferry::device::DeviceId;
 use ferry::home::Home;
 use ferry::protocol::{
-    FolderOffer, IndexMessage, PROTOCOL_VERSION, Reply, Request, SYNC_ALPN, SyncMessage, WireChunk,
-    WireFile, WireGroup, WireVersion, read_msg, write_msg,
+    FolderOffer, IndexMessage, MAX_FRAME, PROTOCOL_VERSION, Reply, Request, SYNC_ALPN, SyncMessage,
+    WireChunk, WireFile, WireGroup, WireVersion, read_msg, write_msg,
 };
 use ferry::sync::link::CLOSE_PROTOCOL;
 use ferry::transport::{self, AllowList};
@@ -56,8 +57,15 @@ fn now_ns() -> i64 {
 /// honest agent answers for it. Returns Alice, Mallory, Alice's agent and
 /// Alice's folder.
 fn alice_and_mallory(lab: &Lab) -> (Node, Node, Agent, PathBuf) {
+    alice_and_mallory_with(lab, |_| {})
+}
+
+/// [`alice_and_mallory`], with `setup` run on Alice's fresh home (config
+/// edits, a filesystem for her folder) before her folder is added.
+fn alice_and_mallory_with(lab: &Lab, setup: impl FnOnce(&Node)) -> (Node, Node, Agent, PathBuf) {
     let a = lab.node("alice");
     let m = lab.node("mallory");
+    setup(&a);
     let docs = a.add_folder("docs");
     fs::write(docs.join("hello.txt"), HELLO).unwrap();
     let agent_a = Agent::start(&a);
@@ -296,15 +304,43 @@ async fn serve(conn: Connection, content: Content, honest: Arc<AtomicBool>) {
     }
 }
 
-async fn answer(
-    mut send: SendStream,
-    mut recv: RecvStream,
-    content: Content,
-    honest: Arc<AtomicBool>,
-) {
+async fn answer(send: SendStream, mut recv: RecvStream, content: Content, honest: Arc<AtomicBool>) {
     let Ok(Some(req)) = read_msg::<Request>(&mut recv).await else {
         return;
     };
+    answer_request(send, req, content, honest).await;
+}
+
+/// Answers Alice's requests on `conn` honestly from whichever of `contents`
+/// the request is about.
+async fn serve_each(conn: Connection, contents: Vec<Content>) {
+    while let Ok((send, mut recv)) = conn.accept_bi().await {
+        let contents = contents.clone();
+        tokio::spawn(async move {
+            let Ok(Some(req)) = read_msg::<Request>(&mut recv).await else {
+                return;
+            };
+            let about = |c: &&Content| match &req {
+                Request::Chunk { hash, size, .. } => c
+                    .digest
+                    .chunks
+                    .iter()
+                    .any(|k| k.hash.0 == *hash && k.len == *size),
+                Request::Groups { file_hash, .. } => c.digest.hash.0 == *file_hash,
+                _ => false,
+            };
+            let content = contents.iter().find(about).unwrap_or(&contents[0]).clone();
+            answer_request(send, req, content, Arc::new(AtomicBool::new(true))).await;
+        });
+    }
+}
+
+async fn answer_request(
+    mut send: SendStream,
+    req: Request,
+    content: Content,
+    honest: Arc<AtomicBool>,
+) {
     let chunks = &content.digest.chunks;
     let unavailable = Reply::Unavailable {
         reason: "not here".into(),
@@ -866,5 +902,719 @@ fn a_version_fetched_from_a_peer_that_does_not_match_its_hash_is_refused_naming_
     ])
     .ok();
     assert_eq!(fs::read(&target).unwrap(), *old.data);
+    rt.block_on(mallory.ep.close());
+}
+
+// The cases below keep an honest third device, Bob, syncing with Alice
+// while Mallory misbehaves: an attack on one link must not stop the others.
+
+/// Alice and Mallory as in [`alice_and_mallory_with`], plus Bob, an honest
+/// device sharing `docs` with Alice, whose agent keeps running.
+struct Trio {
+    a: Node,
+    m: Node,
+    b: Node,
+    agent_a: Agent,
+    _agent_b: Agent,
+    docs: PathBuf,
+    b_docs: PathBuf,
+}
+
+fn trio(lab: &Lab, setup: impl FnOnce(&Node)) -> Trio {
+    let (a, m, agent_a, docs) = alice_and_mallory_with(lab, setup);
+    let b = lab.node("bob");
+    let agent_b = Agent::start(&b);
+    let b_docs = b.path("docs");
+    pair(
+        &a,
+        &b,
+        &["--folder", "docs"],
+        &["--into", b_docs.to_str().unwrap()],
+    );
+    wait_until("bob has hello.txt", || {
+        fs::read(b_docs.join("hello.txt")).is_ok_and(|x| x == HELLO)
+    });
+    Trio {
+        a,
+        m,
+        b,
+        agent_a,
+        _agent_b: agent_b,
+        docs,
+        b_docs,
+    }
+}
+
+impl Trio {
+    /// A file made on Bob arrives at Alice, and one made on Alice at Bob.
+    #[track_caller]
+    fn honest_sync_works(&self, tag: &str) {
+        let from_b = format!("from-bob-{tag}.txt");
+        let from_a = format!("from-alice-{tag}.txt");
+        let body_b = format!("bob wrote this ({tag})\n");
+        let body_a = format!("alice wrote this ({tag})\n");
+        fs::write(self.b_docs.join(&from_b), &body_b).unwrap();
+        fs::write(self.docs.join(&from_a), &body_a).unwrap();
+        wait_until(&format!("alice gets {from_b} from bob"), || {
+            fs::read(self.docs.join(&from_b)).is_ok_and(|x| x == body_b.as_bytes())
+        });
+        wait_until(&format!("bob gets {from_a} from alice"), || {
+            fs::read(self.b_docs.join(&from_a)).is_ok_and(|x| x == body_a.as_bytes())
+        });
+    }
+
+    /// Alice's agent's peak resident memory (VmHWM), in bytes.
+    fn alice_peak_memory(&self) -> u64 {
+        let pid = self.agent_a.pid();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .expect("a VmHWM line");
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
+    /// Asserts that Alice's agent never held more than [`MEMORY_BOUND`].
+    #[track_caller]
+    fn assert_memory_bounded(&self, after: &str) {
+        let peak = self.alice_peak_memory();
+        eprintln!("alice's peak memory after {after}: {} MiB", peak >> 20);
+        assert!(
+            peak < MEMORY_BOUND,
+            "alice's agent peaked at {} MiB after {after}",
+            peak >> 20
+        );
+    }
+}
+
+/// A generous bound on an agent's peak memory: far above what syncing a few
+/// small files takes, far below what honouring a hostile claim would.
+const MEMORY_BOUND: u64 = 200 << 20;
+
+/// Waits until Alice closes `conn` as a protocol violation; its reason.
+fn closed_for_protocol(conn: &Connection, what: &str) -> String {
+    let closed = wait_for(&format!("alice closes the link over {what}"), || {
+        conn.close_reason()
+    });
+    match closed {
+        ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                VarInt::from_u32(CLOSE_PROTOCOL),
+                "{what}: {close:?}"
+            );
+            String::from_utf8_lossy(&close.reason).into_owned()
+        }
+        other => panic!("{what}: expected a close with code {CLOSE_PROTOCOL}, got {other}"),
+    }
+}
+
+/// Waits until `status --need` on `a` gives a reason for `path` that
+/// `accept`s; returns it.
+fn need_reason(a: &Node, path: &str, accept: impl Fn(&str) -> bool) -> String {
+    wait_for(&format!("alice says why {path} is not in sync"), || {
+        let need = a.run(&["status", "--need", "docs", "--json"]).ok().json();
+        let item = need["need"]
+            .as_array()?
+            .iter()
+            .find(|i| i["path"] == path)?
+            .clone();
+        let reason = item["reason"].as_str()?.to_owned();
+        accept(&reason).then_some(reason)
+    })
+}
+
+/// Waits until Alice needs nothing more in `docs`.
+fn needs_nothing(a: &Node) {
+    wait_until("alice needs nothing more", || {
+        let need = a.run(&["status", "--need", "docs", "--json"]).ok().json();
+        need["need"].as_array().is_some_and(|n| n.is_empty())
+    });
+}
+
+/// Whether any file under `dir` holds exactly `data`.
+fn holds(dir: &Path, data: &[u8]) -> Option<PathBuf> {
+    let mut files = Vec::new();
+    files_under(dir, &mut files);
+    files
+        .into_iter()
+        .find(|f| fs::read(f).is_ok_and(|b| b == data))
+}
+
+#[test]
+fn over_long_names_are_refused_counted_and_never_written_while_an_honest_peer_syncs() {
+    let lab = Lab::new();
+    let t = trio(&lab, |_| {});
+    let m_id = t.m.id();
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &t.m, &t.a);
+    let payload = Content::new(b"written under a very long name\n".to_vec());
+    let honest = Arc::new(AtomicBool::new(true));
+    let long_name = "n".repeat(256);
+    // Each name fits, the whole is over the 4096-byte path bound.
+    let long_path = vec!["d".repeat(250); 20].join("/");
+    assert!(long_path.len() > 4096);
+    let cases = [
+        (long_name.clone(), "a name of 256 bytes"),
+        (
+            format!("sub/{long_name}.txt"),
+            "a name of 260 bytes in a directory",
+        ),
+        (long_path, "a path of 5019 bytes"),
+    ];
+    for (n, (path, what)) in cases.iter().enumerate() {
+        let mut link = rt.block_on(mallory.link());
+        rt.spawn(serve(link.conn.clone(), payload.clone(), honest.clone()));
+        let seq = link.next_sequence();
+        rt.block_on(link.announce(vec![payload.record(path, mallory.me, seq)]));
+        let reason = closed_for_protocol(&link.conn, what);
+        assert!(
+            reason.contains("too long") || reason.contains("a path of"),
+            "{what}: {reason}"
+        );
+        assert_eq!(
+            counter(&t.a, &m_id, "bad_records"),
+            n as u64 + 1,
+            "after {what}"
+        );
+        // Bob and Alice go on syncing both ways.
+        t.honest_sync_works(&format!("long-{n}"));
+    }
+    assert!(
+        names(&t.docs).iter().all(|n| n.len() < 200 && n != "sub"),
+        "{:?}",
+        names(&t.docs)
+    );
+    if let Some(f) = holds(&lab_root(&t), &payload.data) {
+        panic!("mallory's content was written to {}", f.display());
+    }
+    rt.block_on(mallory.ep.close());
+}
+
+/// The directory holding every node of the lab.
+fn lab_root(t: &Trio) -> PathBuf {
+    t.a.dir.parent().unwrap().to_path_buf()
+}
+
+#[test]
+fn names_differing_only_by_case_both_land_on_a_case_sensitive_filesystem() {
+    let lab = Lab::new();
+    let t = trio(&lab, |_| {});
+    let m_id = t.m.id();
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &t.m, &t.a);
+    let upper = Content::new(b"Report, capitalised\n".to_vec());
+    let lower = Content::new(b"report, in lower case\n".to_vec());
+    let mut link = rt.block_on(mallory.link());
+    rt.spawn(serve_each(
+        link.conn.clone(),
+        vec![upper.clone(), lower.clone()],
+    ));
+    let (s1, s2) = (link.next_sequence(), link.next_sequence());
+    rt.block_on(link.announce(vec![
+        upper.record("Report.txt", mallory.me, s1),
+        lower.record("report.txt", mallory.me, s2),
+    ]));
+    // Two names to this filesystem: both are files, neither overwrites the
+    // other, on Alice and on Bob.
+    for dir in [&t.docs, &t.b_docs] {
+        wait_until(&format!("{} holds both names", dir.display()), || {
+            fs::read(dir.join("Report.txt")).is_ok_and(|b| b == *upper.data)
+                && fs::read(dir.join("report.txt")).is_ok_and(|b| b == *lower.data)
+        });
+    }
+    needs_nothing(&t.a);
+    assert_eq!(counter(&t.a, &m_id, "bad_records"), 0);
+    assert!(link.conn.close_reason().is_none());
+    t.honest_sync_works("after-case");
+    rt.block_on(mallory.ep.close());
+}
+
+/// An ext4 filesystem with case folding, loop-mounted on a directory;
+/// unmounted (lazily) and its image removed when dropped.
+struct CasefoldMount {
+    dir: PathBuf,
+    image: PathBuf,
+}
+
+impl CasefoldMount {
+    /// Mounts one on `dir` (made empty) with its image at `image`, its root
+    /// folding case; `None` where this machine does not allow it (not root,
+    /// no loop devices, a kernel without Unicode support...).
+    fn new(dir: &Path, image: &Path) -> Option<Self> {
+        let run = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
+        fs::create_dir_all(dir).ok()?;
+        fs::File::create(image)
+            .and_then(|f| f.set_len(64 << 20))
+            .ok()?;
+        let made = run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "encoding=utf8", "-O", "casefold"])
+            .arg(image));
+        if !made
+            || !run(Command::new("mount")
+                .arg("-o")
+                .arg("loop")
+                .arg(image)
+                .arg(dir))
+        {
+            let _ = fs::remove_file(image);
+            return None;
+        }
+        let mounted = Self {
+            dir: dir.to_owned(),
+            image: image.to_owned(),
+        };
+        let _ = fs::remove_dir(dir.join("lost+found"));
+        run(Command::new("chattr").arg("+F").arg(dir)).then_some(mounted)
+    }
+}
+
+impl Drop for CasefoldMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+        let _ = fs::remove_file(&self.image);
+    }
+}
+
+#[test]
+fn names_differing_only_by_case_are_a_case_conflict_on_a_case_insensitive_filesystem() {
+    let probe = tempfile::tempdir().unwrap();
+    if CasefoldMount::new(&probe.path().join("mnt"), &probe.path().join("img")).is_none() {
+        eprintln!(
+            "skipped: this machine does not let the test loop-mount a case-folding ext4 \
+             (needs root, loop devices and a kernel with CONFIG_UNICODE)"
+        );
+        return;
+    }
+    let lab = Lab::new();
+    let mut mounted = None;
+    let t = trio(&lab, |a| {
+        mounted = CasefoldMount::new(&a.path("docs"), &a.dir.join("docs.img"));
+    });
+    assert!(
+        mounted.is_some(),
+        "the probe mounted, alice's folder did not"
+    );
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &t.m, &t.a);
+    let upper = Content::new(b"Report, capitalised\n".to_vec());
+    let lower = Content::new(b"report, in lower case\n".to_vec());
+    let mut link = rt.block_on(mallory.link());
+    rt.spawn(serve_each(
+        link.conn.clone(),
+        vec![upper.clone(), lower.clone()],
+    ));
+    let (s1, s2) = (link.next_sequence(), link.next_sequence());
+    rt.block_on(link.announce(vec![
+        upper.record("Report.txt", mallory.me, s1),
+        lower.record("report.txt", mallory.me, s2),
+    ]));
+    // One name to this filesystem: the first lands, the second is reported
+    // and never written over it.
+    let reason = need_reason(&t.a, "report.txt", |r| r.contains("case conflict"));
+    assert!(reason.contains("Report.txt"), "{reason}");
+    assert_eq!(fs::read(t.docs.join("Report.txt")).unwrap(), *upper.data);
+    assert!(names(&t.docs).contains(&"Report.txt".to_owned()));
+    assert!(!names(&t.docs).contains(&"report.txt".to_owned()));
+    // Bob's case-sensitive disk takes both from Mallory's records only
+    // through Alice, who has one: he gets that one.
+    t.honest_sync_works("after-casefold");
+    assert_eq!(fs::read(t.docs.join("Report.txt")).unwrap(), *upper.data);
+    rt.block_on(mallory.ep.close());
+    drop(t);
+}
+
+#[test]
+fn a_name_in_nfc_and_in_nfd_are_two_files_on_linux_and_neither_is_overwritten() {
+    const NFC: &str = "caf\u{e9}.txt";
+    const NFD: &str = "cafe\u{301}.txt";
+    assert_ne!(NFC.as_bytes(), NFD.as_bytes());
+    let lab = Lab::new();
+    let t = trio(&lab, |_| {});
+    let m_id = t.m.id();
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &t.m, &t.a);
+    let composed = Content::new(b"cafe, composed (NFC)\n".to_vec());
+    let decomposed = Content::new(b"cafe, decomposed (NFD)\n".to_vec());
+    let mut link = rt.block_on(mallory.link());
+    rt.spawn(serve_each(
+        link.conn.clone(),
+        vec![composed.clone(), decomposed.clone()],
+    ));
+    let (s1, s2) = (link.next_sequence(), link.next_sequence());
+    rt.block_on(link.announce(vec![
+        composed.record(NFC, mallory.me, s1),
+        decomposed.record(NFD, mallory.me, s2),
+    ]));
+    // ext4 stores names as bytes: two names, two files, each with its own
+    // content (a normalising filesystem reports the second instead: see the
+    // pull module's unit tests).
+    for dir in [&t.docs, &t.b_docs] {
+        wait_until(&format!("{} holds both forms", dir.display()), || {
+            fs::read(dir.join(NFC)).is_ok_and(|b| b == *composed.data)
+                && fs::read(dir.join(NFD)).is_ok_and(|b| b == *decomposed.data)
+        });
+    }
+    needs_nothing(&t.a);
+    assert_eq!(counter(&t.a, &m_id, "bad_records"), 0);
+    assert!(link.conn.close_reason().is_none());
+    t.honest_sync_works("after-nfd");
+    rt.block_on(mallory.ep.close());
+}
+
+#[test]
+fn frames_over_the_limit_or_stalled_after_a_large_claim_cost_no_memory_and_are_counted() {
+    let lab = Lab::new();
+    let t = trio(&lab, |_| {});
+    let m_id = t.m.id();
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &t.m, &t.a);
+
+    // Requests announcing the largest frame allowed, a few bytes of it sent,
+    // then nothing: Alice holds only what came.
+    let link = rt.block_on(mallory.link());
+    let stalled = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..64 {
+            let (mut send, recv) = link.conn.open_bi().await.expect("open a stream");
+            send.write_all(&(MAX_FRAME as u32).to_be_bytes())
+                .await
+                .unwrap();
+            send.write_all(&[0; 16]).await.unwrap();
+            held.push((send, recv));
+        }
+        held
+    });
+    t.honest_sync_works("while-stalled");
+    assert!(link.conn.close_reason().is_none());
+    t.assert_memory_bounded("64 stalled frames of 1 MiB announced");
+
+    // A request claiming 4 GB: refused on its length alone, the link closed
+    // and the request counted.
+    rt.block_on(async {
+        let (mut send, _recv) = link.conn.open_bi().await.expect("open a stream");
+        send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    });
+    let reason = closed_for_protocol(&link.conn, "a 4 GB request frame");
+    assert!(reason.contains("over the limit"), "{reason}");
+    assert_eq!(counter(&t.a, &m_id, "bad_requests"), 1);
+    drop(stalled);
+
+    // The same claim on the index stream: refused, counted as a bad record.
+    let mut link = rt.block_on(mallory.link());
+    rt.block_on(async {
+        link.index.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        link.index.write_all(&[0; 1024]).await.unwrap();
+    });
+    let reason = closed_for_protocol(&link.conn, "a 4 GB index frame");
+    assert!(reason.contains("over the limit"), "{reason}");
+    assert_eq!(counter(&t.a, &m_id, "bad_records"), 1);
+
+    t.honest_sync_works("after-huge-frames");
+    t.assert_memory_bounded("4 GB claims");
+    rt.block_on(mallory.ep.close());
+}
+
+/// A file record as Mallory announces it, with `groups` as given and the
+/// size they add up to.
+fn claim(path: &str, by: DeviceId, sequence: u64, groups: Vec<WireGroup>) -> WireFile {
+    let me = by.short().0;
+    WireFile {
+        path: path.to_owned(),
+        kind: 0,
+        size: groups.iter().map(|g| g.size).fold(0, u64::saturating_add),
+        mtime_ns: now_ns(),
+        permissions: 0o644,
+        hash: Some([7; 32]),
+        symlink_target: None,
+        deleted: false,
+        version: vec![(me, 1)],
+        modified_by: me,
+        sequence,
+        groups,
+    }
+}
+
+fn group(chunks: u32, size: u64) -> WireGroup {
+    WireGroup {
+        hash: *blake3::hash(&size.to_le_bytes()).as_bytes(),
+        chunks,
+        size,
+    }
+}
+
+#[test]
+fn records_claiming_absurd_sizes_are_refused_before_anything_is_allocated_or_written() {
+    let lab = Lab::new();
+    let t = trio(&lab, |_| {});
+    let m_id = t.m.id();
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &t.m, &t.a);
+    let me = mallory.me;
+    let mut inconsistent = claim("inconsistent.bin", me, 0, vec![group(1, 1000)]);
+    inconsistent.size = 1 << 40;
+    let cases = [
+        (
+            claim("huge.bin", me, 0, vec![group(1, 1 << 62)]),
+            "a file of 2^62 bytes",
+        ),
+        (inconsistent, "groups that do not add up to the size"),
+        (
+            claim("fat.bin", me, 0, vec![group(4, 4 * (1 << 20) + 1)]),
+            "chunks over the chunk maximum",
+        ),
+        (
+            claim("many.bin", me, 0, vec![group(1, 1); 16_385]),
+            "16385 groups",
+        ),
+        (
+            claim("wide.bin", me, 0, vec![group(1025, 1025)]),
+            "a group of 1025 chunks",
+        ),
+    ];
+    for (n, (mut record, what)) in cases.into_iter().enumerate() {
+        let mut link = rt.block_on(mallory.link());
+        record.sequence = link.next_sequence();
+        let path = record.path.clone();
+        rt.block_on(link.announce(vec![record]));
+        closed_for_protocol(&link.conn, what);
+        assert_eq!(
+            counter(&t.a, &m_id, "bad_records"),
+            n as u64 + 1,
+            "after {what}"
+        );
+        assert!(!t.docs.join(&path).exists(), "{what}");
+    }
+    t.honest_sync_works("after-absurd");
+    t.assert_memory_bounded("absurd records");
+
+    // A well-formed record of a file far larger than any disk here (15 TiB):
+    // not a protocol violation, but the pull fails before fetching a byte,
+    // saying why, and leaves nothing behind.
+    let mut link = rt.block_on(mallory.link());
+    rt.spawn(serve(
+        link.conn.clone(),
+        Content::new(b"unused".to_vec()),
+        Arc::new(AtomicBool::new(true)),
+    ));
+    let seq = link.next_sequence();
+    let giant = claim("giant.bin", me, seq, vec![group(1024, 1 << 30); 15 * 1024]);
+    rt.block_on(link.announce(vec![giant]));
+    let reason = need_reason(&t.a, "giant.bin", |r| r.contains("space"));
+    assert!(reason.contains("No space left on device"), "{reason}");
+    assert!(link.conn.close_reason().is_none());
+    assert!(!t.docs.join("giant.bin").exists());
+    let temps: Vec<String> = names(&t.docs)
+        .into_iter()
+        .filter(|n| n.starts_with(".ferry-tmp-"))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+    assert_eq!(counter(&t.a, &m_id, "chunk_bytes_in"), 0);
+    t.honest_sync_works("after-giant");
+    rt.block_on(mallory.ep.close());
+}
+
+#[test]
+fn a_flood_of_requests_is_served_within_bounds_while_an_honest_peer_syncs() {
+    const TASKS: u64 = 64;
+    const REQUESTS: u64 = TASKS * 64;
+    let lab = Lab::new();
+    let t = trio(&lab, |_| {});
+    let m_id = t.m.id();
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &t.m, &t.a);
+    let mut link = rt.block_on(mallory.link());
+    let conn = link.conn.clone();
+
+    // Chunk requests for chunks nobody has (as large as allowed, named at a
+    // real file) and whole-folder history reads, from many tasks at once,
+    // each asking again as soon as it has its answer.
+    let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let flood: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let conn = conn.clone();
+            let answered = answered.clone();
+            rt.spawn(async move {
+                for i in 0..REQUESTS / TASKS {
+                    let req = if i % 8 == 7 {
+                        Request::History {
+                            folder: "docs".into(),
+                            path: String::new(),
+                        }
+                    } else {
+                        Request::Chunk {
+                            folder: "docs".into(),
+                            path: "hello.txt".into(),
+                            offset: 0,
+                            size: 1 << 20,
+                            hash: *blake3::hash(&(task * 1_000_000 + i).to_le_bytes()).as_bytes(),
+                        }
+                    };
+                    let (reply, _) = ask(&conn, &req).await;
+                    match (&req, &reply) {
+                        (Request::Chunk { .. }, Reply::Unavailable { .. })
+                        | (Request::History { .. }, Reply::History { .. }) => {}
+                        _ => panic!("{req:?} got {reply:?}"),
+                    }
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    // Uni-streams parked full of bytes Alice never reads (a stream's whole
+    // window each): QUIC's limits must keep what she buffers for them small.
+    // A stream Alice gives no credit for within a few seconds is taken as
+    // refused (a slow machine only makes Mallory park fewer).
+    let parked = {
+        let conn = conn.clone();
+        rt.spawn(async move {
+            let patience = std::time::Duration::from_secs(2);
+            let junk = vec![0x55u8; 1_250_000];
+            let mut held = Vec::new();
+            for _ in 0..100 {
+                let Ok(Ok(mut s)) = tokio::time::timeout(patience, conn.open_uni()).await else {
+                    break;
+                };
+                if !matches!(
+                    tokio::time::timeout(patience, s.write_all(&junk)).await,
+                    Ok(Ok(()))
+                ) {
+                    break;
+                }
+                held.push(s);
+            }
+            held
+        })
+    };
+    // Index updates as fast as Mallory can send them (each one empty: a
+    // nudge to look at the folder again).
+    rt.block_on(async {
+        for _ in 0..2000 {
+            link.announce(vec![]).await;
+        }
+    });
+
+    // Bob's sync with Alice goes on, a larger file included.
+    let big = pseudo_random(3 << 20, 0xf100d);
+    fs::write(t.b_docs.join("big.bin"), &big).unwrap();
+    t.honest_sync_works("during-flood");
+    wait_until("alice gets big.bin from bob", || {
+        fs::read(t.docs.join("big.bin")).is_ok_and(|b| b == big)
+    });
+    for task in flood {
+        rt.block_on(task).expect("a flood task failed");
+    }
+    let parked = rt.block_on(parked).expect("the parking task");
+    eprintln!("mallory parked {} uni-streams", parked.len());
+    assert!(
+        parked.len() < ferry::transport::MAX_UNI_STREAMS as usize,
+        "{} uni-streams parked beside the index stream",
+        parked.len()
+    );
+    assert_eq!(answered.load(Ordering::Relaxed), REQUESTS);
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    assert_eq!(counter(&t.a, &m_id, "bad_requests"), 0);
+    t.honest_sync_works("after-flood");
+    t.assert_memory_bounded("a flood of requests");
+    drop(parked);
+    rt.block_on(mallory.ep.close());
+}
+
+#[test]
+fn a_peer_that_stalls_is_timed_out_named_in_status_and_asked_last() {
+    let lab = Lab::new();
+    let t = trio(&lab, |a| {
+        a.edit_config("request_timeout_secs = 60", "request_timeout_secs = 3")
+    });
+    let m_id = t.m.id();
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &t.m, &t.a);
+    let shared = Content::new(pseudo_random(10_000, 0x57a11));
+    assert_eq!(shared.digest.chunks.len(), 1);
+    let mut link = rt.block_on(mallory.link());
+
+    // Mallory takes every request and never answers it; she keeps the
+    // streams, and notes when Alice lets go of each.
+    let let_go = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let conn = link.conn.clone();
+        let (let_go, asked) = (let_go.clone(), asked.clone());
+        rt.spawn(async move {
+            while let Ok((send, mut recv)) = conn.accept_bi().await {
+                let (let_go, asked) = (let_go.clone(), asked.clone());
+                tokio::spawn(async move {
+                    if let Ok(Some(_)) = read_msg::<Request>(&mut recv).await {
+                        asked.fetch_add(1, Ordering::Relaxed);
+                        // Resolves when Alice drops her end of the request.
+                        let _ = send.stopped().await;
+                        let_go.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(recv);
+                });
+            }
+        });
+    }
+    // And on a stream of her own, half a request frame, then nothing.
+    let (half, mut half_reply) = rt.block_on(async {
+        let (mut s, r) = link.conn.open_bi().await.expect("open a stream");
+        let frame = ferry::protocol::encode(&chunk_of("docs", "hello.txt", HELLO));
+        s.write_all(&frame[..frame.len() / 2]).await.unwrap();
+        (s, r)
+    });
+
+    // A file only Mallory has (yet), announced with the version Bob will
+    // give it: Alice asks Mallory, gets nothing, and says so.
+    let b_short = t.b.id().parse::<DeviceId>().unwrap().short().0;
+    let mut record = shared.record("shared.bin", mallory.me, link.next_sequence());
+    record.version = vec![(b_short, 1)];
+    record.modified_by = b_short;
+    rt.block_on(link.announce(vec![record]));
+    let reason = need_reason(&t.a, "shared.bin", |r| r.contains("no answer"));
+    assert!(reason.contains("no answer within 3 s"), "{reason}");
+    assert!(counter(&t.a, &m_id, "stalled_requests") >= 1);
+    // Alice gave up the stalled requests (her end is dropped, not kept).
+    wait_until("alice lets go of every request she gave up on", || {
+        let n = asked.load(Ordering::Relaxed);
+        n >= 1 && let_go.load(Ordering::Relaxed) == n
+    });
+    // And the half frame she was reading: her end of it is closed too.
+    rt.block_on(async {
+        let stopped = tokio::time::timeout(agent::PATIENCE, half.stopped())
+            .await
+            .expect("alice drops a half-sent request within the patience");
+        assert!(stopped.is_ok(), "{stopped:?}");
+        let mut buf = [0u8; 16];
+        let end = tokio::time::timeout(agent::PATIENCE, half_reply.read(&mut buf))
+            .await
+            .expect("alice ends her side of the half-sent request");
+        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    });
+    assert!(link.conn.close_reason().is_none());
+    t.honest_sync_works("while-mallory-stalls");
+
+    // Bob makes the same file: Alice fetches it from Bob (Mallory, who
+    // stalled, is asked last), whatever Mallory keeps doing.
+    fs::write(t.b_docs.join("shared.bin"), &*shared.data).unwrap();
+    wait_until("alice gets shared.bin from bob", || {
+        fs::read(t.docs.join("shared.bin")).is_ok_and(|b| b == *shared.data)
+    });
+    needs_nothing(&t.a);
+    t.honest_sync_works("after-stall");
+
+    // Half an index update, then nothing: only this link's index receiver
+    // waits on it; Bob's sync with Alice goes on.
+    let frame = ferry::protocol::encode(&IndexMessage::Update {
+        folder: "docs".into(),
+        epoch: link.epoch,
+        sequence: link.sequence + 1,
+        files: vec![shared.record("late.bin", mallory.me, link.sequence + 1)],
+    });
+    rt.block_on(link.index.write_all(&frame[..frame.len() / 2]))
+        .unwrap();
+    t.honest_sync_works("after-half-index-frame");
+    assert!(link.conn.close_reason().is_none());
+    assert!(!t.docs.join("late.bin").exists());
     rt.block_on(mallory.ep.close());
 }

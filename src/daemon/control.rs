@@ -16,7 +16,8 @@
 //!   `{device, name, folder: {id,label}|null, folder_path: PATH|null}`
 //! - `{"cmd":"devices"}` → `[{id, name, connected, address, direct,
 //!   connected_since, last_seen_at, bytes_in, bytes_out, last_error,
-//!   chunk_bytes_in, chunk_bytes_out, bad_chunks, bad_records}]`
+//!   chunk_bytes_in, chunk_bytes_out, bad_chunks, bad_records,
+//!   bad_requests, stalled_requests}]`
 //! - `{"cmd":"remove-device","id":ID}` → `{removed: ID}`
 //! - `{"cmd":"share","folder":ID,"device":ID}` → `{folder, device}`
 //! - `{"cmd":"confirm-deletes","folder":ID}` → `{deleted: N}`

@@ -275,11 +275,21 @@ async fn serve(engine: &Arc<Engine>, conn: &Connection, peer: DeviceId) {
         };
         let engine = engine.clone();
         let conn = conn.clone();
+        // A peer that stalls mid-request holds its task and stream only this
+        // long; QUIC's stream limit bounds how many it holds at once.
+        let limit = engine.request_timeout();
         tasks.spawn(async move {
-            match tokio::time::timeout(REQUEST_TIMEOUT, serve_one(&engine, peer, send, recv)).await
-            {
+            match tokio::time::timeout(limit, serve_one(&engine, peer, send, recv)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(ServeError::Protocol(e))) => refuse(&conn, peer, &e),
+                Ok(Err(ServeError::Protocol(e))) => {
+                    let n = engine
+                        .counters(&peer)
+                        .bad_requests
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
+                    tracing::warn!(device = %peer, bad_requests = n, "refused a request");
+                    refuse(&conn, peer, &e)
+                }
                 Ok(Err(ServeError::Store(e))) => {
                     tracing::warn!(device = %peer, "serving a request: {e}");
                 }

@@ -97,6 +97,11 @@ pub struct PeerCounters {
     pub bad_chunks: AtomicU64,
     /// Records refused (unsafe paths, malformed fields).
     pub bad_records: AtomicU64,
+    /// Requests refused (frames over the limit, malformed or unexpected
+    /// requests); each also closes the link.
+    pub bad_requests: AtomicU64,
+    /// Requests to it that got no answer within the request timeout.
+    pub stalled_requests: AtomicU64,
 }
 
 /// One folder's handles.
@@ -116,6 +121,9 @@ pub struct FolderHandle {
     pub status: Mutex<FolderStatus>,
     /// The folder's filesystem treats names differing by case as one.
     pub case_insensitive: bool,
+    /// The folder's filesystem treats a name in NFC and in NFD as one (as
+    /// macOS does): such names from peers are reported, not written.
+    pub normalizing: bool,
     /// The next pull undoes local changes (`ferry revert`, receive-only).
     pub revert: std::sync::atomic::AtomicBool,
     /// Temp files of pulls that did not finish (found by scans, or left by
@@ -242,6 +250,7 @@ impl Engine {
                             revert: std::sync::atomic::AtomicBool::new(false),
                             leftover_temps: Mutex::new(HashSet::new()),
                             case_insensitive: case_insensitive(&f.path),
+                            normalizing: normalizing(&f.path),
                             stop: self.shutdown.child_token(),
                         });
                         folders.insert(f.id.to_string(), h.clone());
@@ -260,6 +269,11 @@ impl Engine {
     /// The `[sync]` settings in use now.
     pub fn sync_config(&self) -> SyncConfig {
         self.home.config().sync.clone()
+    }
+
+    /// How long a request to a peer, or its answer, may take.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        self.home.config().sync.request_timeout()
     }
 
     /// The home's config was replaced ([`Home::set_config`]): scans and
@@ -598,13 +612,25 @@ impl Engine {
 /// Whether the filesystem under `root` ignores case in names (probed with a
 /// file in the folder's marker directory).
 fn case_insensitive(root: &std::path::Path) -> bool {
+    same_name(root, "CaseProbe", "caseprobe")
+}
+
+/// Whether the filesystem under `root` treats a name in NFD and in NFC as
+/// one ("e" + combining acute, then "é").
+fn normalizing(root: &std::path::Path) -> bool {
+    same_name(root, "NormProbe-e\u{301}", "NormProbe-\u{e9}")
+}
+
+/// Whether a file made as `made` in the folder's marker directory is found
+/// as `other`.
+fn same_name(root: &std::path::Path, made: &str, other: &str) -> bool {
     let dir = crate::folder::marker_dir(root);
-    let probe = dir.join(format!("CaseProbe-{}", std::process::id()));
+    let pid = std::process::id();
+    let probe = dir.join(format!("{made}-{pid}"));
     if std::fs::write(&probe, b"").is_err() {
         return false;
     }
-    let lower = dir.join(format!("caseprobe-{}", std::process::id()));
-    let insensitive = std::fs::symlink_metadata(&lower).is_ok();
+    let same = std::fs::symlink_metadata(dir.join(format!("{other}-{pid}"))).is_ok();
     let _ = std::fs::remove_file(&probe);
-    insensitive
+    same
 }

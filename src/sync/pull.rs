@@ -92,6 +92,12 @@ enum PullError {
     Index(#[from] crate::index::IndexError),
     #[error("unsafe path: {0}")]
     Unsafe(String),
+    /// Checked before anything is fetched, so a record claiming a huge size
+    /// cannot fill the disk.
+    #[error(
+        "No space left on device: the file needs {need} bytes, the folder's filesystem has {free} free"
+    )]
+    NoSpace { need: u64, free: u64 },
 }
 
 impl PullError {
@@ -260,18 +266,43 @@ fn plan(
     actions
 }
 
-/// On a case-insensitive filesystem, a new path that differs only by case from
-/// one already here would overwrite it: such items are not pulled but reported.
-fn split_case_clashes(
+/// Which differences between names a folder's filesystem does not see.
+#[derive(Debug, Clone, Copy)]
+struct Folding {
+    /// Case (`Report.txt` is `report.txt`).
+    case: bool,
+    /// Unicode normalisation (`café` in NFC is `café` in NFD), as on macOS.
+    unicode: bool,
+}
+
+impl Folding {
+    /// The name as this filesystem sees it.
+    fn key(self, p: &str) -> String {
+        use unicode_normalization::UnicodeNormalization;
+        let p: String = if self.unicode {
+            p.nfc().collect()
+        } else {
+            p.to_owned()
+        };
+        if self.case { p.to_lowercase() } else { p }
+    }
+}
+
+/// On a filesystem that ignores case or Unicode normalisation in names, a new
+/// path that differs only so from one already here would overwrite it: such
+/// items are not pulled but reported (as Syncthing does).
+fn split_name_clashes(
     local: &HashMap<String, LocalFile>,
     actions: Vec<Action>,
+    fold: Folding,
 ) -> (Vec<Action>, Vec<NeedItem>) {
+    use unicode_normalization::UnicodeNormalization;
     let mut folded: HashMap<String, String> = local
         .values()
         .filter(|l| !l.record.deleted)
         .map(|l| {
             let p = l.record.path.as_str();
-            (p.to_lowercase(), p.to_owned())
+            (fold.key(p), p.to_owned())
         })
         .collect();
     let mut ok = Vec::with_capacity(actions.len());
@@ -281,15 +312,22 @@ fn split_case_clashes(
             && !remote.deleted
         {
             let p = remote.path.as_str();
-            let key = p.to_lowercase();
+            let key = fold.key(p);
             match folded.get(&key) {
                 Some(other) if other != p => {
+                    let reason = if other.nfc().eq(p.nfc()) {
+                        format!(
+                            "unicode normalisation conflict: the same name as {other} in another Unicode form (NFC/NFD), which this filesystem cannot tell apart"
+                        )
+                    } else {
+                        format!(
+                            "case conflict: differs only by case from {other}, which this filesystem cannot tell apart"
+                        )
+                    };
                     bad.push(NeedItem {
                         path: p.to_owned(),
                         size: remote.size,
-                        reason: format!(
-                            "case conflict: differs only by case from {other}, which this filesystem cannot tell apart"
-                        ),
+                        reason,
                     });
                     continue;
                 }
@@ -348,8 +386,12 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
     let mut actions = plan(&local, remote, revert);
     order(&mut actions);
     let mut clashes = Vec::new();
-    if h.case_insensitive {
-        let (ok, bad) = split_case_clashes(&local, actions);
+    if h.case_insensitive || h.normalizing {
+        let fold = Folding {
+            case: h.case_insensitive,
+            unicode: h.normalizing,
+        };
+        let (ok, bad) = split_name_clashes(&local, actions, fold);
         actions = ok;
         clashes = bad;
     }
@@ -634,6 +676,9 @@ async fn take(
         let same_content = live_local
             .as_ref()
             .is_some_and(|l| l.record.kind == FileKind::File && l.record.hash == remote.hash);
+        if !same_content {
+            room_for(&root, &remote)?;
+        }
         let prefetched;
         (chunks, prefetched) = chunk_list(engine, folder, &remote, &sources, &pass.reads).await?;
         if same_content {
@@ -781,6 +826,38 @@ impl Reads {
         self.jobs.send(job).await.map_err(|_| gone())?;
         result.await.unwrap_or_else(|_| Err(gone()))
     }
+}
+
+/// Fails with [`PullError::NoSpace`] if the folder's filesystem lacks room
+/// for `remote` (less what an earlier attempt already wrote of it).
+fn room_for(root: &Path, remote: &RemoteFile) -> Result<(), PullError> {
+    let tmp = temp_path(root, remote, "part");
+    let written = fs::metadata(&tmp).map_or(0, |m| m.blocks() * 512);
+    let need = remote.size.saturating_sub(written);
+    let free = crate::disk::free_space(root)?;
+    if need > free {
+        return Err(PullError::NoSpace { need, free });
+    }
+    Ok(())
+}
+
+/// Whether a peer is asked only when others fail: it sent a corrupt chunk
+/// or left a request unanswered.
+fn suspect(engine: &Engine, d: &DeviceId) -> bool {
+    let c = engine.counters(d);
+    c.bad_chunks.load(Ordering::Relaxed) > 0 || c.stalled_requests.load(Ordering::Relaxed) > 0
+}
+
+/// Notes that `d` left a request unanswered; the error a pull reports.
+fn stalled(engine: &Engine, d: &DeviceId) -> PullError {
+    let n = engine
+        .counters(d)
+        .stalled_requests
+        .fetch_add(1, Ordering::Relaxed)
+        + 1;
+    let secs = engine.request_timeout().as_secs();
+    tracing::warn!(device = %d, stalled_requests = n, "a request got no answer within {secs} s");
+    PullError::Fetch(format!("device {d}: no answer within {secs} s"))
 }
 
 /// Files up to this size are pulled more at a time than larger ones.
@@ -1313,14 +1390,18 @@ async fn chunk_list(
     if !missing.is_empty() {
         let mut fetched = None;
         let mut last_err = PullError::NoSource;
-        for d in sources {
+        let mut asked: Vec<&DeviceId> = sources.iter().collect();
+        asked.sort_by_key(|d| suspect(engine, d));
+        for d in asked {
             let Some(conn) = engine.link(d) else { continue };
-            match fetch_groups(&conn, folder.id.as_str(), &remote.path, &hash, &missing).await {
-                Ok(g) => {
+            let fetch = fetch_groups(&conn, folder.id.as_str(), &remote.path, &hash, &missing);
+            match tokio::time::timeout(engine.request_timeout(), fetch).await {
+                Ok(Ok(g)) => {
                     fetched = Some(g);
                     break;
                 }
-                Err(e) => last_err = PullError::Fetch(format!("device {d}: {e}")),
+                Ok(Err(e)) => last_err = PullError::Fetch(format!("device {d}: {e}")),
+                Err(_) => last_err = stalled(engine, d),
             }
         }
         let fetched = fetched.ok_or(last_err)?;
@@ -1494,11 +1575,10 @@ async fn assemble(
         if conns.is_empty() {
             return Err(PullError::NoSource);
         }
-        // Peers that have sent corrupt chunks are asked only when the others
-        // fail: spread the requests over the good ones.
-        let bad = |d: &DeviceId| engine.counters(d).bad_chunks.load(Ordering::Relaxed);
-        conns.sort_by_key(|(d, _)| bad(d) > 0);
-        let good = conns.iter().filter(|(d, _)| bad(d) == 0).count();
+        // Peers that have sent corrupt chunks or stalled are asked only when
+        // the others fail: spread the requests over the good ones.
+        conns.sort_by_key(|(d, _)| suspect(engine, d));
+        let good = conns.iter().filter(|(d, _)| !suspect(engine, d)).count();
         let conns = Arc::new(conns);
         let unflushed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut set = tokio::task::JoinSet::new();
@@ -1521,7 +1601,12 @@ async fn assemble(
                 let mut last = PullError::NoSource;
                 for i in ask_order(n, good, conns.len()) {
                     let (dev, conn) = &conns[i];
-                    match fetch_chunk(conn, &folder_id, &path, first.offset, first.len, &h).await {
+                    let fetch = fetch_chunk(conn, &folder_id, &path, first.offset, first.len, &h);
+                    let Ok(fetched) = tokio::time::timeout(engine.request_timeout(), fetch).await else {
+                        last = stalled(&engine, dev);
+                        continue;
+                    };
+                    match fetched {
                         Ok(bytes) => {
                             engine
                                 .counters(dev)
@@ -1727,11 +1812,70 @@ mod tests {
             ],
             None,
         );
-        let (ok, bad) = split_case_clashes(&l, acts);
+        let fold = Folding {
+            case: true,
+            unicode: false,
+        };
+        let (ok, bad) = split_name_clashes(&l, acts, fold);
         assert_eq!(ok.len(), 1);
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].path, "report.TXT");
         assert!(bad[0].reason.contains("case conflict"), "{}", bad[0].reason);
+    }
+
+    #[test]
+    fn names_differing_only_by_normalisation_are_reported_where_the_filesystem_folds_them() {
+        const NFC: &str = "caf\u{e9}.txt";
+        const NFD: &str = "cafe\u{301}.txt";
+        let new = || {
+            plan(
+                &HashMap::new(),
+                vec![
+                    (dev(2), rec(NFC, &[(2, 1)], 2, 20)),
+                    (dev(2), rec(NFD, &[(2, 1)], 3, 20)),
+                    (dev(2), rec("CAF\u{c9}.txt", &[(2, 1)], 4, 20)),
+                ],
+                None,
+            )
+        };
+        let paths = |acts: &[Action]| -> Vec<String> {
+            let mut v: Vec<String> = acts
+                .iter()
+                .map(|a| match a {
+                    Action::Take { remote, .. } => remote.path.to_string(),
+                    _ => unreachable!(),
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        // macOS-like: the two forms are one name; case still tells apart.
+        let macos = Folding {
+            case: false,
+            unicode: true,
+        };
+        let (ok, bad) = split_name_clashes(&HashMap::new(), new(), macos);
+        assert_eq!(ok.len(), 2, "{:?}", paths(&ok));
+        assert_eq!(bad.len(), 1);
+        assert!(
+            bad[0].reason.contains("unicode normalisation conflict"),
+            "{}",
+            bad[0].reason
+        );
+        // Case- and normalisation-insensitive: one of the three lands.
+        let both = Folding {
+            case: true,
+            unicode: true,
+        };
+        let (ok, bad) = split_name_clashes(&HashMap::new(), new(), both);
+        assert_eq!(ok.len(), 1);
+        assert_eq!(bad.len(), 2);
+        // A name already here in NFC: the NFD one from a peer is reported.
+        let l = local(rec(NFC, &[(1, 1)], 1, 10));
+        let acts = plan(&l, vec![(dev(2), rec(NFD, &[(2, 1)], 2, 20))], None);
+        let (ok, bad) = split_name_clashes(&l, acts, macos);
+        assert!(ok.is_empty());
+        assert_eq!(bad[0].path, NFD);
     }
 
     #[test]
