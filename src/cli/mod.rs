@@ -2,6 +2,7 @@
 //! file per user action; each prints human output or, with `--json`, JSON.
 
 mod agent;
+mod completions;
 mod config;
 mod conflicts;
 mod doctor;
@@ -246,6 +247,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the shell completion script for bash, zsh or fish.
+    Completions(completions::CompletionsArgs),
+    /// Print the man page, or write one per command into --dir.
+    Man(completions::ManArgs),
 }
 
 /// Runs a parsed command line and returns the process exit code.
@@ -302,8 +307,14 @@ fn init_logging(level: &str) {
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    // These need no device home: they run before one is even looked for.
+    let command = match cli.command {
+        Command::Completions(args) => return completions::completions(args),
+        Command::Man(args) => return completions::man(args),
+        command => command,
+    };
     let root = home::resolve(cli.home)?;
-    match cli.command {
+    match command {
         Command::Init { name } => init::run(&root, name.as_deref()),
         Command::Id => {
             println!("{}", Home::open(&root)?.device_id());
@@ -404,6 +415,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             deleted,
             json,
         } => ls::run(&Home::open(&root)?, &folder, path.as_deref(), deleted, json),
+        Command::Completions(_) | Command::Man(_) => unreachable!("handled before the home"),
     }
 }
 
