@@ -163,6 +163,60 @@ fn remote_overwrites_and_deletes_are_undone_by_a_restore_that_syncs() {
     b.run(&["history", "verify"]).ok();
 }
 
+/// `ferry ls docs PATH --json` on `node`: the entry of `path`, if listed.
+fn ls_entry(node: &Node, path: &str) -> Option<Value> {
+    let run = node.run(&["ls", "docs", path, "--json"]).ok();
+    run.json()
+        .as_array()
+        .and_then(|l| l.iter().find(|e| e["path"] == path).cloned())
+}
+
+#[test]
+fn ls_says_when_a_local_version_is_stored_so_that_an_edit_keeps_it() {
+    let lab = Lab::new();
+    let (a, _agent, docs) = local_history(&lab);
+    fs::create_dir(docs.join("dir")).unwrap();
+    let v1 = pseudo_random(300_000, 11);
+    fs::write(docs.join("dir/a.bin"), &v1).unwrap();
+    let hash = blake3::hash(&v1).to_hex().to_string();
+    let stored = wait_for("ls says a.bin is stored", || {
+        ls_entry(&a, "dir/a.bin").filter(|e| e["hash"] == hash.as_str() && e["stored"] == true)
+    });
+    assert_eq!(stored["size"], 300_000);
+    let dir = ls_entry(&a, "dir").expect("dir is listed");
+    assert_eq!(dir["stored"], false, "{dir}");
+
+    // Stored, so a local edit keeps it; the new content is not stored yet
+    // when it is first recorded, and is once the agent has read it.
+    let v2 = pseudo_random(300_000, 13);
+    fs::write(docs.join("dir/a.bin"), &v2).unwrap();
+    let kept = wait_for("the replaced version is kept", || {
+        let h = history(&a, "docs:dir/a.bin");
+        h["versions"]
+            .as_array()
+            .and_then(|l| l.first().cloned())
+            .filter(|v| v["reason"] == "local")
+    });
+    assert_eq!(kept["hash"], hash.as_str());
+    let hash2 = blake3::hash(&v2).to_hex().to_string();
+    wait_until("ls says the new content is stored", || {
+        ls_entry(&a, "dir/a.bin")
+            .is_some_and(|e| e["hash"] == hash2.as_str() && e["stored"] == true)
+    });
+    fs::remove_file(docs.join("dir/a.bin")).unwrap();
+    wait_until("the deleted version is kept", || {
+        history(&a, "docs:dir/a.bin")["versions"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|v| v["hash"] == hash2.as_str()))
+    });
+    let gone = a
+        .run(&["ls", "docs", "dir/a.bin", "--deleted", "--json"])
+        .ok();
+    let entry = &gone.json()[0];
+    assert_eq!(entry["deleted"], true, "{gone}");
+    assert_eq!(entry["stored"], false, "{gone}");
+}
+
 #[test]
 fn a_tree_comes_back_as_it_was_at_a_time_with_its_deleted_files() {
     let lab = Lab::new();

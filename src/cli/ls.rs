@@ -1,4 +1,5 @@
-//! `ferry ls FOLDER [PATH]`: what the index holds for each file.
+//! `ferry ls FOLDER [PATH]`: what the index holds for each file (with
+//! `--json`, also whether its bytes are in the history store: `stored`).
 
 use serde_json::json;
 
@@ -24,6 +25,7 @@ pub(super) fn run(
         .transpose()?;
     let records = index.list_files(f.row, under.as_ref(), deleted)?;
     if json {
+        let stored = index.stored_files(f.row, under.as_ref())?;
         let v: Vec<_> = records
             .iter()
             .map(|r| {
@@ -38,6 +40,7 @@ pub(super) fn run(
                     "hash": r.hash.map(|h| h.to_hex()), "symlink_target": r.symlink_target,
                     "deleted": r.deleted, "sequence": r.sequence, "version": version,
                     "modified_by": r.modified_by.to_string(), "chunks": r.chunk_count,
+                    "stored": r.meta.kind == FileKind::File && !r.deleted && stored.contains(&r.path),
                 })
             })
             .collect();

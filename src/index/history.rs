@@ -792,6 +792,25 @@ impl Index {
         Ok(out)
     }
 
+    /// The live files of a folder (those at or below `under`; all when `None`)
+    /// whose bytes are all in the history store: with local history, a local
+    /// edit or delete of one keeps its version; one not listed would be lost.
+    pub fn stored_files(&self, folder: i64, under: Option<&RelPath>) -> Result<HashSet<RelPath>> {
+        let (exact, lo, hi) = bounds(under);
+        let mut stmt = self.conn.prepare(
+            "SELECT f.path FROM files f
+             WHERE f.folder = ?1 AND (f.path = ?2 OR (f.path >= ?3 AND f.path < ?4))
+               AND f.deleted = 0 AND f.kind = 0
+               AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.file = f.id AND NOT EXISTS
+                   (SELECT 1 FROM store_chunks s WHERE s.hash = c.hash))",
+        )?;
+        let rows = stmt.query_map(params![folder, exact, lo, hi], |r| r.get::<_, String>(0))?;
+        rows.map(|p| {
+            RelPath::new(&p?).map_err(|e| IndexError::Corrupt(format!("stored path: {e}")))
+        })
+        .collect()
+    }
+
     /// The open conflicts whose path or conflict copy is `path`, newest first.
     pub fn open_conflicts(&self, folder: i64, path: &RelPath) -> Result<Vec<OpenConflict>> {
         let mut stmt = self.conn.prepare(
@@ -1150,7 +1169,9 @@ mod tests {
         )
         .unwrap();
         assert!(idx.capture_candidates(f, 0).unwrap().is_empty());
+        assert!(idx.stored_files(f, None).unwrap().contains(&a));
         write(&mut idx, f, "a", 4, 400);
+        assert!(idx.stored_files(f, Some(&a)).unwrap().is_empty());
         let list = idx.history_of(f, Some(&a), false).unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].reason, HistoryReason::Local);

@@ -1048,7 +1048,13 @@ fn place(
             // already) is fine; anything else is new local data.
             m.is_dir() && remote.kind == FileKind::Dir && !remote.deleted
         }
-        (Some(_), None) => remote.deleted,
+        // Gone since the last scan: a local delete the scanner has not
+        // recorded yet. Even for a remote delete this is refused, so that
+        // the rescan records it as the user's delete (keeping the version
+        // it removed, for a folder with `history.local`) and the deletes
+        // then merge; taking the remote delete here would record a version
+        // as set aside whose bytes never were.
+        (Some(_), None) => false,
         (Some(e), Some(m)) => {
             e.kind == FileKind::Dir && m.is_dir()
                 || (m.len() == e.size && mtime_ns(m) == e.mtime_ns && m.ino() == e.inode)
@@ -1744,6 +1750,41 @@ mod tests {
 
     fn dev(n: u8) -> DeviceId {
         DeviceId::new(iroh::SecretKey::from_bytes(&[n; 32]).public())
+    }
+
+    #[test]
+    fn a_remote_delete_of_a_file_deleted_here_but_not_yet_scanned_waits_for_the_scan() {
+        let root = tempfile::tempdir().unwrap();
+        let mut remote = rec("gone.txt", &[(1, 1), (2, 1)], 3, 5);
+        remote.deleted = true;
+        let expected = FileMeta {
+            kind: FileKind::File,
+            size: 1,
+            mtime_ns: 5,
+            permissions: 0o644,
+            inode: 1,
+            dev: 1,
+        };
+        let old = OnDisk {
+            expected: Some(&expected),
+            kind: Some(FileKind::File),
+        };
+        // With a history row reserved for the version the delete replaces,
+        // and without: nothing is on disk to keep, so neither is taken.
+        for history in [Some(7), None] {
+            let err = place(
+                root.path(),
+                &remote,
+                old,
+                None,
+                None,
+                history,
+                &mut HashSet::new(),
+            )
+            .unwrap_err();
+            assert_eq!(err.to_string(), LOCAL_CHANGED);
+        }
+        assert!(!marker_dir(root.path()).join("versions").exists());
     }
 
     #[test]

@@ -470,6 +470,18 @@ impl Agent {
         );
     }
 
+    /// Freezes the agent with SIGSTOP, as a laptop's closed lid would: it
+    /// answers nothing until [`Agent::resume`], and its peers' links to it
+    /// stall.
+    pub fn pause(&self) {
+        signal(self.child.as_ref().expect("the agent runs"), libc::SIGSTOP);
+    }
+
+    /// Lets an agent frozen by [`Agent::pause`] run again (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.as_ref().expect("the agent runs"), libc::SIGCONT);
+    }
+
     /// Kills the agent with SIGKILL, as a crash would.
     pub fn crash(mut self) {
         let mut child = self.child.take().expect("the agent runs");
@@ -484,6 +496,8 @@ impl Drop for Agent {
             return;
         };
         signal(&child, libc::SIGTERM);
+        // A paused agent takes the SIGTERM only once it runs again.
+        signal(&child, libc::SIGCONT);
         if wait_within(&mut child, Duration::from_secs(10)).is_none() {
             let _ = child.kill();
             let _ = child.wait();
