@@ -279,18 +279,32 @@ pub async fn run(home: Home, opts: DaemonOptions) -> Result<(), DaemonError> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     shutdown.cancel();
-    let _ = control_task.await;
-    let _ = history_task.await;
-    peers.shutdown().await;
-    engine.shutdown().await;
-    if let Err(e) = router.shutdown().await {
+    let _ = stopping("the control socket", control_task).await;
+    let _ = stopping("the history pass", history_task).await;
+    stopping("the links", peers.shutdown()).await;
+    stopping("the folders", engine.shutdown()).await;
+    if let Err(e) = stopping("the router", router.shutdown()).await {
         tracing::warn!("router shutdown: {e}");
     }
-    ep.close().await;
+    stopping("the endpoint", ep.close()).await;
     let _ = std::fs::remove_file(&sock);
     drop(agent);
     eprintln!("ferry agent stopped");
     Ok(())
+}
+
+/// Awaits one step of the shutdown, saying which one holds it up when it
+/// takes more than a few seconds.
+async fn stopping<T>(what: &str, step: impl std::future::Future<Output = T>) -> T {
+    let step = std::pin::pin!(step);
+    let mut step = step;
+    tokio::select! {
+        r = &mut step => r,
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {
+            tracing::warn!("shutting down: still waiting for {what}");
+            step.await
+        }
+    }
 }
 
 /// Binds the endpoint; with port 0, reuses the port of the last run when it is
