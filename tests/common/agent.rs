@@ -152,11 +152,13 @@ pub fn spawn_daemon(node: &Node, mut cmd: Command, banner: &str) -> Child {
         .open(&node.log)
         .expect("open agent log");
     writeln!(log, "{banner}").expect("write agent log");
+    // FERRY_TEST_LOG=ferry=debug (any filter) for more detail when chasing a failure.
+    let level = std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info".to_owned());
     cmd.arg("--home")
         .arg(&node.home)
         .args([
             "--log-level",
-            "info",
+            &level,
             "daemon",
             "--offline",
             "--listen",
