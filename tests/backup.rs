@@ -372,6 +372,12 @@ fn versions_pruned_on_the_owner_are_dropped_from_the_holder_with_their_chunks() 
     let (_aa, _ah) = (Agent::start(&a), Agent::start(&h));
     pair(&a, &h, &["--folder", "docs", "--encrypted"], &[]);
     wait_until("the holder has the folder", || held(&a, &h));
+    // Only a captured version is kept when an edit replaces it: wait for A's
+    // history pass to have stored the file's bytes.
+    wait_until("A has captured report.bin", || {
+        let stats = a.run(&["history", "stats", "--json"]).ok().json();
+        stats["store"]["chunk_bytes"].as_u64() >= Some(2_000_000)
+    });
 
     // An edit: the holder gets the new file and the version it replaced.
     let new = pseudo_random(2_000_000, 32);

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry::chunking::{DEFAULT_PARAMS, FileDigest, chunk_bytes, group_ranges, groups};
@@ -293,6 +293,82 @@ impl Link {
             .await
             .expect("send an index update");
     }
+}
+
+/// Mallory takes every request on `conn` and never answers it; she keeps the
+/// streams. Counts the requests taken, and those Alice let go of since.
+fn never_answer(
+    rt: &tokio::runtime::Runtime,
+    conn: &Connection,
+) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
+    let asked = Arc::new(AtomicU64::new(0));
+    let let_go = Arc::new(AtomicU64::new(0));
+    let conn = conn.clone();
+    let (a, l) = (asked.clone(), let_go.clone());
+    rt.spawn(async move {
+        while let Ok((send, mut recv)) = conn.accept_bi().await {
+            let (asked, let_go) = (a.clone(), l.clone());
+            tokio::spawn(async move {
+                if let Ok(Some(_)) = read_msg::<Request>(&mut recv).await {
+                    asked.fetch_add(1, Ordering::Relaxed);
+                    // Resolves when Alice drops her end of the request.
+                    let _ = send.stopped().await;
+                    let_go.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(recv);
+            });
+        }
+    });
+    (asked, let_go)
+}
+
+/// A pull that waits on a peer (here one that never answers) does not stop
+/// the folder's scans: a local edit meanwhile is recorded (and so sent, and
+/// kept in the history) long before the pull gives up on that peer.
+#[test]
+fn a_local_edit_is_recorded_while_a_pull_waits_on_a_stalled_peer() {
+    let lab = Lab::new();
+    // Alice keeps the default request timeout (60 s), longer than the
+    // patience of the waits below.
+    let (a, m, _agent_a, docs) = alice_and_mallory(&lab);
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &m, &a);
+    let mut link = rt.block_on(mallory.link());
+    let (asked, let_go) = never_answer(&rt, &link.conn);
+    let wanted = Content::new(pseudo_random(10_000, 0x10ca1));
+    let record = wanted.record("wanted.bin", mallory.me, link.next_sequence());
+    rt.block_on(link.announce(vec![record]));
+    wait_until("alice asks mallory for wanted.bin", || {
+        asked.load(Ordering::Relaxed) >= 1
+    });
+
+    let body = b"written while alice waits on mallory\n";
+    fs::write(docs.join("mine.txt"), body).unwrap();
+    let hash = blake3::hash(body).to_hex().to_string();
+    wait_until("alice records mine.txt while her pull waits", || {
+        let run = a.run(&["ls", "docs", "mine.txt", "--json"]).ok();
+        run.json()
+            .as_array()
+            .is_some_and(|l| l.iter().any(|e| e["hash"] == hash.as_str()))
+    });
+    assert_eq!(
+        let_go.load(Ordering::Relaxed),
+        0,
+        "alice gave up on mallory before she recorded mine.txt"
+    );
+    let status = a.status();
+    let docs_state = status["folders"]
+        .as_array()
+        .and_then(|fs| fs.iter().find(|f| f["id"] == "docs"))
+        .map(|f| f["state"].clone());
+    assert_eq!(
+        docs_state,
+        Some(Value::from("syncing")),
+        "the pull still runs: {status}"
+    );
+    assert!(!docs.join("wanted.bin").exists());
+    drop(link);
+    rt.block_on(mallory.ep.close());
 }
 
 /// Answers Alice's requests on `conn` from `content`: group lists always
@@ -1430,7 +1506,7 @@ fn a_flood_of_requests_is_served_within_bounds_while_an_honest_peer_syncs() {
     // Chunk requests for chunks nobody has (as large as allowed, named at a
     // real file) and whole-folder history reads, from many tasks at once,
     // each asking again as soon as it has its answer.
-    let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
     let flood: Vec<_> = (0..TASKS)
         .map(|task| {
             let conn = conn.clone();
@@ -1534,28 +1610,8 @@ fn a_peer_that_stalls_is_timed_out_named_in_status_and_asked_last() {
     assert_eq!(shared.digest.chunks.len(), 1);
     let mut link = rt.block_on(mallory.link());
 
-    // Mallory takes every request and never answers it; she keeps the
-    // streams, and notes when Alice lets go of each.
-    let let_go = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    {
-        let conn = link.conn.clone();
-        let (let_go, asked) = (let_go.clone(), asked.clone());
-        rt.spawn(async move {
-            while let Ok((send, mut recv)) = conn.accept_bi().await {
-                let (let_go, asked) = (let_go.clone(), asked.clone());
-                tokio::spawn(async move {
-                    if let Ok(Some(_)) = read_msg::<Request>(&mut recv).await {
-                        asked.fetch_add(1, Ordering::Relaxed);
-                        // Resolves when Alice drops her end of the request.
-                        let _ = send.stopped().await;
-                        let_go.fetch_add(1, Ordering::Relaxed);
-                    }
-                    drop(recv);
-                });
-            }
-        });
-    }
+    // Mallory takes every request and never answers it.
+    let (asked, let_go) = never_answer(&rt, &link.conn);
     // And on a stream of her own, half a request frame, then nothing.
     let (half, mut half_reply) = rt.block_on(async {
         let (mut s, r) = link.conn.open_bi().await.expect("open a stream");

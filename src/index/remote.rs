@@ -616,23 +616,42 @@ impl Index {
     }
 
     /// Gives a local record a new version (merged with a peer's concurrent one
-    /// of the same content) and a new sequence, so peers converge on it.
+    /// of the same content) and a new sequence, so peers converge on it; only
+    /// if the record is still at sequence `seen` (the one the merge was
+    /// planned on: a scan may have recorded a local change since). Returns
+    /// whether it did.
     pub fn set_local_version(
         &mut self,
         folder: i64,
         path: &RelPath,
+        seen: u64,
         version: &VersionVector,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let seq = next_sequence(&tx, folder)?;
-        tx.execute(
-            "UPDATE files SET version = ?3, sequence = ?4 WHERE folder = ?1 AND path = ?2",
-            params![folder, path.as_str(), version.encode(), seq],
+        let n = tx.execute(
+            "UPDATE files SET version = ?3, sequence = ?4
+             WHERE folder = ?1 AND path = ?2 AND sequence = ?5",
+            params![folder, path.as_str(), version.encode(), seq, seen as i64],
         )?;
+        if n == 0 {
+            return Ok(false);
+        }
         tx.commit()?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// The local sequence of the record at `path` (`None`: no record), which
+    /// changes whenever the record does.
+    pub fn local_sequence(&self, folder: i64, path: &RelPath) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT sequence FROM files WHERE folder = ?1 AND path = ?2")?
+            .query_row(params![folder, path.as_str()], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|s| s as u64))
     }
 
     /// Records a conflict once (the same pair of versions is not recorded twice).

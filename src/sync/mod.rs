@@ -126,6 +126,8 @@ pub struct FolderHandle {
     pub normalizing: bool,
     /// The next pull undoes local changes (`ferry revert`, receive-only).
     pub revert: std::sync::atomic::AtomicBool,
+    /// A pull pass is placing files (the state a scan ends in).
+    pub pulling: std::sync::atomic::AtomicBool,
     /// Temp files of pulls that did not finish (found by scans, or left by
     /// failed pulls): removed once no pull needs them.
     pub leftover_temps: Mutex<HashSet<PathBuf>>,
@@ -248,6 +250,7 @@ impl Engine {
                                 notice: None,
                             }),
                             revert: std::sync::atomic::AtomicBool::new(false),
+                            pulling: std::sync::atomic::AtomicBool::new(false),
                             leftover_temps: Mutex::new(HashSet::new()),
                             case_insensitive: case_insensitive(&f.path),
                             normalizing: normalizing(&f.path),
@@ -448,35 +451,23 @@ impl Engine {
         // A pull that keeps asking for a rescan that finds nothing new must not
         // spin: after a few in a row, back off like any other retry.
         let mut rescans = 0;
+        // The pull pass under way: it runs beside this loop, so local changes
+        // are scanned (and recorded, and kept in the history) while a long
+        // pull waits on the network; one pass at a time.
+        let mut pulling: Option<tokio::task::JoinHandle<Result<pull::Outcome, String>>> = None;
         loop {
             if scan_due {
                 scan_due = false;
                 self.scan_folder(&h, false).await;
                 pull_due = true;
             }
-            if pull_due {
+            if pull_due && pulling.is_none() {
                 pull_due = false;
                 retry_at = None;
-                match pull::pull_folder(&self, &h).await {
-                    Ok(pull::Outcome::Done) => {
-                        retry = Duration::from_secs(1);
-                        rescans = 0;
-                    }
-                    Ok(pull::Outcome::Rescan) if rescans < 3 => {
-                        rescans += 1;
-                        scan_due = true;
-                        continue;
-                    }
-                    Ok(pull::Outcome::Rescan | pull::Outcome::Retry) => {
-                        retry_at = Some(tokio::time::Instant::now() + retry);
-                        retry = (retry * 2).min(Duration::from_secs(60));
-                    }
-                    Err(e) => {
-                        tracing::warn!(folder = %h.folder().id, "pull failed: {e}");
-                        retry_at = Some(tokio::time::Instant::now() + retry);
-                        retry = (retry * 2).min(Duration::from_secs(60));
-                    }
-                }
+                let (engine, handle) = (self.clone(), h.clone());
+                pulling = Some(tokio::spawn(async move {
+                    pull::pull_folder(&engine, &handle).await
+                }));
             }
             let wake = async {
                 match retry_at {
@@ -491,7 +482,40 @@ impl Engine {
                 Duration::from_secs(10)
             };
             tokio::select! {
-                _ = h.stop.cancelled() => return,
+                _ = h.stop.cancelled() => {
+                    // The links are down by now: the pass ends soon.
+                    if let Some(task) = pulling.take() {
+                        let _ = task.await;
+                    }
+                    return;
+                }
+                done = async {
+                    match pulling.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    pulling = None;
+                    match done.unwrap_or_else(|e| Err(format!("the pull task failed: {e}"))) {
+                        Ok(pull::Outcome::Done) => {
+                            retry = Duration::from_secs(1);
+                            rescans = 0;
+                        }
+                        Ok(pull::Outcome::Rescan) if rescans < 3 => {
+                            rescans += 1;
+                            scan_due = true;
+                        }
+                        Ok(pull::Outcome::Rescan | pull::Outcome::Retry) => {
+                            retry_at = Some(tokio::time::Instant::now() + retry);
+                            retry = (retry * 2).min(Duration::from_secs(60));
+                        }
+                        Err(e) => {
+                            tracing::warn!(folder = %h.folder().id, "pull failed: {e}");
+                            retry_at = Some(tokio::time::Instant::now() + retry);
+                            retry = (retry * 2).min(Duration::from_secs(60));
+                        }
+                    }
+                }
                 Ok(()) = config_gen.changed() => {
                     let now = self.sync_config().debounce_ms;
                     if now != debounce_ms && watcher.is_some() {
@@ -573,7 +597,11 @@ impl Engine {
                     .lock()
                     .expect("temps lock")
                     .extend(report.temps.iter().cloned());
-                st.state = FolderActivity::Idle;
+                st.state = if h.pulling.load(std::sync::atomic::Ordering::SeqCst) {
+                    FolderActivity::Syncing
+                } else {
+                    FolderActivity::Idle
+                };
                 st.error = None;
                 st.held_deletes = report.held_deletes;
                 if report.held_deletes > 0 {

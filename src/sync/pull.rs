@@ -59,9 +59,11 @@ enum Action {
         version: VersionVector,
         conflict: Option<(RelPath, DeviceId)>,
     },
-    /// Same content reached concurrently: merge the versions, copy nothing.
+    /// Same content reached concurrently: merge the versions, copy nothing
+    /// (if the local record is still at sequence `seen`).
     Merge {
         path: RelPath,
+        seen: u64,
         version: VersionVector,
     },
     /// The local version won a conflict: record it; the losing device keeps
@@ -238,6 +240,7 @@ fn plan(
                     }
                     actions.push(Action::Merge {
                         path: l.record.path.clone(),
+                        seen: l.record.sequence,
                         version: merged,
                     });
                 } else if wins(best, &l.record) {
@@ -374,7 +377,9 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         st.error = Some(e.to_string());
         return Ok(Outcome::Done);
     }
-    let _disk = h.disk.lock().await;
+    // No disk lock for the pass: scans go on while it fetches. Each batch of
+    // placements takes it (`Committer`), and checks that the records it was
+    // planned on are unchanged.
     let row = folder.row;
     let (local, remote) = engine
         .index
@@ -401,15 +406,17 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
             h,
             needed(&actions, "send-only folder: remote changes are not applied"),
         );
+        let _disk = h.disk.lock().await;
         sweep_temps(h, &HashSet::new(), HashSet::new());
         return Ok(Outcome::Done);
     }
     if actions.is_empty() {
         set_need(h, clashes);
+        let _disk = h.disk.lock().await;
         sweep_temps(h, &HashSet::new(), HashSet::new());
         return Ok(Outcome::Done);
     }
-    h.set_state(FolderActivity::Syncing);
+    let _syncing = Syncing::start(h);
     set_need(h, needed(&actions, "pending"));
 
     let mut tally = Tally::default();
@@ -419,7 +426,7 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
     let small = Arc::new(Semaphore::new(sync_cfg.parallel_files * 8));
     let pass = Arc::new(Pass {
         requests: Arc::new(Semaphore::new(sync_cfg.requests_in_flight)),
-        commits: Committer::start(engine.index.clone(), row),
+        commits: Committer::start(engine.index.clone(), h.clone()),
         reads: Reads::start(engine.index.clone()),
     });
     let mut stage_no = 0;
@@ -469,7 +476,10 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         keep,
         discard,
     } = tally;
-    sweep_temps(h, &keep, discard);
+    {
+        let _disk = h.disk.lock().await;
+        sweep_temps(h, &keep, discard);
+    }
     if changed {
         engine.local_changed();
     }
@@ -480,11 +490,34 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
     let any_failed = !failed.is_empty();
     failed.extend(clashes);
     set_need(h, failed);
-    h.set_state(FolderActivity::Idle);
     if any_failed && outcome == Outcome::Done {
         outcome = Outcome::Retry;
     }
     Ok(outcome)
+}
+
+/// A folder's state is "syncing" while this lives (a scan meanwhile shows
+/// "scanning", and goes back to "syncing" when it ends).
+struct Syncing<'a>(&'a FolderHandle);
+
+impl<'a> Syncing<'a> {
+    fn start(h: &'a FolderHandle) -> Self {
+        h.pulling.store(true, std::sync::atomic::Ordering::SeqCst);
+        h.set_state(FolderActivity::Syncing);
+        Self(h)
+    }
+}
+
+impl Drop for Syncing<'_> {
+    fn drop(&mut self) {
+        self.0
+            .pulling
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut st = self.0.status.lock().expect("status lock");
+        if st.state == FolderActivity::Syncing {
+            st.state = FolderActivity::Idle;
+        }
+    }
 }
 
 /// What one applied action gives back: its path, size, result, and the temp
@@ -600,12 +633,20 @@ async fn apply(
 ) -> Result<bool, PullError> {
     let row = folder.row;
     match action {
-        Action::Merge { path, version } => {
-            engine
+        Action::Merge {
+            path,
+            seen,
+            version,
+        } => {
+            let merged = engine
                 .index
-                .run(move |i| i.set_local_version(row, &path, &version))
+                .run(move |i| i.set_local_version(row, &path, seen, &version))
                 .await?;
-            Ok(false)
+            if merged {
+                Ok(false)
+            } else {
+                Err(PullError::LocalChanged)
+            }
         }
         Action::Won {
             path,
@@ -721,8 +762,17 @@ async fn take(
     });
     let local_kind = live_local.as_ref().map(|l| l.record.kind);
     let reserve = superseded.map(|s| (path.clone(), s));
+    // The record this pull was planned on: scans run while pulls fetch, and
+    // one that recorded a local change since makes this a conflict to plan
+    // again, not a file to replace.
+    let seen = local.as_ref().map(|l| l.record.sequence);
     pass.commits
         .commit(reserve, move |i, reserved, dirs| {
+            if i.local_sequence(row, &path)? != seen {
+                return Err(crate::index::IndexError::Io(io::Error::other(
+                    LOCAL_CHANGED,
+                )));
+            }
             let pulled = Pulled {
                 remote: &remote2,
                 version,
@@ -892,7 +942,11 @@ struct Committer {
 }
 
 impl Committer {
-    fn start(index: SharedIndex, folder: i64) -> Self {
+    /// Starts the batcher of a folder's pass; each batch holds the folder's
+    /// disk lock (`h.disk`) while it moves files and records them, so no
+    /// scan sees a file half-way.
+    fn start(index: SharedIndex, h: Arc<FolderHandle>) -> Self {
+        let folder = h.folder().row;
         let (jobs, mut rx) = mpsc::channel::<CommitJob>(MAX_BATCH);
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -903,6 +957,7 @@ impl Committer {
                         Err(_) => break,
                     }
                 }
+                let _disk = h.disk.lock().await;
                 index.run(move |i| run_batch(i, folder, batch)).await;
             }
         });
