@@ -505,12 +505,10 @@ impl Engine {
                             rescans += 1;
                             scan_due = true;
                         }
-                        Ok(pull::Outcome::Rescan | pull::Outcome::Retry) => {
-                            retry_at = Some(tokio::time::Instant::now() + retry);
-                            retry = (retry * 2).min(Duration::from_secs(60));
-                        }
-                        Err(e) => {
-                            tracing::warn!(folder = %h.folder().id, "pull failed: {e}");
+                        again => {
+                            if let Err(e) = again {
+                                tracing::warn!(folder = %h.folder().id, "pull failed: {e}");
+                            }
                             retry_at = Some(tokio::time::Instant::now() + retry);
                             retry = (retry * 2).min(Duration::from_secs(60));
                         }

@@ -406,14 +406,12 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
             h,
             needed(&actions, "send-only folder: remote changes are not applied"),
         );
-        let _disk = h.disk.lock().await;
-        sweep_temps(h, &HashSet::new(), HashSet::new());
+        sweep_temps(h, &HashSet::new(), HashSet::new()).await;
         return Ok(Outcome::Done);
     }
     if actions.is_empty() {
         set_need(h, clashes);
-        let _disk = h.disk.lock().await;
-        sweep_temps(h, &HashSet::new(), HashSet::new());
+        sweep_temps(h, &HashSet::new(), HashSet::new()).await;
         return Ok(Outcome::Done);
     }
     let _syncing = Syncing::start(h);
@@ -476,10 +474,7 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         keep,
         discard,
     } = tally;
-    {
-        let _disk = h.disk.lock().await;
-        sweep_temps(h, &keep, discard);
-    }
+    sweep_temps(h, &keep, discard).await;
     if changed {
         engine.local_changed();
     }
@@ -526,9 +521,10 @@ type Applied = (RelPath, u64, Result<bool, PullError>, Option<PathBuf>);
 
 /// Removes the temp files of earlier pulls that no pull of this pass failed
 /// on (those stay for a resume): a version given up, replaced or deleted
-/// meanwhile leaves none behind. Runs with the folder's disk lock held, so
-/// no pull is writing one.
-fn sweep_temps(h: &FolderHandle, keep: &HashSet<PathBuf>, discard: HashSet<PathBuf>) {
+/// meanwhile leaves none behind. Takes the folder's disk lock, so no scan
+/// is listing them meanwhile.
+async fn sweep_temps(h: &FolderHandle, keep: &HashSet<PathBuf>, discard: HashSet<PathBuf>) {
+    let _disk = h.disk.lock().await;
     let mut left = h.leftover_temps.lock().expect("temps lock");
     left.extend(keep.iter().cloned());
     left.extend(discard);
