@@ -22,6 +22,9 @@
 #              is requested at once over REST (its watcher would wait 10 s);
 #              bytes from /rest/system/connections; CPU and RSS of the real
 #              process (the Debian build's monitor parent is left out).
+# Each scenario starts from the same state: sync, the page cache dropped (as
+# root; earlier runs' files otherwise fill RAM and later runs pay for reclaim),
+# and the scenario's corpus read back in (figures are for a warm cache).
 # Also shown: "other CPU", the machine's busy CPU in each timed window beyond
 # both sides' own (the bench's polling, plus anything else running: other
 # builds on the machine disturb the figures). Prints medians over the runs,

@@ -160,9 +160,9 @@ fn a_holder_keeps_a_folder_it_cannot_read_and_a_fresh_device_recovers_it() {
     assert!(!into2.join("private-plans").exists());
 }
 
-/// The sealed chunks (or records) the holder stores: (row id, bytes).
-fn sealed_rows(db: &rusqlite::Connection, table: &str) -> Vec<(i64, Vec<u8>)> {
-    db.prepare(&format!("SELECT id, bytes FROM {table} ORDER BY id"))
+/// The sealed records the holder stores: (row id, bytes).
+fn sealed_records(db: &rusqlite::Connection) -> Vec<(i64, Vec<u8>)> {
+    db.prepare("SELECT id, bytes FROM vault_records ORDER BY id")
         .unwrap()
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
@@ -170,10 +170,83 @@ fn sealed_rows(db: &rusqlite::Connection, table: &str) -> Vec<(i64, Vec<u8>)> {
         .collect()
 }
 
-fn set_sealed(db: &rusqlite::Connection, table: &str, id: i64, bytes: &[u8]) {
+fn set_record(db: &rusqlite::Connection, id: i64, bytes: &[u8]) {
     db.execute(
-        &format!("UPDATE {table} SET bytes = ?2 WHERE id = ?1"),
+        "UPDATE vault_records SET bytes = ?2 WHERE id = ?1",
         rusqlite::params![id, bytes],
+    )
+    .unwrap();
+}
+
+/// Where the holder's chunk store keeps the pack called `name`.
+fn pack_file(h: &Node, name: &str) -> std::path::PathBuf {
+    h.home
+        .join("store/packs")
+        .join(&name[..2])
+        .join(format!("{name}.pack"))
+}
+
+/// The sealed chunks the holder stores, read from its chunk store's packs:
+/// (keyed id, bytes).
+fn sealed_chunks(h: &Node, db: &rusqlite::Connection) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let rows: Vec<(Vec<u8>, String, i64, i64)> = db
+        .prepare(
+            "SELECT v.chunk, p.name, s.offset, s.length FROM vault_stored v
+             JOIN store_chunks s ON s.hash = v.hash JOIN store_packs p ON p.id = s.pack
+             ORDER BY v.chunk",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    rows.into_iter()
+        .map(|(id, name, offset, length)| {
+            let pack = fs::read(pack_file(h, &name)).unwrap();
+            let at = offset as usize + 36;
+            (id, pack[at..at + length as usize].to_vec())
+        })
+        .collect()
+}
+
+/// The pack that holds chunk `id`.
+fn pack_of(db: &rusqlite::Connection, id: &[u8]) -> String {
+    db.query_row(
+        "SELECT p.name FROM vault_stored v JOIN store_chunks s ON s.hash = v.hash
+         JOIN store_packs p ON p.id = s.pack WHERE v.chunk = ?1",
+        [id],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// Makes the holder serve `bytes` for chunk `id`, as a holder tampering with
+/// its own store would: a pack of its making (in the store's format) with the
+/// store's rows pointing there, so that only the reader's checks can tell.
+fn set_chunk(h: &Node, db: &rusqlite::Connection, id: &[u8], bytes: &[u8]) {
+    let hash = blake3::hash(bytes);
+    let name = blake3::hash(&[hash.as_bytes(), id].concat()).to_hex()[..32].to_string();
+    let mut pack = b"FERRYPK1\x01".to_vec();
+    pack.extend_from_slice(hash.as_bytes());
+    pack.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    pack.extend_from_slice(bytes);
+    let path = pack_file(h, &name);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, &pack).unwrap();
+    db.execute(
+        "INSERT OR IGNORE INTO store_packs (name, size, created_at) VALUES (?1, ?2, 0)",
+        rusqlite::params![name, pack.len() as i64],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT OR REPLACE INTO store_chunks (hash, pack, offset, length)
+         SELECT ?1, id, 9, ?2 FROM store_packs WHERE name = ?3",
+        rusqlite::params![&hash.as_bytes()[..], bytes.len() as i64, name],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE vault_stored SET hash = ?1, length = ?2 WHERE chunk = ?3",
+        rusqlite::params![&hash.as_bytes()[..], bytes.len() as i64, id],
     )
     .unwrap();
 }
@@ -195,9 +268,9 @@ fn altered_truncated_or_swapped_bytes_on_the_holder_are_refused_naming_it() {
 
     // The holder's store changed behind its back, one way at a time.
     let db = rusqlite::Connection::open(h.home.join("index.db")).unwrap();
-    let chunks = sealed_rows(&db, "vault_chunks");
+    let chunks = sealed_chunks(&h, &db);
     assert!(chunks.len() >= 2, "{} chunks", chunks.len());
-    let records = sealed_rows(&db, "vault_records");
+    let records = sealed_records(&db);
     let (c0, c1, r0) = (&chunks[0], &chunks[1], &records[0]);
     let flip = |b: &[u8]| {
         let mut b = b.to_vec();
@@ -211,7 +284,7 @@ fn altered_truncated_or_swapped_bytes_on_the_holder_are_refused_naming_it() {
             "altered",
             Box::new(|db| {
                 for (id, b) in &chunks {
-                    set_sealed(db, "vault_chunks", *id, &flip(b));
+                    set_chunk(&h, db, id, &flip(b));
                 }
             }),
         ),
@@ -220,7 +293,7 @@ fn altered_truncated_or_swapped_bytes_on_the_holder_are_refused_naming_it() {
             "cut short",
             Box::new(|db| {
                 for (id, b) in &chunks {
-                    set_sealed(db, "vault_chunks", *id, &b[..b.len() - 7]);
+                    set_chunk(&h, db, id, &b[..b.len() - 7]);
                 }
             }),
         ),
@@ -228,21 +301,26 @@ fn altered_truncated_or_swapped_bytes_on_the_holder_are_refused_naming_it() {
             "swapped chunks",
             "swapped",
             Box::new(|db| {
-                set_sealed(db, "vault_chunks", c0.0, &c1.1);
-                set_sealed(db, "vault_chunks", c1.0, &c0.1);
+                set_chunk(&h, db, &c0.0, &c1.1);
+                set_chunk(&h, db, &c1.0, &c0.1);
             }),
         ),
         (
             "altered record",
             "altered",
-            Box::new(|db| set_sealed(db, "vault_records", r0.0, &flip(&r0.1))),
+            Box::new(|db| set_record(db, r0.0, &flip(&r0.1))),
         ),
         (
             "a chunk the holder's store cannot read back",
             "store failed",
-            Box::new(|db| {
-                db.execute("UPDATE vault_chunks SET bytes = 'not a blob'", [])
-                    .unwrap();
+            Box::new(|_| {
+                // Rotted on the holder's disk: its own check finds it.
+                let name = pack_of(&db, &c0.0);
+                let path = pack_file(&h, &name);
+                let mut pack = fs::read(&path).unwrap();
+                let last = pack.len() - 1;
+                pack[last] ^= 0xff;
+                fs::write(&path, pack).unwrap();
             }),
         ),
     ];
@@ -259,9 +337,9 @@ fn altered_truncated_or_swapped_bytes_on_the_holder_are_refused_naming_it() {
         let left = fs::read_dir(&into).map(|d| d.count()).unwrap_or(0);
         assert_eq!(left, 0, "{what}: files left in {}", into.display());
         for (id, b) in &chunks {
-            set_sealed(&db, "vault_chunks", *id, b);
+            set_chunk(&h, &db, id, b);
         }
-        set_sealed(&db, "vault_records", r0.0, &r0.1);
+        set_record(&db, r0.0, &r0.1);
     }
     // Put back as the owner sealed it, it recovers.
     let into = c.path("restored");

@@ -782,18 +782,43 @@ class Syncthing:
 
 # ------------------------------------------------------------------ scenarios
 
+CACHE = {"dropped": None}
+
+
+def same_start(srcs):
+    """Every scenario starts from the same machine state: earlier runs'
+    writeback done (sync), the page cache emptied of their files (which
+    otherwise fill RAM after a few runs, so that later runs pay for reclaim
+    in their own CPU and time), and then the scenario's corpus read back in
+    (the figures are for a warm cache). Dropping the cache needs root; without
+    it, only the sync and the re-read are done (the report says which)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        CACHE["dropped"] = CACHE["dropped"] is not False
+    except OSError:
+        CACHE["dropped"] = False
+    for src in srcs:
+        for d, _, files in os.walk(src):
+            for n in files:
+                with open(os.path.join(d, n), "rb") as f:
+                    while f.read(1 << 20):
+                        pass
+
+
 def run_scenario(tool_cls, binary, base, corpus, manifest, kind, run, keep):
     """kind: "small" (initial sync of the small files) or "large" (initial
     sync of the 1 GiB file, then the insert). Returns {row: value}."""
     run_dir = os.path.join(base, f"run{run}-{tool_cls.name}-{kind}")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
-    os.sync()  # earlier runs' writeback should not land in this one
+    src = os.path.join(corpus, "small" if kind == "small" else "large")
+    same_start([src] if kind == "small" else [src, os.path.join(corpus, "insert")])
     tool = tool_cls(binary, run_dir)
     out = {}
     try:
         expect = manifest["small"] if kind == "small" else manifest["large_tree"]
-        src = os.path.join(corpus, "small" if kind == "small" else "large")
         scan_s = tool.setup(src, expect)
         if scan_s is not None:
             out[f"{kind}.scan_a"] = scan_s
@@ -1055,6 +1080,9 @@ def main():
                 results[t].append(r)
         log(f"all runs took {time.time() - t_all:.0f} s")
         facts["load average at end"] = " ".join(open("/proc/loadavg").read().split()[:3])
+        facts["before each scenario"] = (
+            "sync, page cache dropped, corpus re-read" if CACHE["dropped"]
+            else "sync, corpus re-read (page cache not dropped: needs root)")
         with open(os.path.join(a.work, "results.json"), "w") as f:
             json.dump({"facts": facts, "results": results}, f, indent=1)
         report(results, tools, a.runs, facts, a.cmdline)

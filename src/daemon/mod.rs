@@ -201,8 +201,15 @@ impl ProtocolHandler for PairHandler {
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(home: Home, opts: DaemonOptions) -> Result<(), DaemonError> {
     let _lock = lock_home(home.root())?;
-    let index = home.index()?;
+    let mut index = home.index()?;
     let store = ChunkStore::open(&crate::history::store_dir(home.root()), &index)?;
+    let moved = crate::sync::holder::move_legacy_chunks(&mut index, &store)?;
+    if moved > 0 {
+        tracing::info!(
+            chunks = moved,
+            "moved held sealed chunks into the chunk store"
+        );
+    }
     let index = SharedIndex::new(index);
 
     let mut net: NetworkConfig = home.config().network.clone();

@@ -1,5 +1,8 @@
 //! The history's chunk store: every chunk of every kept version stored once,
-//! addressed by its blake3 hash, in pack files that the index locates.
+//! addressed by its blake3 hash, in pack files that the index locates. On a
+//! device that holds encrypted backups for others it also keeps those vaults'
+//! sealed chunks, addressed by the hash of the sealed bytes
+//! ([`ChunkStore::write_pack`]).
 //!
 //! Under the store directory (`<home>/store`):
 //! - `packs/<first 2 hex>/<32 hex>.pack`: complete, fsynced packs;
@@ -382,6 +385,18 @@ struct OpenPack {
     hashes: HashSet<ChunkHash>,
 }
 
+/// A pack that [`ChunkStore::write_pack`] wrote: complete and in place, its
+/// rows not committed yet; the store lock is held (shared) while this lives.
+pub struct NewPack {
+    /// The pack's name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its entries, in the order the chunks were given.
+    pub entries: Vec<StoredChunk>,
+    _lock: File,
+}
+
 /// A pack complete and in place, whose rows are not committed yet.
 struct SealedPack {
     name: String,
@@ -538,6 +553,37 @@ impl ChunkStore {
             _lock: lock(&self.dir, false)?,
             open: None,
             stats: WriteStats::default(),
+        })
+    }
+
+    /// Writes `chunks` as one new pack, each keyed by the blake3 hash of its
+    /// bytes (computed here), for bytes the index refers to from elsewhere than
+    /// the history: a vault's sealed chunks on a holder. Nothing is deduplicated.
+    /// The pack is complete, fsynced and in place when this returns; commit its
+    /// rows (see [`Index::vault_add_pack`]) in the transaction that makes them
+    /// referenced, before dropping the result, which holds the store lock shared
+    /// so that GC cannot run in between. Should the commit not happen, the pack
+    /// is an orphan that the next [`ChunkStore::open`] removes.
+    pub fn write_pack(&self, chunks: &[&[u8]]) -> Result<NewPack> {
+        if let Some(c) = chunks.iter().find(|c| c.len() > MAX_CHUNK_SIZE) {
+            return Err(StoreError::TooLarge { len: c.len() });
+        }
+        let lock = lock(&self.dir, false)?;
+        let mut pack = OpenPack::create(&self.dir)?;
+        for data in chunks {
+            let hash = ChunkHash::from(blake3::hash(data));
+            if let Err(e) = pack.append(&hash, data) {
+                let tmp = pack.tmp.clone();
+                pack.discard();
+                return Err(io_at(&tmp)(e));
+            }
+        }
+        let sealed = pack.seal(&self.dir)?;
+        Ok(NewPack {
+            name: sealed.name,
+            size: sealed.size,
+            entries: sealed.entries,
+            _lock: lock,
         })
     }
 

@@ -20,7 +20,7 @@ pub use remote::{
     decode_groups, encode_groups,
 };
 pub use store::{ChunkLocation, DroppedChunks, PackRow, PackUsage, StoreTotals, StoredChunk};
-pub use vault::{HolderState, Offered, RecordPage, VaultInfo};
+pub use vault::{HolderState, LegacyChunk, Offered, RecordPage, VaultInfo};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

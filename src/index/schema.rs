@@ -63,9 +63,14 @@
 //!   are sealed with increasing revisions, see `vault`).
 //! - `vaults` are the folders this device holds for others, sealed: the folder
 //!   id, the device that shared it (`owner`, the only one that may write), and
-//!   the owner's label. `vault_chunks` and `vault_records` hold the sealed
-//!   bytes as the owner sent them, under their keyed ids; this device can read
-//!   neither.
+//!   the owner's label. `vault_records` holds the sealed records as the owner
+//!   sent them, under their keyed ids; `vault_stored` lists the sealed chunks
+//!   (keyed id `chunk`) and where their bytes are: `hash` is the blake3 hash of
+//!   the sealed bytes, their key in the chunk store (`store_chunks`), `length`
+//!   their size. This device can read neither. A store chunk is live while a
+//!   `vault_stored` row names it, as for `history_chunks`. `vault_chunks` held
+//!   sealed chunks as blobs before migration 12; the agent moves any it still
+//!   has into the store at start, so it is empty after.
 //! - `vault_sent_versions` lists, per folder and holder, the history versions
 //!   (`version`: the `history.id` here, which may since have been pruned) sent
 //!   to the holder and the keyed id of the sealed record they went under, so
@@ -322,5 +327,18 @@ CREATE TABLE vault_sent_versions (
     record  BLOB    NOT NULL CHECK (length(record) = 32),
     PRIMARY KEY (folder, device, version)
 ) WITHOUT ROWID;
+"#,
+    // 11 -> 12: a vault's sealed chunks in the chunk store's pack files (keyed
+    // there by the blake3 hash of the sealed bytes) rather than as blobs in the
+    // index; the agent moves the rows `vault_chunks` holds into it at start.
+    r#"
+CREATE TABLE vault_stored (
+    vault  INTEGER NOT NULL REFERENCES vaults(id) ON DELETE CASCADE,
+    chunk  BLOB    NOT NULL CHECK (length(chunk) = 32),
+    hash   BLOB    NOT NULL CHECK (length(hash) = 32),
+    length INTEGER NOT NULL,
+    PRIMARY KEY (vault, chunk)
+) WITHOUT ROWID;
+CREATE INDEX vault_stored_by_hash ON vault_stored(hash);
 "#,
 ];

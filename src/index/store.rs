@@ -139,20 +139,7 @@ impl Index {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT INTO store_packs (name, size, created_at) VALUES (?1, ?2, ?3)",
-            params![name, size as i64, now_secs()],
-        )?;
-        let pack = tx.last_insert_rowid();
-        {
-            let mut add = tx.prepare_cached(
-                "INSERT OR IGNORE INTO store_chunks (hash, pack, offset, length)
-                 VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for c in chunks {
-                add.execute(params![&c.hash.0[..], pack, c.offset as i64, c.length])?;
-            }
-        }
+        let pack = add_pack_in(&tx, name, size, chunks)?;
         tx.commit()?;
         Ok(pack)
     }
@@ -210,9 +197,9 @@ impl Index {
     }
 
     /// Deletes the rows of chunks no `history_chunks` row refers to (nor a
-    /// live file of a folder that keeps local versions: those chunks were
-    /// captured so that the version can be kept when a local edit replaces
-    /// it), and of packs left without chunks, in one transaction that is
+    /// vault's sealed chunk, nor a live file of a folder that keeps local
+    /// versions: those chunks were captured so that the version can be kept
+    /// when a local edit replaces it), and of packs left without chunks, in one transaction that is
     /// durable before it returns (the caller deletes files next).
     pub fn store_drop_unreferenced(&mut self) -> Result<DroppedChunks> {
         let local: Vec<String> = self
@@ -220,12 +207,13 @@ impl Index {
             .iter()
             .map(i64::to_string)
             .collect();
+        let kept = "NOT EXISTS (SELECT 1 FROM history_chunks h WHERE h.hash = store_chunks.hash)
+             AND NOT EXISTS (SELECT 1 FROM vault_stored v WHERE v.hash = store_chunks.hash)";
         let unreferenced = if local.is_empty() {
-            "NOT EXISTS (SELECT 1 FROM history_chunks h WHERE h.hash = store_chunks.hash)"
-                .to_owned()
+            kept.to_owned()
         } else {
             format!(
-                "NOT EXISTS (SELECT 1 FROM history_chunks h WHERE h.hash = store_chunks.hash)
+                "{kept}
                  AND NOT EXISTS (SELECT 1 FROM chunks c JOIN files f ON f.id = c.file
                      WHERE c.hash = store_chunks.hash AND f.folder IN ({}))",
                 local.join(", ")
@@ -366,4 +354,27 @@ impl Index {
     pub(crate) fn conn_for_tests(&self) -> &rusqlite::Connection {
         &self.conn
     }
+}
+
+/// Inserts a pack's row and its chunks' rows (a chunk recorded already keeps
+/// its place) in `tx`; returns the pack's row id.
+pub(super) fn add_pack_in(
+    tx: &rusqlite::Transaction<'_>,
+    name: &str,
+    size: u64,
+    chunks: &[StoredChunk],
+) -> Result<i64> {
+    tx.execute(
+        "INSERT INTO store_packs (name, size, created_at) VALUES (?1, ?2, ?3)",
+        params![name, size as i64, now_secs()],
+    )?;
+    let pack = tx.last_insert_rowid();
+    let mut add = tx.prepare_cached(
+        "INSERT OR IGNORE INTO store_chunks (hash, pack, offset, length)
+         VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for c in chunks {
+        add.execute(params![&c.hash.0[..], pack, c.offset as i64, c.length])?;
+    }
+    Ok(pack)
 }

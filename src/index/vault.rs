@@ -2,10 +2,12 @@
 //! which devices hold it sealed and how far each has been sent; on a holder,
 //! the vaults it keeps for others (sealed chunks and records it cannot read).
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use super::devices::device_id;
-use super::{Index, IndexError, Result, now_secs};
+use super::store::add_pack_in;
+use super::{ChunkLocation, Index, IndexError, Result, StoredChunk, now_secs};
+use crate::chunking::ChunkHash;
 use crate::device::DeviceId;
 use crate::folder::FolderId;
 
@@ -54,6 +56,19 @@ pub struct RecordPage {
 
 /// A sealed chunk or record under its keyed id.
 pub type SealedEntry = ([u8; 32], Vec<u8>);
+
+/// A sealed chunk held as a blob in the index (before migration 12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyChunk {
+    /// Its `vault_chunks` row.
+    pub row: i64,
+    /// The vault's row.
+    pub vault: i64,
+    /// Its keyed id.
+    pub id: [u8; 32],
+    /// The sealed bytes.
+    pub bytes: Vec<u8>,
+}
 
 /// A folder as offered between devices (see `protocol::FolderOffer`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,8 +270,8 @@ impl Index {
     pub fn vaults(&self) -> Result<Vec<VaultInfo>> {
         let mut stmt = self.conn.prepare(
             "SELECT v.id, v.folder_id, d.device_id, v.label,
-                    (SELECT count(*) FROM vault_chunks WHERE vault = v.id),
-                    (SELECT coalesce(sum(length(bytes)), 0) FROM vault_chunks WHERE vault = v.id),
+                    (SELECT count(*) FROM vault_stored WHERE vault = v.id),
+                    (SELECT coalesce(sum(length), 0) FROM vault_stored WHERE vault = v.id),
                     (SELECT count(*) FROM vault_records WHERE vault = v.id),
                     (SELECT coalesce(sum(length(bytes)), 0) FROM vault_records WHERE vault = v.id)
              FROM vaults v JOIN devices d ON d.id = v.owner ORDER BY v.folder_id",
@@ -308,7 +323,7 @@ impl Index {
     /// Which of `ids` the vault lacks, as indexes into `ids`.
     pub fn vault_missing(&self, vault: i64, ids: &[[u8; 32]]) -> Result<Vec<u32>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM vault_chunks WHERE vault = ?1 AND chunk = ?2)",
+            "SELECT EXISTS (SELECT 1 FROM vault_stored WHERE vault = ?1 AND chunk = ?2)",
         )?;
         let mut out = Vec::new();
         for (i, id) in ids.iter().enumerate() {
@@ -320,19 +335,75 @@ impl Index {
         Ok(out)
     }
 
-    /// Stores sealed chunks (a chunk already there is kept as it is).
-    pub fn vault_put_chunks(&mut self, vault: i64, chunks: &[SealedEntry]) -> Result<()> {
-        let tx = self.conn.transaction()?;
+    /// Records a pack of sealed chunks that is complete and fsynced in the
+    /// chunk store (see `ChunkStore::write_pack`), and the vault rows naming
+    /// them, in one transaction: `owners[i]` (vault row, keyed chunk id) is the
+    /// chunk of `entries[i]`. A chunk a vault holds already keeps its bytes.
+    /// `legacy` lists `vault_chunks` rows whose bytes this pack now holds
+    /// (moved out of the index), deleted in the same transaction.
+    pub fn vault_add_pack(
+        &mut self,
+        name: &str,
+        size: u64,
+        entries: &[StoredChunk],
+        owners: &[(i64, [u8; 32])],
+        legacy: &[i64],
+    ) -> Result<()> {
+        if entries.len() != owners.len() {
+            return Err(IndexError::Corrupt(format!(
+                "a vault pack of {} chunks for {} ids",
+                entries.len(),
+                owners.len()
+            )));
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        add_pack_in(&tx, name, size, entries)?;
         {
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO vault_chunks (vault, chunk, bytes) VALUES (?1, ?2, ?3)",
+            let mut add = tx.prepare_cached(
+                "INSERT OR IGNORE INTO vault_stored (vault, chunk, hash, length)
+                 VALUES (?1, ?2, ?3, ?4)",
             )?;
-            for (id, bytes) in chunks {
-                stmt.execute(params![vault, &id[..], bytes])?;
+            for (c, (vault, id)) in entries.iter().zip(owners) {
+                add.execute(params![vault, &id[..], &c.hash.0[..], c.length])?;
+            }
+            let mut del = tx.prepare_cached("DELETE FROM vault_chunks WHERE id = ?1")?;
+            for row in legacy {
+                del.execute([row])?;
             }
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Up to `limit` sealed chunks still held as blobs in the index (from
+    /// before migration 12): (row, vault, keyed id, bytes).
+    pub fn vault_legacy_chunks(&self, limit: usize) -> Result<Vec<LegacyChunk>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, vault, chunk, bytes FROM vault_chunks ORDER BY id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (row, vault, id, bytes) = row?;
+            let id: [u8; 32] = id
+                .try_into()
+                .map_err(|_| IndexError::Corrupt("a vault chunk id of the wrong size".into()))?;
+            Ok(LegacyChunk {
+                row,
+                vault,
+                id,
+                bytes,
+            })
+        })
+        .collect()
     }
 
     /// Stores sealed records, replacing those with the same ids.
@@ -489,7 +560,7 @@ impl Index {
         limit: usize,
     ) -> Result<(Vec<[u8; 32]>, bool)> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT chunk FROM vault_chunks WHERE vault = ?1 AND chunk > ?2
+            "SELECT chunk FROM vault_stored WHERE vault = ?1 AND chunk > ?2
              ORDER BY chunk LIMIT ?3",
         )?;
         let start: Vec<u8> = after.map_or_else(Vec::new, |a| a.to_vec());
@@ -509,7 +580,8 @@ impl Index {
     }
 
     /// Drops sealed records and chunks from a vault (ids it does not hold
-    /// are ignored), in one transaction; returns how many of each went.
+    /// are ignored), in one transaction; returns how many of each went. The
+    /// chunks' bytes leave the chunk store at its next GC.
     pub fn vault_drop(
         &mut self,
         vault: i64,
@@ -525,7 +597,7 @@ impl Index {
                 r += del.execute(params![vault, &id[..]])?;
             }
             let mut del =
-                tx.prepare_cached("DELETE FROM vault_chunks WHERE vault = ?1 AND chunk = ?2")?;
+                tx.prepare_cached("DELETE FROM vault_stored WHERE vault = ?1 AND chunk = ?2")?;
             for id in chunks {
                 c += del.execute(params![vault, &id[..]])?;
             }
@@ -534,22 +606,55 @@ impl Index {
         Ok((r, c))
     }
 
-    /// One sealed chunk.
-    pub fn vault_chunk(&self, vault: i64, id: &[u8; 32]) -> Result<Option<Vec<u8>>> {
-        Ok(self
+    /// Where one sealed chunk's bytes are in the chunk store: their hash there,
+    /// and their location (`None` if the store has lost them).
+    pub fn vault_chunk(
+        &self,
+        vault: i64,
+        id: &[u8; 32],
+    ) -> Result<Option<(ChunkHash, Option<ChunkLocation>)>> {
+        let row = self
             .conn
             .query_row(
-                "SELECT bytes FROM vault_chunks WHERE vault = ?1 AND chunk = ?2",
+                "SELECT v.hash, s.pack, p.name, s.offset, s.length FROM vault_stored v
+                 LEFT JOIN store_chunks s ON s.hash = v.hash
+                 LEFT JOIN store_packs p ON p.id = s.pack
+                 WHERE v.vault = ?1 AND v.chunk = ?2",
                 params![vault, &id[..]],
-                |r| r.get(0),
+                |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                        r.get::<_, Option<u32>>(4)?,
+                    ))
+                },
             )
-            .optional()?)
+            .optional()?;
+        let Some((hash, pack, name, offset, length)) = row else {
+            return Ok(None);
+        };
+        let hash: [u8; 32] = hash
+            .try_into()
+            .map_err(|_| IndexError::Corrupt("a vault chunk hash of the wrong size".into()))?;
+        let loc = match (pack, name, offset, length) {
+            (Some(pack), Some(pack_name), Some(offset), Some(length)) => Some(ChunkLocation {
+                pack,
+                pack_name,
+                offset: offset as u64,
+                length,
+            }),
+            _ => None,
+        };
+        Ok(Some((ChunkHash(hash), loc)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::history::store::ChunkStore;
     use std::time::Duration;
 
     #[test]
@@ -598,15 +703,43 @@ mod tests {
         assert_eq!(idx.folder_secret(f.row).unwrap().as_bytes(), &[2; 32]);
     }
 
-    #[test]
-    fn a_vault_pages_its_chunk_ids_and_drops_what_it_is_told() {
+    /// A holder's index and chunk store, holding vault `docs` (its row).
+    fn holding() -> (tempfile::TempDir, Index, ChunkStore, i64) {
         let dir = tempfile::tempdir().unwrap();
-        let mut idx = Index::open(&dir.path().join("index.db"), Duration::from_secs(5)).unwrap();
+        let idx = Index::open(&dir.path().join("index.db"), Duration::from_secs(5)).unwrap();
+        let store = ChunkStore::open(&dir.path().join("store"), &idx).unwrap();
         let owner: DeviceId = "11".repeat(32).parse().unwrap();
         idx.add_peer(owner, "owner", &[]).unwrap();
         let v = idx.add_vault("docs", &owner, "Docs").unwrap();
+        (dir, idx, store, v)
+    }
+
+    /// Stores sealed chunks as the holder does: one pack, then the rows.
+    fn put(idx: &mut Index, store: &ChunkStore, vault: i64, chunks: &[SealedEntry]) {
+        let bytes: Vec<&[u8]> = chunks.iter().map(|(_, b)| &b[..]).collect();
+        let pack = store.write_pack(&bytes).unwrap();
+        let owners: Vec<(i64, [u8; 32])> = chunks.iter().map(|(id, _)| (vault, *id)).collect();
+        idx.vault_add_pack(&pack.name, pack.size, &pack.entries, &owners, &[])
+            .unwrap();
+    }
+
+    /// A sealed chunk's bytes, read back from the store.
+    fn get(idx: &Index, store: &ChunkStore, vault: i64, id: &[u8; 32]) -> Option<Vec<u8>> {
+        let (hash, loc) = idx.vault_chunk(vault, id).unwrap()?;
+        Some(
+            store
+                .reader()
+                .unwrap()
+                .read_at(&hash, &loc.unwrap())
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_vault_pages_its_chunk_ids_and_drops_what_it_is_told() {
+        let (_dir, mut idx, store, v) = holding();
         let chunks: Vec<SealedEntry> = (0..10u8).map(|n| ([n; 32], vec![n; 3])).collect();
-        idx.vault_put_chunks(v, &chunks).unwrap();
+        put(&mut idx, &store, v, &chunks);
         idx.vault_put_records(v, &[([7; 32], vec![1]), ([8; 32], vec![2])])
             .unwrap();
         // Pages of 4: every id once, in order.
@@ -633,22 +766,63 @@ mod tests {
         assert!(!ids.contains(&[5; 32]));
         assert!(idx.vault_record(v, &[7; 32]).unwrap().is_none());
         assert!(idx.vault_record(v, &[8; 32]).unwrap().is_some());
+        // The dropped chunks' bytes leave the store at its GC; the rest stay.
+        let before = idx.store_totals().unwrap();
+        let gc = store.gc(&mut idx).unwrap();
+        assert_eq!(gc.chunks_removed, 2, "{gc:?}");
+        assert_eq!(idx.store_totals().unwrap().chunks, before.chunks - 2);
+        assert_eq!(get(&idx, &store, v, &[6; 32]), Some(vec![6; 3]));
+        assert_eq!(get(&idx, &store, v, &[5; 32]), None);
+    }
+
+    #[test]
+    fn chunks_held_as_blobs_before_schema_12_move_into_the_store_and_read_back() {
+        let (_dir, mut idx, store, v) = holding();
+        for n in 0..300u32 {
+            idx.conn
+                .execute(
+                    "INSERT INTO vault_chunks (vault, chunk, bytes) VALUES (?1, ?2, ?3)",
+                    params![
+                        v,
+                        &[n as u8, (n >> 8) as u8, 7, 7].repeat(8),
+                        vec![n as u8; 50]
+                    ],
+                )
+                .unwrap();
+        }
+        let moved = crate::sync::holder::move_legacy_chunks(&mut idx, &store).unwrap();
+        assert_eq!(moved, 300);
+        assert!(idx.vault_legacy_chunks(10).unwrap().is_empty());
+        let info = &idx.vaults().unwrap()[0];
+        assert_eq!((info.chunks, info.chunk_bytes), (300, 300 * 50));
+        let id: [u8; 32] = [5u8, 1, 7, 7].repeat(8).try_into().unwrap();
+        assert_eq!(get(&idx, &store, v, &id), Some(vec![5; 50]));
+        // Nothing is left to move a second time, and the GC keeps them all.
+        assert_eq!(
+            crate::sync::holder::move_legacy_chunks(&mut idx, &store).unwrap(),
+            0
+        );
+        assert_eq!(store.gc(&mut idx).unwrap().chunks_removed, 0);
+        assert_eq!(get(&idx, &store, v, &id), Some(vec![5; 50]));
     }
 
     #[test]
     fn a_vault_stores_chunks_once_and_pages_its_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut idx = Index::open(&dir.path().join("index.db"), Duration::from_secs(5)).unwrap();
+        let (_dir, mut idx, store, v) = holding();
         let owner: DeviceId = "11".repeat(32).parse().unwrap();
-        idx.add_peer(owner, "owner", &[]).unwrap();
-        let v = idx.add_vault("docs", &owner, "Docs").unwrap();
         assert!(idx.add_vault("docs", &owner, "Docs").is_err());
 
-        idx.vault_put_chunks(v, &[([1; 32], vec![1; 10]), ([2; 32], vec![2; 5])])
-            .unwrap();
+        put(
+            &mut idx,
+            &store,
+            v,
+            &[([1; 32], vec![1; 10]), ([2; 32], vec![2; 5])],
+        );
         // A chunk sent again keeps its first bytes.
-        idx.vault_put_chunks(v, &[([1; 32], vec![9; 3])]).unwrap();
-        assert_eq!(idx.vault_chunk(v, &[1; 32]).unwrap(), Some(vec![1; 10]));
+        put(&mut idx, &store, v, &[([1; 32], vec![9; 3])]);
+        assert_eq!(get(&idx, &store, v, &[1; 32]), Some(vec![1; 10]));
+        let info = &idx.vaults().unwrap()[0];
+        assert_eq!((info.chunks, info.chunk_bytes), (2, 15));
         assert_eq!(
             idx.vault_missing(v, &[[2; 32], [3; 32], [1; 32]]).unwrap(),
             vec![1]

@@ -12,7 +12,8 @@ use iroh::endpoint::{Connection, RecvStream, SendStream};
 use super::Engine;
 use super::link::{FetchError, ServeError, reply, request_with};
 use crate::device::DeviceId;
-use crate::index::RecordPage;
+use crate::history::store::ChunkStore;
+use crate::index::{Index, RecordPage};
 use crate::protocol::{
     MAX_FRAME, MAX_INLINE_RECORD, MAX_LARGE_PER_PAGE, MAX_SEALED_CHUNK, MAX_VAULT_IDS,
     ProtocolError, Reply, Request,
@@ -132,11 +133,7 @@ async fn answer(
                     .map_err(|e| ServeError::Link(e.to_string()))?;
                 entries.push((id, bytes));
             }
-            engine
-                .index
-                .run(move |i| i.vault_put_chunks(vault, &entries))
-                .await
-                .map_err(store_err)?;
+            put_chunks_here(engine, vault, entries).await?;
             reply(send, &Reply::VaultStored, None).await
         }
         Request::VaultPutRecord { id, size, .. } => {
@@ -182,18 +179,15 @@ async fn answer(
             .await
         }
         Request::VaultChunk { id, .. } | Request::VaultRecord { id, .. } => {
-            let record = matches!(req, Request::VaultRecord { .. });
-            let bytes = engine
-                .index
-                .run(move |i| {
-                    if record {
-                        i.vault_record(vault, &id)
-                    } else {
-                        i.vault_chunk(vault, &id)
-                    }
-                })
-                .await
-                .map_err(store_err)?;
+            let bytes = if matches!(req, Request::VaultRecord { .. }) {
+                engine
+                    .index
+                    .run(move |i| i.vault_record(vault, &id))
+                    .await
+                    .map_err(store_err)?
+            } else {
+                chunk_here(engine, vault, id).await?
+            };
             match bytes {
                 Some(b) => {
                     let size = b.len() as u32;
@@ -222,6 +216,91 @@ async fn answer(
             reply(send, &Reply::VaultStored, None).await
         }
         _ => Err(ServeError::Protocol("not a vault request".into())),
+    }
+}
+
+/// Stores sealed chunks in `vault`: their bytes as one new pack of the chunk
+/// store (written, fsynced and in place before anything refers to it), then
+/// the rows naming them, in one transaction. Done before the put is answered.
+async fn put_chunks_here(
+    engine: &Arc<Engine>,
+    vault: i64,
+    entries: Vec<([u8; 32], Vec<u8>)>,
+) -> Result<(), ServeError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let store = ChunkStore::attach(&crate::history::store_dir(engine.home.root()));
+    let (ids, pack) = tokio::task::spawn_blocking(move || {
+        let bytes: Vec<&[u8]> = entries.iter().map(|(_, b)| &b[..]).collect();
+        let pack = store.write_pack(&bytes);
+        let ids: Vec<(i64, [u8; 32])> = entries.iter().map(|(id, _)| (vault, *id)).collect();
+        (ids, pack)
+    })
+    .await
+    .map_err(|e| ServeError::Store(e.to_string()))?;
+    let pack = pack.map_err(|e| ServeError::Store(e.to_string()))?;
+    engine
+        .index
+        .run(move |i| {
+            let r = i.vault_add_pack(&pack.name, pack.size, &pack.entries, &ids, &[]);
+            // The store lock goes only once the rows are committed.
+            drop(pack);
+            r
+        })
+        .await
+        .map_err(|e| ServeError::Store(e.to_string()))
+}
+
+/// One sealed chunk of `vault`, read back from the chunk store (checked
+/// against the hash it was stored under), or `None` if the vault lacks it.
+async fn chunk_here(
+    engine: &Arc<Engine>,
+    vault: i64,
+    id: [u8; 32],
+) -> Result<Option<Vec<u8>>, ServeError> {
+    let store_err = |e: &dyn std::fmt::Display| ServeError::Store(e.to_string());
+    let found = engine
+        .index
+        .run(move |i| i.vault_chunk(vault, &id))
+        .await
+        .map_err(|e| store_err(&e))?;
+    let Some((hash, loc)) = found else {
+        return Ok(None);
+    };
+    let loc = loc.ok_or_else(|| {
+        ServeError::Store(format!(
+            "sealed chunk {hash} is missing from the chunk store"
+        ))
+    })?;
+    let store = ChunkStore::attach(&crate::history::store_dir(engine.home.root()));
+    tokio::task::spawn_blocking(move || store.reader()?.read_at(&hash, &loc))
+        .await
+        .map_err(|e| store_err(&e))?
+        .map(Some)
+        .map_err(|e| store_err(&e))
+}
+
+/// Moves sealed chunks that an index from before schema 12 holds as blobs
+/// into the chunk store, a pack at a time (each pack's rows and the removal
+/// of the blobs it took in one transaction, so a crash at any moment leaves
+/// every chunk in exactly one place). Returns how many moved.
+pub fn move_legacy_chunks(
+    index: &mut Index,
+    store: &ChunkStore,
+) -> Result<u64, crate::history::store::StoreError> {
+    let mut moved = 0;
+    loop {
+        let batch = index.vault_legacy_chunks(256)?;
+        if batch.is_empty() {
+            return Ok(moved);
+        }
+        let bytes: Vec<&[u8]> = batch.iter().map(|c| &c.bytes[..]).collect();
+        let pack = store.write_pack(&bytes)?;
+        let owners: Vec<(i64, [u8; 32])> = batch.iter().map(|c| (c.vault, c.id)).collect();
+        let rows: Vec<i64> = batch.iter().map(|c| c.row).collect();
+        index.vault_add_pack(&pack.name, pack.size, &pack.entries, &owners, &rows)?;
+        moved += batch.len() as u64;
     }
 }
 
