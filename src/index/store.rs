@@ -199,8 +199,9 @@ impl Index {
     /// Deletes the rows of chunks no `history_chunks` row refers to (nor a
     /// vault's sealed chunk, nor a live file of a folder that keeps local
     /// versions: those chunks were captured so that the version can be kept
-    /// when a local edit replaces it), and of packs left without chunks, in one transaction that is
-    /// durable before it returns (the caller deletes files next).
+    /// when a local edit replaces it), and of packs left without chunks, in
+    /// one transaction that is durable before it returns (the caller deletes
+    /// files next).
     pub fn store_drop_unreferenced(&mut self) -> Result<DroppedChunks> {
         let local: Vec<String> = self
             .local_history_folders()?

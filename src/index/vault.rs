@@ -613,41 +613,22 @@ impl Index {
         vault: i64,
         id: &[u8; 32],
     ) -> Result<Option<(ChunkHash, Option<ChunkLocation>)>> {
-        let row = self
+        let hash = self
             .conn
             .query_row(
-                "SELECT v.hash, s.pack, p.name, s.offset, s.length FROM vault_stored v
-                 LEFT JOIN store_chunks s ON s.hash = v.hash
-                 LEFT JOIN store_packs p ON p.id = s.pack
-                 WHERE v.vault = ?1 AND v.chunk = ?2",
+                "SELECT hash FROM vault_stored WHERE vault = ?1 AND chunk = ?2",
                 params![vault, &id[..]],
-                |r| {
-                    Ok((
-                        r.get::<_, Vec<u8>>(0)?,
-                        r.get::<_, Option<i64>>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        r.get::<_, Option<i64>>(3)?,
-                        r.get::<_, Option<u32>>(4)?,
-                    ))
-                },
+                |r| r.get::<_, Vec<u8>>(0),
             )
             .optional()?;
-        let Some((hash, pack, name, offset, length)) = row else {
+        let Some(hash) = hash else {
             return Ok(None);
         };
-        let hash: [u8; 32] = hash
-            .try_into()
-            .map_err(|_| IndexError::Corrupt("a vault chunk hash of the wrong size".into()))?;
-        let loc = match (pack, name, offset, length) {
-            (Some(pack), Some(pack_name), Some(offset), Some(length)) => Some(ChunkLocation {
-                pack,
-                pack_name,
-                offset: offset as u64,
-                length,
-            }),
-            _ => None,
-        };
-        Ok(Some((ChunkHash(hash), loc)))
+        let hash = ChunkHash(
+            hash.try_into()
+                .map_err(|_| IndexError::Corrupt("a vault chunk hash of the wrong size".into()))?,
+        );
+        Ok(Some((hash, self.store_locate(&hash)?)))
     }
 }
 
