@@ -19,6 +19,7 @@ pub mod link;
 pub mod mesh;
 pub mod pull;
 pub mod recover;
+mod verifier;
 pub mod watch;
 pub mod wire;
 

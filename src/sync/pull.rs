@@ -19,6 +19,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::conflict::{conflict_path, wins};
 use super::link::{FetchError, fetch_chunk, fetch_groups, read_verified};
+use super::verifier::{Marker, Verifier};
 use super::{Engine, FolderActivity, FolderHandle, NeedItem};
 use crate::chunking::{ChunkHash, ChunkInfo, FileHash, group_hash, group_ranges};
 use crate::device::{DeviceId, ShortId};
@@ -1272,9 +1273,10 @@ fn copy_local(
     file: &File,
     jobs: Vec<LocalCopy>,
     verify: bool,
+    marker: &Marker,
 ) -> io::Result<Vec<(ChunkHash, Vec<ChunkInfo>)>> {
     if verify {
-        return copy_local_verified(file, jobs);
+        return copy_local_verified(file, jobs, marker);
     }
     // Every place a chunk goes, with where its first source has it.
     struct Piece {
@@ -1335,7 +1337,7 @@ fn copy_local(
             None => Ok(0),
         };
         match copied {
-            Ok(n) if n == len => {}
+            Ok(n) if n == len => marker.filled(run[0].dst_off, len),
             Ok(_) => run.iter().for_each(|p| failed[p.job] = true),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Err(e),
             Err(_) => {
@@ -1358,7 +1360,7 @@ fn copy_local(
         .map(|(j, _)| j)
         .collect();
     // What the first sources could not give, the others may, checked.
-    copy_local_verified(file, missed)
+    copy_local_verified(file, missed, marker)
 }
 
 /// Bytes written to a file being assembled between two calls asking the
@@ -1370,6 +1372,7 @@ const WRITEBACK_EVERY: u64 = 16 << 20;
 fn copy_local_verified(
     file: &File,
     jobs: Vec<LocalCopy>,
+    marker: &Marker,
 ) -> io::Result<Vec<(ChunkHash, Vec<ChunkInfo>)>> {
     let mut missed = Vec::new();
     for (h, places, sources) in jobs {
@@ -1380,6 +1383,7 @@ fn copy_local_verified(
             Some(bytes) => {
                 for c in &places {
                     file.write_all_at(&bytes, c.offset)?;
+                    marker.filled(c.offset, bytes.len() as u64);
                 }
             }
             None => missed.push((h, places)),
@@ -1553,19 +1557,34 @@ async fn assemble(
         .map_err(|e| io::Error::other(e.to_string()))??
     };
     let file = Arc::new(file);
+    // A file of one chunk (most small files) is that chunk, checked against
+    // its hash before it is written; any other file is checked whole: a
+    // small one after it is written, a larger one as it fills.
+    let expect: FileHash = remote.hash.expect("files have a hash");
+    let one_chunk = matches!(chunks, [c] if c.hash.0 == expect.0 && c.len as u64 == remote.size);
+    let verifier = if !one_chunk && remote.size > SMALL_FILE {
+        Some(Verifier::start(file.clone(), remote.size)?)
+    } else {
+        None
+    };
+    let marker = verifier.as_ref().map(Verifier::marker).unwrap_or_default();
 
     // Which chunks still need bytes, grouped by hash (a chunk may repeat).
     let mut todo: HashMap<ChunkHash, Vec<&ChunkInfo>> = HashMap::new();
     {
-        let f = file.clone();
+        let (f, m) = (file.clone(), marker.clone());
         let list: Vec<ChunkInfo> = chunks.to_vec();
         let present: HashSet<u64> = if resumed {
             tokio::task::spawn_blocking(move || {
                 list.iter()
                     .filter(|c| {
                         let mut buf = vec![0u8; c.len as usize];
-                        f.read_exact_at(&mut buf, c.offset).is_ok()
-                            && blake3::hash(&buf).as_bytes() == &c.hash.0
+                        let ok = f.read_exact_at(&mut buf, c.offset).is_ok()
+                            && blake3::hash(&buf).as_bytes() == &c.hash.0;
+                        if ok {
+                            m.filled(c.offset, c.len as u64);
+                        }
+                        ok
                     })
                     .map(|c| c.offset)
                     .collect()
@@ -1582,7 +1601,7 @@ async fn assemble(
         }
     }
 
-    // Local copies first.
+    // Where chunks are found locally.
     let started = std::time::Instant::now();
     let hashes: Vec<ChunkHash> = todo
         .keys()
@@ -1607,105 +1626,68 @@ async fn assemble(
         }
     }
     let looked_up = started.elapsed();
-    // A file of one chunk is that chunk, whose bytes are checked against its
-    // hash before they are written; any other file is checked whole at the
-    // end. A resumed one is checked chunk by chunk: it may be here because
-    // that check failed.
-    let expect: FileHash = remote.hash.expect("files have a hash");
-    let one_chunk = matches!(chunks, [c] if c.hash.0 == expect.0 && c.len as u64 == remote.size);
-    let verify = resumed || one_chunk;
-    if !local_jobs.is_empty() {
-        let f = file.clone();
-        let missed = tokio::task::spawn_blocking(move || copy_local(&f, local_jobs, verify))
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))??;
-        remote_todo.extend(missed);
-    }
 
-    let copied = started.elapsed();
-    // The rest from peers, spread over those that have this version.
-    if !remote_todo.is_empty() {
-        let mut conns: Vec<(DeviceId, Connection)> = sources
-            .iter()
-            .filter_map(|d| engine.link(d).map(|c| (*d, c)))
-            .collect();
-        if conns.is_empty() {
+    // Local copies on a thread while the rest comes from peers. A resumed
+    // file is checked chunk by chunk: it may be here because the whole-file
+    // check failed (a local source that changed under us).
+    let verify = resumed || one_chunk;
+    let copying = (!local_jobs.is_empty()).then(|| {
+        let (f, m) = (file.clone(), marker.clone());
+        tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            copy_local(&f, local_jobs, verify, &m).map(|missed| (missed, t.elapsed()))
+        })
+    });
+    let fetcher = Fetcher::new(engine, folder, remote, sources, file.clone(), marker);
+    let mut fetches = tokio::task::JoinSet::new();
+    // In file order: the verifier follows the filled prefix, and the disk is
+    // written front to back.
+    remote_todo.sort_by_key(|(_, places)| places[0].offset);
+    let mut asked = 0;
+    if !remote_todo.is_empty() && fetcher.conns.is_empty() {
+        if let Some(c) = copying {
+            // The copy writes into the temp file: let it end first.
+            let _ = c.await;
+        }
+        return Err(PullError::NoSource);
+    }
+    for (h, places) in remote_todo {
+        fetcher
+            .spawn(&mut fetches, &pass.requests, asked, h, places)
+            .await;
+        asked += 1;
+    }
+    let mut local_took = std::time::Duration::ZERO;
+    if let Some(c) = copying {
+        let (missed, took) = c.await.map_err(|e| io::Error::other(e.to_string()))??;
+        local_took = took;
+        if !missed.is_empty() && fetcher.conns.is_empty() {
             return Err(PullError::NoSource);
         }
-        // Peers that have sent corrupt chunks or stalled are asked only when
-        // the others fail: spread the requests over the good ones.
-        conns.sort_by_key(|(d, _)| suspect(engine, d));
-        let good = conns.iter().filter(|(d, _)| !suspect(engine, d)).count();
-        let conns = Arc::new(conns);
-        let unflushed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut set = tokio::task::JoinSet::new();
-        for (n, (h, places)) in remote_todo.into_iter().enumerate() {
-            let permit = pass
-                .requests
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore open");
-            let conns = conns.clone();
-            let engine = engine.clone();
-            let file = file.clone();
-            let unflushed = unflushed.clone();
-            let folder_id = folder.id.to_string();
-            let path = remote.path.clone();
-            set.spawn(async move {
-                let _permit = permit;
-                let first = places[0];
-                let mut last = PullError::NoSource;
-                for i in ask_order(n, good, conns.len()) {
-                    let (dev, conn) = &conns[i];
-                    let fetch = fetch_chunk(conn, &folder_id, &path, first.offset, first.len, &h);
-                    let Ok(fetched) = tokio::time::timeout(engine.request_timeout(), fetch).await else {
-                        last = stalled(&engine, dev);
-                        continue;
-                    };
-                    match fetched {
-                        Ok(bytes) => {
-                            engine
-                                .counters(dev)
-                                .chunk_bytes_in
-                                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                            for c in &places {
-                                file.write_all_at(&bytes, c.offset)?;
-                            }
-                            let n = (bytes.len() * places.len()) as u64;
-                            let before = unflushed.fetch_add(n, Ordering::Relaxed);
-                            if before % WRITEBACK_EVERY + n >= WRITEBACK_EVERY {
-                                start_writeback(&file);
-                            }
-                            return Ok(());
-                        }
-                        Err(FetchError::Corrupt) => {
-                            let bad = engine.counters(dev).bad_chunks.fetch_add(1, Ordering::Relaxed) + 1;
-                            tracing::warn!(device = %dev, bad_chunks = bad, "a chunk failed its hash check; fetching it again");
-                            last = PullError::Fetch(format!("device {dev} sent a corrupt chunk"));
-                        }
-                        Err(e) => last = PullError::Fetch(format!("device {dev}: {e}")),
-                    }
-                }
-                Err(last)
-            });
+        let mut missed = missed;
+        missed.sort_by_key(|(_, places)| places[0].offset);
+        for (h, places) in missed {
+            fetcher
+                .spawn(&mut fetches, &pass.requests, asked, h, places)
+                .await;
+            asked += 1;
         }
-        let mut first_err = None;
-        while let Some(r) = set.join_next().await {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    first_err.get_or_insert(e);
-                }
-                Err(e) => {
-                    first_err.get_or_insert(PullError::Fetch(e.to_string()));
-                }
+    }
+    let mut first_err = None;
+    while let Some(r) = fetches.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(PullError::Fetch(e.to_string()));
             }
         }
-        if let Some(e) = first_err {
-            // The chunks that arrived stay in the temp file for the next try.
-            return Err(e);
-        }
+    }
+    if let Some(e) = first_err {
+        // The chunks that arrived stay in the temp file for the next try.
+        return Err(e);
     }
 
     let fetched = started.elapsed();
@@ -1718,26 +1700,26 @@ async fn assemble(
         // Metadata first, so the one fsync makes it durable too.
         file.set_modified(mtime)?;
         fs::set_permissions(&tmp2, fs::Permissions::from_mode(perms))?;
-        if one_chunk {
-            file.sync_all()?;
-            return Ok(true);
+        match verifier {
+            None if one_chunk => {
+                file.sync_all()?;
+                Ok(true)
+            }
+            None => {
+                let hashed = hash_file(&tmp2, size)?;
+                file.sync_all()?;
+                Ok(hashed.as_bytes() == &expect.0)
+            }
+            // The fsync waits on the disk while the hash finishes: side by side.
+            Some(v) => std::thread::scope(|s| {
+                let synced = s.spawn(|| file.sync_all());
+                let hashed = v.finish();
+                synced
+                    .join()
+                    .map_err(|_| io::Error::other("fsync thread panicked"))??;
+                Ok(hashed?.as_bytes() == &expect.0)
+            }),
         }
-        if size <= SMALL_FILE {
-            // Too little to gain from a thread of its own.
-            let hashed = hash_file(&tmp2, size)?;
-            file.sync_all()?;
-            return Ok(hashed.as_bytes() == &expect.0);
-        }
-        // The fsync waits on the disk while the hash keeps the cores busy:
-        // run them side by side.
-        std::thread::scope(|s| {
-            let synced = s.spawn(|| file.sync_all());
-            let hashed = hash_file(&tmp2, size);
-            synced
-                .join()
-                .map_err(|_| io::Error::other("fsync thread panicked"))??;
-            Ok(hashed?.as_bytes() == &expect.0)
-        })
     })
     .await
     .map_err(|e| io::Error::other(e.to_string()))??;
@@ -1753,13 +1735,122 @@ async fn assemble(
     tracing::debug!(
         path = %remote.path,
         chunks = chunks.len(),
+        fetched = asked,
         lookup_ms = looked_up.as_millis() as u64,
-        local_ms = (copied - looked_up).as_millis() as u64,
-        fetch_ms = (fetched - copied).as_millis() as u64,
+        local_ms = local_took.as_millis() as u64,
+        fetch_ms = (fetched - looked_up).as_millis() as u64,
         verify_ms = (started.elapsed() - fetched).as_millis() as u64,
         "file assembled"
     );
     Ok(tmp)
+}
+
+/// Fetches chunks of one file from the peers that have its version, each
+/// request on a task of its own, bounded by the pass's requests in flight.
+struct Fetcher {
+    engine: Arc<Engine>,
+    /// The peers to ask, those that have sent corrupt chunks or stalled last.
+    conns: Arc<Vec<(DeviceId, Connection)>>,
+    /// How many of `conns` have not.
+    good: usize,
+    folder_id: String,
+    path: RelPath,
+    file: Arc<File>,
+    marker: Marker,
+    unflushed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Fetcher {
+    fn new(
+        engine: &Arc<Engine>,
+        folder: &Folder,
+        remote: &RemoteFile,
+        sources: &[DeviceId],
+        file: Arc<File>,
+        marker: Marker,
+    ) -> Self {
+        let mut conns: Vec<(DeviceId, Connection)> = sources
+            .iter()
+            .filter_map(|d| engine.link(d).map(|c| (*d, c)))
+            .collect();
+        // Spread the requests over the good peers; the others are asked only
+        // when those fail.
+        conns.sort_by_key(|(d, _)| suspect(engine, d));
+        let good = conns.iter().filter(|(d, _)| !suspect(engine, d)).count();
+        Self {
+            engine: engine.clone(),
+            conns: Arc::new(conns),
+            good,
+            folder_id: folder.id.to_string(),
+            path: remote.path.clone(),
+            file,
+            marker,
+            unflushed: Arc::default(),
+        }
+    }
+
+    /// Starts fetching the chunk `h` (the `n`th asked for this file) into
+    /// each of its `places`, once a request slot is free.
+    async fn spawn(
+        &self,
+        set: &mut tokio::task::JoinSet<Result<(), PullError>>,
+        requests: &Arc<Semaphore>,
+        n: usize,
+        h: ChunkHash,
+        places: Vec<ChunkInfo>,
+    ) {
+        let permit = requests
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        let conns = self.conns.clone();
+        let good = self.good;
+        let engine = self.engine.clone();
+        let file = self.file.clone();
+        let marker = self.marker.clone();
+        let unflushed = self.unflushed.clone();
+        let folder_id = self.folder_id.clone();
+        let path = self.path.clone();
+        set.spawn(async move {
+            let _permit = permit;
+            let first = places[0];
+            let mut last = PullError::NoSource;
+            for i in ask_order(n, good, conns.len()) {
+                let (dev, conn) = &conns[i];
+                let fetch = fetch_chunk(conn, &folder_id, &path, first.offset, first.len, &h);
+                let Ok(fetched) = tokio::time::timeout(engine.request_timeout(), fetch).await else {
+                    last = stalled(&engine, dev);
+                    continue;
+                };
+                match fetched {
+                    Ok(bytes) => {
+                        engine
+                            .counters(dev)
+                            .chunk_bytes_in
+                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        for c in &places {
+                            file.write_all_at(&bytes, c.offset)?;
+                            marker.filled(c.offset, bytes.len() as u64);
+                        }
+                        let n = (bytes.len() * places.len()) as u64;
+                        let before = unflushed.fetch_add(n, Ordering::Relaxed);
+                        if before % WRITEBACK_EVERY + n >= WRITEBACK_EVERY {
+                            start_writeback(&file);
+                        }
+                        return Ok(());
+                    }
+                    Err(FetchError::Corrupt) => {
+                        let bad = engine.counters(dev).bad_chunks.fetch_add(1, Ordering::Relaxed) + 1;
+                        tracing::warn!(device = %dev, bad_chunks = bad, "a chunk failed its hash check; fetching it again");
+                        last = PullError::Fetch(format!("device {dev} sent a corrupt chunk"));
+                    }
+                    Err(e) => last = PullError::Fetch(format!("device {dev}: {e}")),
+                }
+            }
+            Err(last)
+        });
+    }
 }
 
 #[cfg(test)]
