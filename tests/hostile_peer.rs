@@ -1674,3 +1674,98 @@ fn a_peer_that_stalls_is_timed_out_named_in_status_and_asked_last() {
     assert!(!t.docs.join("late.bin").exists());
     rt.block_on(mallory.ep.close());
 }
+
+/// Alice sends chunks of a large file unchanged since its scan without hashing
+/// them again (vouched for by the chunk list she recorded with its stat). A
+/// file edited in place since must never be served from that list: whatever
+/// Mallory asks, a chunk Alice sends is the chunk asked for.
+#[test]
+fn a_large_file_edited_in_place_is_never_served_by_its_old_chunk_list() {
+    let lab = Lab::new();
+    let a = lab.node("alice");
+    let m = lab.node("mallory");
+    let docs = a.add_folder("docs");
+    let data = pseudo_random(8 << 20, 41);
+    fs::write(docs.join("big.bin"), &data).unwrap();
+    let _agent_a = Agent::start(&a);
+    let agent_m = Agent::start(&m);
+    let m_docs = m.path("docs");
+    pair(
+        &a,
+        &m,
+        &["--folder", "docs"],
+        &["--into", m_docs.to_str().unwrap()],
+    );
+    wait_until("mallory's agent has big.bin", || {
+        fs::read(m_docs.join("big.bin")).is_ok_and(|d| d == data)
+    });
+    agent_m.stop();
+    let m_id = m.id();
+    wait_until("alice sees mallory's agent gone", || !a.connected_to(&m_id));
+
+    let chunks = chunk_bytes(&data, DEFAULT_PARAMS).chunks;
+    assert!(chunks.len() > 20, "{} chunks", chunks.len());
+    let ask_at = |c: &ferry::chunking::ChunkInfo, offset: u64| Request::Chunk {
+        folder: "docs".into(),
+        path: "big.bin".into(),
+        offset,
+        size: c.len,
+        hash: c.hash.0,
+    };
+    let bytes_of = |c: &ferry::chunking::ChunkInfo| {
+        data[c.offset as usize..(c.offset + c.len as u64) as usize].to_vec()
+    };
+    let rt = runtime();
+    let mallory = Mallory::new(&rt, &m, &a);
+    let link = rt.block_on(mallory.link());
+    rt.block_on(async {
+        // Twice each: the first request reads the list, the next use it.
+        for c in chunks
+            .iter()
+            .skip(5)
+            .take(10)
+            .chain(chunks.iter().skip(5).take(10))
+        {
+            let (r, got) = ask(&link.conn, &ask_at(c, c.offset)).await;
+            assert!(matches!(r, Reply::Chunk { .. }), "{r:?}");
+            assert_eq!(got, bytes_of(c), "chunk at {}", c.offset);
+        }
+        // A chunk named at another chunk's place is found where it is.
+        let (c, wrong) = (&chunks[8], chunks[9].offset);
+        let (r, got) = ask(&link.conn, &ask_at(c, wrong)).await;
+        assert!(matches!(r, Reply::Chunk { .. }), "{r:?}");
+        assert_eq!(got, bytes_of(c));
+    });
+
+    // Edited in place (same size, same inode): every chunk from the middle
+    // on changes, the stat with them.
+    let target = &chunks[chunks.len() / 2];
+    let mut edited = data.clone();
+    for b in &mut edited[target.offset as usize..] {
+        *b = !*b;
+    }
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(docs.join("big.bin"))
+            .unwrap();
+        f.seek(SeekFrom::Start(target.offset)).unwrap();
+        f.write_all(&edited[target.offset as usize..]).unwrap();
+        f.sync_all().unwrap();
+    }
+    rt.block_on(async {
+        for c in &chunks[chunks.len() / 2..chunks.len() / 2 + 10] {
+            let (r, got) = ask(&link.conn, &ask_at(c, c.offset)).await;
+            if let Reply::Chunk { .. } = r {
+                // Only the old bytes (from Alice's history) may answer.
+                assert_eq!(
+                    got,
+                    bytes_of(c),
+                    "alice sent other bytes for the chunk at {}",
+                    c.offset
+                );
+            }
+        }
+    });
+}

@@ -13,6 +13,7 @@ use std::time::Duration;
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 
 use super::Engine;
+use super::served::{MIN_SIZE as SERVED_MIN_SIZE, Served, Stat};
 use super::wire::{from_wire, to_wire};
 use crate::chunking::{ChunkHash, FileHash, group_ranges};
 use crate::device::DeviceId;
@@ -362,19 +363,69 @@ async fn serve_one(
             let root = folder.path.clone();
             // Fast path: the place the peer named, if it holds those bytes (the
             // hash check makes the hint safe to follow; no symlinked parents).
+            // A large file unchanged since it was hashed is vouched for by its
+            // recorded chunk list instead (see `served`).
             let hinted = {
                 let root = root.clone();
                 let path = path.clone();
+                let engine = engine.clone();
                 tokio::task::spawn_blocking(move || {
                     let rel = RelPath::new(&path).ok()?;
                     if !no_symlink_parents(&root, &rel) {
                         return None;
                     }
-                    read_verified(&rel.to_fs(&root), offset, size, &hash)
+                    read_hinted(
+                        &engine.served,
+                        row,
+                        &rel.to_fs(&root),
+                        &path,
+                        offset,
+                        size,
+                        &hash,
+                    )
                 })
                 .await
                 .ok()
                 .flatten()
+            };
+            let hinted = match hinted {
+                Some(Hinted::Bytes(d)) => Some(d),
+                Some(Hinted::Unlisted(stat)) => {
+                    // Keep the file's list for the next requests, if the
+                    // index recorded it as it is now (its stat read first: a
+                    // scan committing between the two reads leaves a stat
+                    // that no longer matches, never a list for the wrong
+                    // content).
+                    if let Some(_loading) = engine.served.load(row, &path) {
+                        let (rel, p, e) = (RelPath::new(&path).ok(), path.clone(), engine.clone());
+                        let _ = engine
+                            .index
+                            .run(move |i| -> Result<(), IndexError> {
+                                let Some(rel) = rel else { return Ok(()) };
+                                let Some(f) = i.local_file(row, &rel)? else {
+                                    return Ok(());
+                                };
+                                if !f.record.deleted && Stat::recorded(&f.meta) == stat {
+                                    e.served.keep(row, &p, stat, &i.file_chunks(row, &rel)?);
+                                }
+                                Ok(())
+                            })
+                            .await;
+                    }
+                    // This one checked by hash, as any other place.
+                    let (root, path) = (root.clone(), path.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let rel = RelPath::new(&path).ok()?;
+                        if !no_symlink_parents(&root, &rel) {
+                            return None;
+                        }
+                        read_verified(&rel.to_fs(&root), offset, size, &hash)
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                }
+                None => None,
             };
             let live = match hinted {
                 Some(d) => Some(d),
@@ -635,6 +686,47 @@ fn no_symlink_parents(root: &std::path::Path, rel: &RelPath) -> bool {
         dir.push(p);
         std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())
     })
+}
+
+/// What the place a chunk request names gave.
+enum Hinted {
+    /// The chunk's bytes, vouched for or checked.
+    Bytes(Vec<u8>),
+    /// A large file with no chunk list kept for its stat: read it by hash
+    /// this time, and keep its list for the next requests.
+    Unlisted(Stat),
+}
+
+/// Reads the chunk at `offset` of the file at `abs` (never following a
+/// symlink there). A large file whose list in `served` has the chunk there,
+/// and whose stat did not change while it was read, gives the bytes unhashed.
+fn read_hinted(
+    served: &Served,
+    row: i64,
+    abs: &std::path::Path,
+    path: &str,
+    offset: u64,
+    size: u32,
+    hash: &ChunkHash,
+) -> Option<Hinted> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f: File = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(abs)
+        .ok()?;
+    let before = Stat::of(&f.metadata().ok()?);
+    let vouched = before.size() >= SERVED_MIN_SIZE
+        && match served.vouches(row, path, before, offset, size, hash) {
+            Some(v) => v,
+            None => return Some(Hinted::Unlisted(before)),
+        };
+    let mut buf = vec![0u8; size as usize];
+    f.read_exact_at(&mut buf, offset).ok()?;
+    if vouched && f.metadata().is_ok_and(|m| Stat::of(&m) == before) {
+        return Some(Hinted::Bytes(buf));
+    }
+    (blake3::hash(&buf).as_bytes() == &hash.0).then_some(Hinted::Bytes(buf))
 }
 
 /// Reads `size` bytes at `offset` of `path` (never following a symlink at the

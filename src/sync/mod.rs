@@ -19,6 +19,7 @@ pub mod link;
 pub mod mesh;
 pub mod pull;
 pub mod recover;
+mod served;
 mod verifier;
 pub mod watch;
 pub mod wire;
@@ -163,6 +164,8 @@ pub struct Engine {
     counters: Mutex<HashMap<DeviceId, Arc<PeerCounters>>>,
     /// Recent answers of "which folders do we share with this peer".
     shared_cache: Mutex<HashMap<DeviceId, (std::time::Instant, Vec<String>)>>,
+    /// Chunk lists of the large files served lately (see `served`).
+    served: served::Served,
     /// Bumped after every local index commit (scan or pull).
     local_changes: tokio::sync::watch::Sender<u64>,
     tracker: TaskTracker,
@@ -191,6 +194,7 @@ impl Engine {
             peer_vaults: tokio::sync::watch::channel(HashMap::new()).0,
             counters: Mutex::new(HashMap::new()),
             shared_cache: Mutex::new(HashMap::new()),
+            served: Default::default(),
             local_changes: tokio::sync::watch::channel(0).0,
             tracker: TaskTracker::new(),
             shutdown,
