@@ -104,8 +104,13 @@ impl Default for SyncConfig {
         Self {
             debounce_ms: 200,
             rescan_interval_secs: 3600,
-            // Measured with benches/sync.sh on loopback: 8-16 pull a 1 GiB
-            // file in 2.6-2.9 s, 28 or more in 5.3-5.9 s.
+            // Measured with benches/sync.sh on loopback: 12 pull a 1 GiB
+            // file in 3.1-3.3 s, 24 in 7.4-8.1 s. More in flight is slower
+            // because the receiving link's driver falls behind and iroh 1.4
+            // drops the datagrams (acks, requests) it then sends: tokio's
+            // cooperative budget makes the UDP send pending and iroh counts
+            // a pending send as lost, so the requester's congestion window
+            // collapses to its minimum.
             requests_in_flight: 12,
             parallel_files: 8,
             request_timeout_secs: 60,

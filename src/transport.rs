@@ -158,6 +158,12 @@ pub async fn bind(
         .receive_window(CONNECTION_WINDOW.into())
         .max_concurrent_bidi_streams(MAX_REQUEST_STREAMS.into())
         .max_concurrent_uni_streams(MAX_UNI_STREAMS.into())
+        // Replies go out whole, oldest first, rather than interleaved packet
+        // by packet: with a dozen chunk requests in flight, round-robin made
+        // them all finish together at the end, leaving the receiver idle and
+        // then swamped. Every stream's writes are bounded (a chunk, a put
+        // of 2 MiB, an index batch), so none can hold the link for long.
+        .send_fairness(false)
         .build();
     builder = builder
         .transport_config(quic)
