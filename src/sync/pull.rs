@@ -1037,6 +1037,38 @@ const NOT_EMPTY: &str =
     "the directory holds files that are not synced (ignored ones?), so it stays";
 const UNSAFE: &str = "unsafe path";
 
+/// Whether `a` and `b` are both regular files (not followed through a
+/// symlink) with the same bytes.
+fn same_file_bytes(a: &Path, b: &Path) -> io::Result<bool> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(p)
+    };
+    let (Ok(mut fa), Ok(mut fb)) = (open(a), open(b)) else {
+        return Ok(false);
+    };
+    let (ma, mb) = (fa.metadata()?, fb.metadata()?);
+    if !ma.is_file() || !mb.is_file() || ma.len() != mb.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            // Same length, so `b` is at its end too.
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
 /// Deterministic temp name beside the target, so an interrupted pull of the
 /// same version resumes. The caller has made the parents (`ensure_parents`).
 fn temp_path(root: &Path, remote: &RemoteFile, ext: &str) -> PathBuf {
@@ -1128,9 +1160,17 @@ fn place(
             let dest = copy.to_fs(root);
             ensure_parents(root, copy)?;
             if fs::symlink_metadata(&dest).is_ok() {
-                return Err(io::Error::other(LOCAL_CHANGED));
+                // With three or more devices, another device's copy of this
+                // very conflict may have arrived first: holding the same
+                // bytes, it keeps the local version already. Anything else
+                // there is not ours to replace.
+                if !same_file_bytes(&target, &dest)? {
+                    return Err(io::Error::other(LOCAL_CHANGED));
+                }
+                fs::remove_file(&target)?;
+            } else {
+                fs::rename(&target, &dest)?;
             }
-            fs::rename(&target, &dest)?;
         } else {
             match local_kind {
                 Some(FileKind::File) => {
@@ -1927,6 +1967,68 @@ mod tests {
             assert_eq!(err.to_string(), LOCAL_CHANGED);
         }
         assert!(!marker_dir(root.path()).join("versions").exists());
+    }
+
+    #[test]
+    fn a_conflict_copy_already_synced_from_another_device_is_not_written_twice() {
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("a.txt");
+        let copy = RelPath::new("a.sync-conflict-20261206-101010-abcdef0.txt").unwrap();
+        let dest = copy.to_fs(root.path());
+        let staged = root.path().join("staged");
+        let mut remote = rec("a.txt", &[(1, 1), (2, 1)], 3, 5);
+        remote.size = 6;
+        for (there, ok) in [(&b"mine"[..], true), (&b"other"[..], false)] {
+            fs::write(&target, b"mine").unwrap();
+            fs::write(&dest, there).unwrap();
+            fs::write(&staged, b"theirs").unwrap();
+            let m = fs::metadata(&target).unwrap();
+            let expected = FileMeta {
+                kind: FileKind::File,
+                size: m.len(),
+                mtime_ns: mtime_ns(&m),
+                permissions: m.mode() & 0o7777,
+                inode: m.ino(),
+                dev: m.dev(),
+            };
+            let old = OnDisk {
+                expected: Some(&expected),
+                kind: Some(FileKind::File),
+            };
+            let placed = place(
+                root.path(),
+                &remote,
+                old,
+                Some(&staged),
+                Some(&copy),
+                None,
+                &mut HashSet::new(),
+            );
+            if ok {
+                // The copy there holds the local version: the remote one
+                // takes its place and nothing is lost or duplicated.
+                placed.unwrap();
+                assert_eq!(fs::read(&target).unwrap(), b"theirs");
+                assert_eq!(fs::read(&dest).unwrap(), b"mine");
+            } else {
+                // Something else under that name: refused, nothing touched.
+                assert_eq!(placed.unwrap_err().to_string(), LOCAL_CHANGED);
+                assert_eq!(fs::read(&target).unwrap(), b"mine");
+                assert_eq!(fs::read(&dest).unwrap(), b"other");
+                assert_eq!(fs::read(&staged).unwrap(), b"theirs");
+            }
+            let mut names: Vec<_> = fs::read_dir(root.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            let mut want = vec!["a.sync-conflict-20261206-101010-abcdef0.txt", "a.txt"];
+            if !ok {
+                want.push("staged");
+            }
+            assert_eq!(names, want);
+        }
     }
 
     #[test]
