@@ -63,11 +63,21 @@ fn alice_and_mallory(lab: &Lab) -> (Node, Node, Agent, PathBuf) {
 /// [`alice_and_mallory`], with `setup` run on Alice's fresh home (config
 /// edits, a filesystem for her folder) before her folder is added.
 fn alice_and_mallory_with(lab: &Lab, setup: impl FnOnce(&Node)) -> (Node, Node, Agent, PathBuf) {
+    alice_and_mallory_sharing(lab, setup, "hello.txt", HELLO)
+}
+
+/// [`alice_and_mallory_with`], with `name` holding `data` in Alice's folder.
+fn alice_and_mallory_sharing(
+    lab: &Lab,
+    setup: impl FnOnce(&Node),
+    name: &str,
+    data: &[u8],
+) -> (Node, Node, Agent, PathBuf) {
     let a = lab.node("alice");
     let m = lab.node("mallory");
     setup(&a);
     let docs = a.add_folder("docs");
-    fs::write(docs.join("hello.txt"), HELLO).unwrap();
+    fs::write(docs.join(name), data).unwrap();
     let agent_a = Agent::start(&a);
     let agent_m = Agent::start(&m);
     let m_docs = m.path("docs");
@@ -77,8 +87,8 @@ fn alice_and_mallory_with(lab: &Lab, setup: impl FnOnce(&Node)) -> (Node, Node, 
         &["--folder", "docs"],
         &["--into", m_docs.to_str().unwrap()],
     );
-    wait_until("mallory's agent has hello.txt", || {
-        fs::read(m_docs.join("hello.txt")).is_ok_and(|b| b == HELLO)
+    wait_until(&format!("mallory's agent has {name}"), || {
+        fs::read(m_docs.join(name)).is_ok_and(|b| b == data)
     });
     agent_m.stop();
     let m_id = m.id();
@@ -1682,26 +1692,8 @@ fn a_peer_that_stalls_is_timed_out_named_in_status_and_asked_last() {
 #[test]
 fn a_large_file_edited_in_place_is_never_served_by_its_old_chunk_list() {
     let lab = Lab::new();
-    let a = lab.node("alice");
-    let m = lab.node("mallory");
-    let docs = a.add_folder("docs");
     let data = pseudo_random(8 << 20, 41);
-    fs::write(docs.join("big.bin"), &data).unwrap();
-    let _agent_a = Agent::start(&a);
-    let agent_m = Agent::start(&m);
-    let m_docs = m.path("docs");
-    pair(
-        &a,
-        &m,
-        &["--folder", "docs"],
-        &["--into", m_docs.to_str().unwrap()],
-    );
-    wait_until("mallory's agent has big.bin", || {
-        fs::read(m_docs.join("big.bin")).is_ok_and(|d| d == data)
-    });
-    agent_m.stop();
-    let m_id = m.id();
-    wait_until("alice sees mallory's agent gone", || !a.connected_to(&m_id));
+    let (a, m, _agent_a, docs) = alice_and_mallory_sharing(&lab, |_| {}, "big.bin", &data);
 
     let chunks = chunk_bytes(&data, DEFAULT_PARAMS).chunks;
     assert!(chunks.len() > 20, "{} chunks", chunks.len());

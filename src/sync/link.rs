@@ -388,45 +388,12 @@ async fn serve_one(
                 .ok()
                 .flatten()
             };
-            let hinted = match hinted {
-                Some(Hinted::Bytes(d)) => Some(d),
-                Some(Hinted::Unlisted(stat)) => {
-                    // Keep the file's list for the next requests, if the
-                    // index recorded it as it is now (its stat read first: a
-                    // scan committing between the two reads leaves a stat
-                    // that no longer matches, never a list for the wrong
-                    // content).
-                    if let Some(_loading) = engine.served.load(row, &path) {
-                        let (rel, p, e) = (RelPath::new(&path).ok(), path.clone(), engine.clone());
-                        let _ = engine
-                            .index
-                            .run(move |i| -> Result<(), IndexError> {
-                                let Some(rel) = rel else { return Ok(()) };
-                                let Some(f) = i.local_file(row, &rel)? else {
-                                    return Ok(());
-                                };
-                                if !f.record.deleted && Stat::recorded(&f.meta) == stat {
-                                    e.served.keep(row, &p, stat, &i.file_chunks(row, &rel)?);
-                                }
-                                Ok(())
-                            })
-                            .await;
-                    }
-                    // This one checked by hash, as any other place.
-                    let (root, path) = (root.clone(), path.clone());
-                    tokio::task::spawn_blocking(move || {
-                        let rel = RelPath::new(&path).ok()?;
-                        if !no_symlink_parents(&root, &rel) {
-                            return None;
-                        }
-                        read_verified(&rel.to_fs(&root), offset, size, &hash)
-                    })
-                    .await
-                    .ok()
-                    .flatten()
-                }
-                None => None,
-            };
+            // A large file with no list kept for its stat: keep its list for
+            // the next requests (this one was checked by hash).
+            if let Some(stat) = hinted.as_ref().and_then(|h| h.unlisted) {
+                keep_list(engine, row, &path, stat).await;
+            }
+            let hinted = hinted.and_then(|h| h.bytes);
             let live = match hinted {
                 Some(d) => Some(d),
                 None => {
@@ -689,17 +656,17 @@ fn no_symlink_parents(root: &std::path::Path, rel: &RelPath) -> bool {
 }
 
 /// What the place a chunk request names gave.
-enum Hinted {
-    /// The chunk's bytes, vouched for or checked.
-    Bytes(Vec<u8>),
-    /// A large file with no chunk list kept for its stat: read it by hash
-    /// this time, and keep its list for the next requests.
-    Unlisted(Stat),
+struct Hinted {
+    /// The chunk's bytes, vouched for or checked (`None`: not there).
+    bytes: Option<Vec<u8>>,
+    /// The stat of a large file with no chunk list kept for it.
+    unlisted: Option<Stat>,
 }
 
 /// Reads the chunk at `offset` of the file at `abs` (never following a
 /// symlink there). A large file whose list in `served` has the chunk there,
-/// and whose stat did not change while it was read, gives the bytes unhashed.
+/// and whose stat did not change while it was read, gives the bytes unhashed;
+/// any other bytes are checked against `hash`.
 fn read_hinted(
     served: &Served,
     row: i64,
@@ -716,17 +683,39 @@ fn read_hinted(
         .open(abs)
         .ok()?;
     let before = Stat::of(&f.metadata().ok()?);
-    let vouched = before.size() >= SERVED_MIN_SIZE
-        && match served.vouches(row, path, before, offset, size, hash) {
-            Some(v) => v,
-            None => return Some(Hinted::Unlisted(before)),
-        };
+    let listed = (before.size() >= SERVED_MIN_SIZE)
+        .then(|| served.vouches(row, path, before, offset, size, hash));
+    let unlisted = matches!(listed, Some(None)).then_some(before);
     let mut buf = vec![0u8; size as usize];
     f.read_exact_at(&mut buf, offset).ok()?;
-    if vouched && f.metadata().is_ok_and(|m| Stat::of(&m) == before) {
-        return Some(Hinted::Bytes(buf));
-    }
-    (blake3::hash(&buf).as_bytes() == &hash.0).then_some(Hinted::Bytes(buf))
+    let vouched = listed == Some(Some(true)) && f.metadata().is_ok_and(|m| Stat::of(&m) == before);
+    let bytes = (vouched || blake3::hash(&buf).as_bytes() == &hash.0).then_some(buf);
+    Some(Hinted { bytes, unlisted })
+}
+
+/// Keeps the chunk list of `path` in folder `row` in `served`, if the index
+/// recorded it for the file as it is now (`stat`, read before the list: a scan
+/// committing between the two reads leaves a stat that no longer matches,
+/// never a list for the wrong content). One request at a time reads a file's
+/// list; the others go on by hash.
+async fn keep_list(engine: &Arc<Engine>, row: i64, path: &str, stat: Stat) {
+    let Some(_loading) = engine.served.load(row, path) else {
+        return;
+    };
+    let Ok(rel) = RelPath::new(path) else { return };
+    let (p, e) = (path.to_owned(), engine.clone());
+    let _ = engine
+        .index
+        .run(move |i| -> Result<(), IndexError> {
+            let Some(f) = i.local_file(row, &rel)? else {
+                return Ok(());
+            };
+            if !f.record.deleted && Stat::recorded(&f.meta) == stat {
+                e.served.keep(row, &p, stat, &i.file_chunks(row, &rel)?);
+            }
+            Ok(())
+        })
+        .await;
 }
 
 /// Reads `size` bytes at `offset` of `path` (never following a symlink at the
