@@ -1,7 +1,8 @@
 //! Chunking throughput on 64 MiB of pseudo-random in-memory data.
 //!
 //! `raw/*` are the two passes the pipeline is built from, each alone on one
-//! thread; `pipeline/*` are ferry's entry points; `params/*` compares chunk size
+//! thread; `pipeline/*` are ferry's entry points (`chunk_reader_reusing`: a
+//! rescan of the data with 100 bytes inserted mid-way, given the old list); `params/*` compares chunk size
 //! settings and also prints, once per setting, the mean chunk size and how many
 //! bytes a one-byte insert in the middle makes new (what a peer must re-fetch).
 //!
@@ -15,7 +16,9 @@ use std::time::Duration;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use fastcdc::v2020::FastCDC;
-use ferry::chunking::{ChunkHash, ChunkParams, DEFAULT_PARAMS, chunk_bytes, chunk_reader};
+use ferry::chunking::{
+    ChunkHash, ChunkParams, DEFAULT_PARAMS, chunk_bytes, chunk_reader, chunk_reader_reusing,
+};
 
 const LEN: usize = 64 * 1024 * 1024;
 const KIB: u32 = 1024;
@@ -68,6 +71,22 @@ fn pipeline(c: &mut Criterion, data: &[u8]) {
     });
     g.bench_function("chunk_bytes", |b| {
         b.iter(|| black_box(chunk_bytes(black_box(data), DEFAULT_PARAMS)))
+    });
+    // A rescan after 100 bytes were inserted in the middle, with the list of
+    // the version before (what the scanner does for a changed large file).
+    let old = chunk_bytes(data, DEFAULT_PARAMS).chunks;
+    let mid = data.len() / 2;
+    let mut edited = Vec::with_capacity(data.len() + 100);
+    edited.extend_from_slice(&data[..mid]);
+    edited.extend_from_slice(&[0x5a; 100]);
+    edited.extend_from_slice(&data[mid..]);
+    g.bench_function("chunk_reader_reusing", |b| {
+        b.iter(|| {
+            black_box(
+                chunk_reader_reusing(black_box(&edited[..]), DEFAULT_PARAMS, &old)
+                    .expect("in-memory read"),
+            )
+        })
     });
     g.finish();
 }

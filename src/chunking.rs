@@ -6,7 +6,14 @@
 //! stream. On a two-core machine this keeps both cores busy; a single thread doing
 //! all three passes in turn reaches only about half of raw FastCDC speed, the
 //! pipeline about 80% (2.5 against 3.2 GiB/s; see `benches/chunking.rs`).
+//!
+//! A new version of a file whose previous chunk list is known
+//! ([`chunk_reader_reusing`]) skips most of the cutting: where the old chunks
+//! still follow each other, their boundaries are checked by hashing instead of
+//! found by rolling the gear hash over every byte, and the cut points come out
+//! exactly as a fresh cut would put them (see [`Reuse`]).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read};
 use std::str::FromStr;
@@ -130,7 +137,29 @@ const QUEUE_DEPTH: usize = 2;
 /// Inputs that fit in one block are handled on the calling thread; longer ones
 /// use the pipeline described in the module doc.
 pub fn chunk_reader<R: Read>(reader: R, params: ChunkParams) -> io::Result<FileDigest> {
-    chunk_reader_with_block(reader, params, BLOCK)
+    chunk_reader_with_block(reader, params, BLOCK, &[]).map(|(d, _)| d)
+}
+
+/// [`chunk_reader`] for a new version of a file whose chunk list, as ferry
+/// cut it with the same `params`, was `previous`: the result is the same, but
+/// stretches where the old chunks still follow each other cost a hash instead of
+/// a cut. A list that does not fit (not contiguous from offset 0, chunks outside
+/// the size limits) is ignored.
+pub fn chunk_reader_reusing<R: Read>(
+    reader: R,
+    params: ChunkParams,
+    previous: &[ChunkInfo],
+) -> io::Result<(FileDigest, ReuseStats)> {
+    chunk_reader_with_block(reader, params, BLOCK, previous)
+}
+
+/// How much of a previous chunk list [`chunk_reader_reusing`] could reuse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReuseStats {
+    /// Chunks taken from the previous list without cutting.
+    pub reused: u64,
+    /// Chunks found by cutting.
+    pub cut: u64,
 }
 
 /// Chunks an in-memory buffer on the calling thread.
@@ -190,17 +219,28 @@ fn fill<R: Read>(reader: &mut R, buf: &mut Vec<u8>, cap: usize) -> io::Result<bo
 struct Block {
     data: Vec<u8>,
     lens: Vec<u32>,
+    /// Hashes already computed by the cutting stage, by chunk (empty: none).
+    known: Vec<Option<ChunkHash>>,
 }
 
 fn chunk_reader_with_block<R: Read>(
     mut reader: R,
     params: ChunkParams,
     block: usize,
-) -> io::Result<FileDigest> {
-    let cap = block + params.max as usize;
+    previous: &[ChunkInfo],
+) -> io::Result<(FileDigest, ReuseStats)> {
+    let mut reuse = Reuse::new(previous, params);
+    // A chunk waiting for its successor is carried over whole, so reuse keeps
+    // room for two chunks plus the next chunk's window (see `Reuse::cut_block`).
+    let carry = if reuse.is_some() { 2 } else { 1 };
+    let cap = block + carry * params.max as usize;
     let mut buf = Vec::with_capacity(cap);
     if fill(&mut reader, &mut buf, cap)? {
-        return Ok(chunk_bytes(&buf, params));
+        let stats = ReuseStats {
+            reused: 0,
+            cut: cut_points(&buf, params, true).0.len() as u64,
+        };
+        return Ok((chunk_bytes(&buf, params), stats));
     }
 
     std::thread::scope(|scope| {
@@ -213,12 +253,20 @@ fn chunk_reader_with_block<R: Read>(
             .name("ferry-file-hash".into())
             .spawn_scoped(scope, move || hash_stream(file_rx))?;
 
-        let produced = produce(&mut reader, params, cap, buf, &chunk_tx, &file_tx);
+        let produced = produce(
+            &mut reader,
+            params,
+            cap,
+            buf,
+            reuse.as_mut(),
+            &chunk_tx,
+            &file_tx,
+        );
         drop((chunk_tx, file_tx));
         let chunks = chunk_worker.join().expect("chunk hasher panicked");
         let (size, hash) = file_worker.join().expect("file hasher panicked");
-        produced?;
-        Ok(FileDigest { size, hash, chunks })
+        let stats = produced?;
+        Ok((FileDigest { size, hash, chunks }, stats))
     })
 }
 
@@ -228,19 +276,34 @@ fn produce<R: Read>(
     params: ChunkParams,
     cap: usize,
     mut buf: Vec<u8>,
+    mut reuse: Option<&mut Reuse<'_>>,
     chunk_tx: &SyncSender<Arc<Block>>,
     file_tx: &SyncSender<Arc<Block>>,
-) -> io::Result<()> {
+) -> io::Result<ReuseStats> {
     let mut eof = false;
+    let mut stats = ReuseStats::default();
     loop {
-        let (lens, used) = cut_points(&buf, params, eof);
+        let (lens, known, used) = match reuse.as_deref_mut() {
+            Some(r) => r.cut_block(&buf, eof),
+            None => {
+                let (lens, used) = cut_points(&buf, params, eof);
+                (lens, Vec::new(), used)
+            }
+        };
+        if reuse.is_none() {
+            stats.cut += lens.len() as u64;
+        }
         let mut next = Vec::with_capacity(cap);
         next.extend_from_slice(&buf[used..]);
         buf.truncate(used);
-        let block = Arc::new(Block { data: buf, lens });
+        let block = Arc::new(Block {
+            data: buf,
+            lens,
+            known,
+        });
         // A send fails only when a hasher has gone, which the join reports.
         if chunk_tx.send(block.clone()).is_err() || file_tx.send(block).is_err() || eof {
-            return Ok(());
+            return Ok(reuse.map_or(stats, |r| r.stats));
         }
         buf = next;
         eof = fill(reader, &mut buf, cap)?;
@@ -252,18 +315,190 @@ fn hash_chunks(rx: Receiver<Arc<Block>>) -> Vec<ChunkInfo> {
     let mut offset = 0u64;
     for block in rx {
         let mut pos = 0usize;
-        for &len in &block.lens {
-            let bytes = &block.data[pos..pos + len as usize];
-            chunks.push(ChunkInfo {
-                offset,
-                len,
-                hash: blake3::hash(bytes).into(),
-            });
+        for (i, &len) in block.lens.iter().enumerate() {
+            let hash = match block.known.get(i) {
+                Some(Some(h)) => *h,
+                _ => blake3::hash(&block.data[pos..pos + len as usize]).into(),
+            };
+            chunks.push(ChunkInfo { offset, len, hash });
             pos += len as usize;
             offset += len as u64;
         }
     }
     chunks
+}
+
+/// Cuts a new version of a file, reusing the chunk list of the version before.
+///
+/// FastCDC decides a cut from the chunk's own bytes and the one byte after it
+/// (the gear hash is tested at a position after adding that position's byte),
+/// and from how much input is left, capped at `max`. So an old chunk whose
+/// bytes appear again at the current position, with at least `max` bytes
+/// left here and there (it was not cut short by the old file's end), and
+/// followed by the same byte, ends where a fresh cut would end it. Equal
+/// blake3 hashes stand for equal bytes; the byte after is vouched for by the
+/// next old chunk matching right after it, and otherwise checked by a real cut
+/// from the chunk's start (a chunk of `max` bytes needs no byte after: the cut
+/// was forced). After a miss, cutting goes on as usual; the chunks it cuts are
+/// looked up among the old ones to pick the thread up again, each for the
+/// first `PROBE_EVERY` chunks after a miss and then every `PROBE_EVERY`th, so a
+/// wholly rewritten file costs about what a plain cut does.
+///
+/// The result equals a plain cut whenever `previous` was one (ferry's own
+/// scans, or a peer's list that a pull stored). A list with made-up boundaries
+/// can make them survive in the new list, which costs dedup, never
+/// correctness: every chunk still covers the bytes its hash says.
+struct Reuse<'a> {
+    params: ChunkParams,
+    old: &'a [ChunkInfo],
+    /// Old chunks `..cut_whole` were cut with at least `max` bytes left.
+    cut_whole: usize,
+    /// An old chunk's first index, by hash, among those.
+    by_hash: HashMap<ChunkHash, usize>,
+    /// The old chunk that may start at the current position.
+    expect: Option<usize>,
+    /// An old chunk that matched at the current position, and its hash,
+    /// waiting for the byte after it to be vouched for.
+    pending: Option<(usize, ChunkHash)>,
+    /// Chunks cut since the last one taken from the old list.
+    misses: u32,
+    stats: ReuseStats,
+}
+
+/// See [`Reuse`].
+const PROBE_EVERY: u32 = 16;
+
+impl<'a> Reuse<'a> {
+    fn new(old: &'a [ChunkInfo], params: ChunkParams) -> Option<Self> {
+        let mut offset = 0u64;
+        for (i, c) in old.iter().enumerate() {
+            // Only a file's last chunk may be shorter than `min`.
+            let short = c.len < params.min && (i + 1 < old.len() || c.len == 0);
+            if c.offset != offset || short || c.len > params.max {
+                return None;
+            }
+            offset += c.len as u64;
+        }
+        let cut_whole = old
+            .iter()
+            .take_while(|c| c.offset + params.max as u64 <= offset)
+            .count();
+        if cut_whole == 0 {
+            return None;
+        }
+        let mut by_hash = HashMap::with_capacity(cut_whole);
+        for (i, c) in old[..cut_whole].iter().enumerate() {
+            by_hash.entry(c.hash).or_insert(i);
+        }
+        Some(Self {
+            params,
+            old,
+            cut_whole,
+            by_hash,
+            expect: Some(0),
+            pending: None,
+            misses: 0,
+            stats: ReuseStats::default(),
+        })
+    }
+
+    /// Whether old chunk `i` may be taken at `pos` of `data` (which reaches the
+    /// end of the input, or at least `max` bytes past `pos`): its hash if so.
+    fn matches(&self, i: usize, data: &[u8], pos: usize) -> Option<ChunkHash> {
+        if i >= self.cut_whole || data.len() - pos < self.params.max as usize {
+            return None;
+        }
+        let c = &self.old[i];
+        let hash = ChunkHash::from(blake3::hash(&data[pos..pos + c.len as usize]));
+        (hash == c.hash).then_some(hash)
+    }
+
+    /// [`cut_points`] for one buffer, plus the hashes of the chunks taken from
+    /// the old list. The state carries over to the buffer starting at `used`.
+    fn cut_block(&mut self, data: &[u8], eof: bool) -> (Vec<u32>, Vec<Option<ChunkHash>>, usize) {
+        let p = self.params;
+        let max = p.max as usize;
+        let cdc = FastCDC::new(data, p.min as usize, p.avg as usize, max);
+        let mut lens = Vec::with_capacity(data.len() / p.avg as usize + 1);
+        let mut known = Vec::with_capacity(lens.capacity());
+        let mut pos = 0;
+        while pos < data.len() {
+            let remaining = data.len() - pos;
+            if !eof && remaining < max {
+                break;
+            }
+            if let Some((i, hash)) = self.pending {
+                let len = self.old[i].len as usize;
+                let next = pos + len;
+                let vouched = if len == max {
+                    Some(None)
+                } else if !eof && data.len() - next < max {
+                    // The successor cannot be judged yet: carry this chunk over.
+                    break;
+                } else {
+                    self.matches(i + 1, data, next).map(|h| Some((i + 1, h)))
+                };
+                let end = match vouched {
+                    Some(successor) => {
+                        self.pending = successor;
+                        self.expect = (len == max).then_some(i + 1);
+                        next
+                    }
+                    None => {
+                        self.pending = None;
+                        self.expect = None;
+                        cdc.cut(pos, remaining).1
+                    }
+                };
+                if end == next {
+                    lens.push(len as u32);
+                    known.push(Some(hash));
+                    self.stats.reused += 1;
+                    self.misses = 0;
+                    pos = next;
+                    continue;
+                }
+                self.take_cut(data, pos, end, &mut lens, &mut known);
+                pos = end;
+                continue;
+            }
+            if let Some(i) = self.expect.take()
+                && let Some(hash) = self.matches(i, data, pos)
+            {
+                self.pending = Some((i, hash));
+                continue;
+            }
+            let end = cdc.cut(pos, remaining).1;
+            self.take_cut(data, pos, end, &mut lens, &mut known);
+            pos = end;
+        }
+        (lens, known, pos)
+    }
+
+    /// Records a chunk found by cutting, looking it up among the old ones
+    /// while the thread is lost.
+    fn take_cut(
+        &mut self,
+        data: &[u8],
+        pos: usize,
+        end: usize,
+        lens: &mut Vec<u32>,
+        known: &mut Vec<Option<ChunkHash>>,
+    ) {
+        lens.push((end - pos) as u32);
+        self.stats.cut += 1;
+        let probe = self.misses < PROBE_EVERY || self.misses.is_multiple_of(PROBE_EVERY);
+        self.misses = self.misses.saturating_add(1);
+        if !probe {
+            known.push(None);
+            return;
+        }
+        let hash = ChunkHash::from(blake3::hash(&data[pos..end]));
+        if let Some(&j) = self.by_hash.get(&hash) {
+            self.expect = Some(j + 1);
+        }
+        known.push(Some(hash));
+    }
 }
 
 fn hash_stream(rx: Receiver<Arc<Block>>) -> (u64, FileHash) {
@@ -422,7 +657,7 @@ mod tests {
         ) {
             let data = pseudo_random(len, seed);
             let whole = chunk_bytes(&data, SMALL);
-            let streamed = chunk_reader_with_block(&data[..], SMALL, block).unwrap();
+            let streamed = chunk_reader_with_block(&data[..], SMALL, block, &[]).unwrap().0;
             prop_assert_eq!(&whole, &streamed);
             prop_assert_eq!(whole.hash, FileHash::from(blake3::hash(&data)));
             prop_assert_eq!(reassemble(&data, &whole), data);
@@ -454,6 +689,135 @@ mod tests {
             // chunk after it (about 150 here).
             prop_assert!(new_chunks <= 12, "{} new chunks of {}", new_chunks, after.chunks.len());
             prop_assert!(new_bytes <= 8 * SMALL.max as u64, "{} new bytes", new_bytes);
+        }
+    }
+
+    /// Test data with stretches a rolling hash finds no cut in (zeros, a short
+    /// repeated pattern) between random ones, so forced `max` cuts and chunks
+    /// with equal hashes occur too.
+    fn mixed_data(parts: &[(u8, usize)], seed: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, &(kind, len)) in parts.iter().enumerate() {
+            match kind % 3 {
+                0 => out.extend(pseudo_random(len, seed ^ i as u64)),
+                1 => out.extend(std::iter::repeat_n(0u8, len)),
+                _ => out.extend((0..len).map(|k| b"ferry"[k % 5])),
+            }
+        }
+        out
+    }
+
+    /// One edit: replace `del` bytes at `at` (a fraction of the length) with
+    /// `ins` bytes.
+    fn edit(data: &[u8], at: f64, del: usize, ins: &[u8]) -> Vec<u8> {
+        let pos = ((data.len() as f64 * at) as usize).min(data.len());
+        let end = (pos + del).min(data.len());
+        let mut out = data[..pos].to_vec();
+        out.extend_from_slice(ins);
+        out.extend_from_slice(&data[end..]);
+        out
+    }
+
+    fn reusing(
+        data: &[u8],
+        params: ChunkParams,
+        block: usize,
+        old: &[ChunkInfo],
+    ) -> (FileDigest, ReuseStats) {
+        chunk_reader_with_block(data, params, block, old).unwrap()
+    }
+
+    #[test]
+    fn an_insert_in_a_large_file_reuses_all_but_a_few_chunks_and_cuts_as_a_fresh_scan() {
+        let data = pseudo_random(24 * 1024 * 1024 + 5, 3);
+        let old = chunk_bytes(&data, DEFAULT_PARAMS);
+        let edited = edit(&data, 0.5, 0, &[9u8; 100]);
+        let (digest, stats) =
+            chunk_reader_reusing(&edited[..], DEFAULT_PARAMS, &old.chunks).unwrap();
+        assert_eq!(digest, chunk_bytes(&edited, DEFAULT_PARAMS));
+        assert_eq!(stats.reused + stats.cut, digest.chunks.len() as u64);
+        // The chunk with the insert, the one before it (its byte after
+        // changed) and a few near the file's end, where no old chunk had `max`
+        // bytes after it, are cut.
+        assert!(stats.cut <= 10, "{stats:?}");
+        assert!(stats.reused >= digest.chunks.len() as u64 - 10, "{stats:?}");
+        // Appending keeps everything but the old tail.
+        let mut longer = data.clone();
+        longer.extend(pseudo_random(3 * 1024 * 1024, 4));
+        let (digest, stats) =
+            chunk_reader_reusing(&longer[..], DEFAULT_PARAMS, &old.chunks).unwrap();
+        assert_eq!(digest, chunk_bytes(&longer, DEFAULT_PARAMS));
+        assert!(stats.reused >= old.chunks.len() as u64 - 8, "{stats:?}");
+    }
+
+    #[test]
+    fn a_list_that_does_not_fit_is_ignored() {
+        let data = pseudo_random(3 * 1024 * 1024, 5);
+        let fresh = chunk_bytes(&data, DEFAULT_PARAMS);
+        let mut gap = fresh.chunks.clone();
+        gap.remove(3);
+        let mut tiny = fresh.chunks.clone();
+        tiny[0].len = 1;
+        for bad in [gap, tiny, Vec::new()] {
+            let (digest, stats) = chunk_reader_reusing(&data[..], DEFAULT_PARAMS, &bad).unwrap();
+            assert_eq!(digest, fresh);
+            assert_eq!(stats.reused, 0);
+        }
+    }
+
+    #[test]
+    fn made_up_boundaries_in_a_list_still_give_chunks_that_cover_the_file() {
+        // Not what any cut would give: fixed 100 KiB pieces with their true hashes.
+        let data = pseudo_random(4 * 1024 * 1024, 6);
+        let made_up: Vec<ChunkInfo> = data
+            .chunks(100 * 1024)
+            .scan(0u64, |off, piece| {
+                let c = ChunkInfo {
+                    offset: *off,
+                    len: piece.len() as u32,
+                    hash: blake3::hash(piece).into(),
+                };
+                *off += piece.len() as u64;
+                Some(c)
+            })
+            .collect();
+        let (digest, stats) = chunk_reader_reusing(&data[..], DEFAULT_PARAMS, &made_up).unwrap();
+        assert!(stats.reused > 0);
+        assert_eq!(digest.hash, FileHash::from(blake3::hash(&data)));
+        assert_eq!(reassemble(&data, &digest), data);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        #[test]
+        fn reusing_the_old_list_cuts_exactly_as_a_fresh_cut(
+            parts in proptest::collection::vec((any::<u8>(), 0usize..40_000), 1..8),
+            seed: u64,
+            edits in proptest::collection::vec(
+                (0f64..=1.0, 0usize..3000, proptest::collection::vec(any::<u8>(), 0..300)), 0..4),
+            block in 1usize..40_000,
+            unrelated: bool,
+        ) {
+            let data = mixed_data(&parts, seed);
+            let old = if unrelated {
+                chunk_bytes(&mixed_data(&parts, seed.wrapping_add(1)), SMALL)
+            } else {
+                chunk_bytes(&data, SMALL)
+            };
+            let mut edited = data.clone();
+            for (at, del, ins) in &edits {
+                edited = edit(&edited, *at, *del, ins);
+            }
+            let fresh = chunk_bytes(&edited, SMALL);
+            let (digest, stats) = reusing(&edited, SMALL, block, &old.chunks);
+            prop_assert_eq!(&digest, &fresh);
+            prop_assert_eq!(stats.reused + stats.cut, fresh.chunks.len() as u64);
+            if edits.is_empty() && !unrelated && data.len() > 2 * (block + 2 * SMALL.max as usize) {
+                // Unchanged bytes: every chunk with `max` bytes after it is reused.
+                let whole = old.chunks.iter().filter(|c| c.offset + SMALL.max as u64 <= data.len() as u64).count();
+                prop_assert!(stats.reused as usize + 1 >= whole, "{:?} of {}", stats, whole);
+            }
         }
     }
 

@@ -5,19 +5,21 @@
 //! it is being hashed (its stat differs before and after) is tried again and,
 //! if it keeps changing, left for a later scan rather than recorded with a hash
 //! that matches no state it was ever in. Entries under a directory that could not
-//! be read, and ignored entries, are never recorded as deleted.
+//! be read, and ignored entries, are never recorded as deleted. A large file
+//! that changed is re-cut with the help of its recorded chunk list, which the
+//! worker asks the scanning thread for (it holds the index).
 
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::Duration;
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use serde::Serialize;
 
-use crate::chunking::{ChunkParams, DEFAULT_PARAMS, chunk_reader};
+use crate::chunking::{ChunkInfo, ChunkParams, DEFAULT_PARAMS, chunk_reader_reusing};
 use crate::config::ScanConfig;
 use crate::device::ShortId;
 use crate::folder::{FolderError, check_root};
@@ -104,6 +106,9 @@ pub struct ScanReport {
     pub hashed_files: u64,
     /// Bytes read and hashed.
     pub hashed_bytes: u64,
+    /// Chunks of changed large files taken over from their previous chunk
+    /// lists instead of being cut again.
+    pub reused_chunks: u64,
     /// Files that kept changing while hashed; left for the next scan.
     pub changing: Vec<String>,
     /// Paths that could not be scanned.
@@ -219,8 +224,24 @@ struct HashJob {
     known: Option<Known>,
 }
 
+/// From 4 MiB, a changed file is re-cut with its old chunk list (see
+/// `chunking::chunk_reader_reusing`); below, the index read costs about what it
+/// saves.
+const REUSE_MIN: u64 = 4 << 20;
+
+/// What a hashing worker hands the scanning thread.
+enum FromWorker {
+    Outcome(HashOutcome),
+    /// The chunk list the index has for a path, wanted back on the sender.
+    OldChunks(RelPath, SyncSender<Vec<ChunkInfo>>),
+}
+
 enum HashOutcome {
-    Done { change: LocalChange, is_new: bool },
+    Done {
+        change: LocalChange,
+        is_new: bool,
+        reused: u64,
+    },
     Changing(RelPath),
     Gone(RelPath),
     Failed(RelPath, std::io::Error),
@@ -399,31 +420,43 @@ pub fn scan(
     }
 
     progress.hash_plan(jobs.len() as u64, jobs.iter().map(|j| j.size).sum());
-    hash_all(root, jobs, opts, progress, |outcome| match outcome {
-        HashOutcome::Done { change, is_new } => {
-            report.hashed_files += 1;
-            report.hashed_bytes += change.meta.size;
-            if change.change != Change::Refresh {
-                count(&mut report, is_new);
+    hash_all(
+        root,
+        jobs,
+        opts,
+        progress,
+        &mut batch,
+        |batch, outcome| match outcome {
+            HashOutcome::Done {
+                change,
+                is_new,
+                reused,
+            } => {
+                report.hashed_files += 1;
+                report.reused_chunks += reused;
+                report.hashed_bytes += change.meta.size;
+                if change.change != Change::Refresh {
+                    count(&mut report, is_new);
+                }
+                batch.push(change)
             }
-            batch.push(change)
-        }
-        HashOutcome::Changing(p) => {
-            report.changing.push(p.to_string());
-            Ok(())
-        }
-        HashOutcome::Gone(p) => {
-            tracing::debug!(path = %p, "vanished before it could be hashed; the next scan records it");
-            Ok(())
-        }
-        HashOutcome::Failed(p, e) => {
-            report.issues.push(ScanIssue {
-                path: p.to_string(),
-                error: e.to_string(),
-            });
-            Ok(())
-        }
-    })?;
+            HashOutcome::Changing(p) => {
+                report.changing.push(p.to_string());
+                Ok(())
+            }
+            HashOutcome::Gone(p) => {
+                tracing::debug!(path = %p, "vanished before it could be hashed; the next scan records it");
+                Ok(())
+            }
+            HashOutcome::Failed(p, e) => {
+                report.issues.push(ScanIssue {
+                    path: p.to_string(),
+                    error: e.to_string(),
+                });
+                Ok(())
+            }
+        },
+    )?;
 
     let live = known.values().filter(|k| !k.deleted).count() as u64;
     let mut deletes = Vec::new();
@@ -512,13 +545,15 @@ impl Batch<'_> {
 }
 
 /// Hashes every job on `opts.hash_threads` workers, handing each outcome to
-/// `sink` on the calling thread in completion order.
+/// `sink` on the calling thread in completion order, and answering the
+/// workers' requests for old chunk lists from the index in between.
 fn hash_all(
     root: &Path,
     jobs: Vec<HashJob>,
     opts: &ScanOptions,
     progress: &dyn ScanProgress,
-    mut sink: impl FnMut(HashOutcome) -> Result<(), IndexError>,
+    batch: &mut Batch<'_>,
+    mut sink: impl FnMut(&mut Batch<'_>, HashOutcome) -> Result<(), IndexError>,
 ) -> Result<(), IndexError> {
     if jobs.is_empty() {
         return Ok(());
@@ -534,8 +569,8 @@ fn hash_all(
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(job) = jobs.get(i) else { break };
-                    let outcome = hash_one(root, job, opts, progress);
-                    if tx.send(outcome).is_err() {
+                    let outcome = hash_one(root, job, opts, progress, &tx);
+                    if tx.send(FromWorker::Outcome(outcome)).is_err() {
                         break;
                     }
                 }
@@ -543,13 +578,27 @@ fn hash_all(
         }
         drop(tx);
         let mut result = Ok(());
-        for outcome in rx {
-            if result.is_ok() {
-                result = sink(outcome);
-                if result.is_err() {
-                    // Stop handing out work; the workers finish their current file.
-                    next.store(usize::MAX / 2, Ordering::Relaxed);
+        for msg in rx {
+            match msg {
+                FromWorker::OldChunks(path, reply) => {
+                    // Without a list the file is simply cut afresh.
+                    let list = batch
+                        .index
+                        .file_chunks(batch.folder, &path)
+                        .unwrap_or_else(|e| {
+                            tracing::debug!(path = %path, error = %e, "no old chunk list to reuse");
+                            Vec::new()
+                        });
+                    let _ = reply.send(list);
                 }
+                FromWorker::Outcome(outcome) if result.is_ok() => {
+                    result = sink(batch, outcome);
+                    if result.is_err() {
+                        // Stop handing out work; the workers finish their current file.
+                        next.store(usize::MAX / 2, Ordering::Relaxed);
+                    }
+                }
+                FromWorker::Outcome(_) => {}
             }
         }
         result
@@ -569,8 +618,17 @@ fn hash_one(
     job: &HashJob,
     opts: &ScanOptions,
     progress: &dyn ScanProgress,
+    scanner: &SyncSender<FromWorker>,
 ) -> HashOutcome {
     let abs = job.path.to_fs(root);
+    let old = match &job.known {
+        Some(k) if k.hash.is_some() && job.size >= REUSE_MIN => {
+            let (tx, rx) = sync_channel(1);
+            let asked = scanner.send(FromWorker::OldChunks(job.path.clone(), tx));
+            asked.ok().and_then(|()| rx.recv().ok()).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    };
     for attempt in 0..=opts.changing_retries {
         if attempt > 0 {
             std::thread::sleep(Duration::from_millis(50 << attempt.min(5)));
@@ -596,7 +654,7 @@ fn hash_one(
             Ok(_) => return HashOutcome::Changing(job.path.clone()),
             Err(e) => return HashOutcome::Failed(job.path.clone(), e),
         };
-        let digest = match chunk_reader(&file, opts.params) {
+        let (digest, stats) = match chunk_reader_reusing(&file, opts.params, &old) {
             Ok(d) => d,
             Err(e) => return HashOutcome::Failed(job.path.clone(), e),
         };
@@ -626,6 +684,7 @@ fn hash_one(
                 change,
             },
             is_new: job.known.is_none(),
+            reused: stats.reused,
         };
     }
     HashOutcome::Changing(job.path.clone())

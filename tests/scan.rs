@@ -224,6 +224,43 @@ fn modified_content_gets_a_new_hash_a_newer_version_and_a_higher_sequence() {
 }
 
 #[test]
+fn a_large_file_edited_mid_way_is_recut_from_its_old_chunk_list_into_the_chunks_a_fresh_scan_gives()
+{
+    let mut d = Device::with_folder();
+    let data = pseudo_random(12 << 20, 21);
+    d.write("big.bin", &data);
+    set_mtime(&d.path("big.bin"), at(1_700_000_000, 0));
+    assert_eq!(
+        scan(&mut d).reused_chunks,
+        0,
+        "nothing to reuse the first time"
+    );
+
+    let mut edited = data.clone();
+    edited.splice(6 << 20..6 << 20, [7u8; 100]);
+    d.write("big.bin", &edited);
+    set_mtime(&d.path("big.bin"), at(1_700_000_100, 0));
+    let report = scan(&mut d);
+
+    assert_eq!((report.new, report.changed, report.hashed_files), (0, 1, 1));
+    assert_content(&d, "big.bin", &edited);
+    let fresh = chunk_bytes(&edited, DEFAULT_PARAMS).chunks;
+    assert_eq!(
+        d.index.file_chunks(d.folder.row, &rel("big.bin")).unwrap(),
+        fresh,
+        "the same cut points as a scan without the old list"
+    );
+    // All but the chunks around the insert and near the end, where no old
+    // chunk had a full window after it, come from the old list.
+    let reused = report.reused_chunks as usize;
+    assert!(
+        reused + 10 >= fresh.len() && reused < fresh.len(),
+        "{reused} of {} chunks reused",
+        fresh.len()
+    );
+}
+
+#[test]
 fn an_mtime_only_change_keeps_the_hash_and_bumps_the_version() {
     let mut d = Device::with_folder();
     d.write("a.txt", b"same bytes");

@@ -620,6 +620,11 @@ impl Engine {
                         new = report.new, changed = report.changed, deleted = report.deleted,
                         "local changes"
                     );
+                    tracing::debug!(
+                        folder = %h.folder().id,
+                        hashed_bytes = report.hashed_bytes, reused_chunks = report.reused_chunks,
+                        "scan read"
+                    );
                     drop(st);
                     self.local_changed();
                 }
