@@ -1,7 +1,7 @@
 //! Small filesystem helpers that pulls, restores, the scanner and the history
-//! store share: durable directories, full reads, whole-file hashes, range
-//! copies between files, early writeback, free space, and mtimes as the index
-//! stores them (nanoseconds since the epoch).
+//! store share: durable directories, full reads, reads that never wait on the
+//! disk, whole-file hashes, range copies between files, early writeback, free
+//! space, and mtimes as the index stores them (nanoseconds since the epoch).
 
 use std::fs::{File, Metadata};
 use std::io::{self, Read};
@@ -27,6 +27,46 @@ pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Fills `buf` from `offset` of `file` only if every byte is in the page
+/// cache (`preadv2` with `RWF_NOWAIT`), so the call never waits on the disk.
+/// `Ok(false)`: some of it is not cached (or the file ends first, or the kernel
+/// cannot tell); read it the ordinary way on a thread that may block.
+pub fn read_cached_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let iov = libc::iovec {
+            iov_base: buf[done..].as_mut_ptr().cast(),
+            iov_len: buf.len() - done,
+        };
+        // SAFETY: the iovec points into `buf`, which outlives the call, and
+        // the descriptor is open.
+        let n = unsafe {
+            libc::preadv2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                (offset + done as u64) as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        match n {
+            0 => return Ok(false),
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                        Ok(false)
+                    }
+                    _ => Err(e),
+                };
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// The blake3 hash of the file at `path` (about `size` bytes), read in blocks
@@ -152,6 +192,21 @@ pub fn system_time(ns: i64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_read_gives_the_bytes_in_the_page_cache_and_declines_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = File::open(&path).unwrap();
+        // Just written, so cached.
+        let mut buf = vec![0u8; 100_000];
+        assert!(read_cached_at(&f, &mut buf, 150_000).unwrap());
+        assert_eq!(buf, data[150_000..250_000]);
+        // Runs past the end: not a whole read.
+        assert!(!read_cached_at(&f, &mut buf, 250_000).unwrap());
+    }
 
     #[test]
     fn times_round_trip_through_nanoseconds() {

@@ -365,7 +365,15 @@ async fn serve_one(
             // hash check makes the hint safe to follow; no symlinked parents).
             // A large file unchanged since it was hashed is vouched for by its
             // recorded chunk list instead (see `served`).
-            let hinted = {
+            let cached = RelPath::new(&path).ok().and_then(|rel| {
+                read_vouched_cached(&engine.served, row, &root, &rel, offset, size, &hash)
+            });
+            let hinted = if let Some(bytes) = cached {
+                Some(Hinted {
+                    bytes: Some(bytes),
+                    unlisted: None,
+                })
+            } else {
                 let root = root.clone();
                 let path = path.clone();
                 let engine = engine.clone();
@@ -691,6 +699,45 @@ fn read_hinted(
     let vouched = listed == Some(Some(true)) && f.metadata().is_ok_and(|m| Stat::of(&m) == before);
     let bytes = (vouched || blake3::hash(&buf).as_bytes() == &hash.0).then_some(buf);
     Some(Hinted { bytes, unlisted })
+}
+
+/// The chunk a request names, read right here on the async worker when
+/// nothing in it can be slow: the file's recorded chunk list vouches for the
+/// chunk (so it needs no hash) and its bytes are in the page cache (so the read
+/// does not wait on the disk). Handing every chunk of a large file to a
+/// blocking thread cost a wake-up and a context switch each way: about 0.25 s
+/// of the sender's CPU per GiB on loopback. Otherwise `None`, and the request
+/// takes the blocking path ([`read_hinted`]), which checks the same things.
+fn read_vouched_cached(
+    served: &Served,
+    row: i64,
+    root: &std::path::Path,
+    rel: &RelPath,
+    offset: u64,
+    size: u32,
+    hash: &ChunkHash,
+) -> Option<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !served.lists(row, rel.as_str()) || !no_symlink_parents(root, rel) {
+        return None;
+    }
+    let f: File = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(rel.to_fs(root))
+        .ok()?;
+    let before = Stat::of(&f.metadata().ok()?);
+    if served.vouches(row, rel.as_str(), before, offset, size, hash) != Some(true) {
+        return None;
+    }
+    let mut buf = vec![0u8; size as usize];
+    if !crate::disk::read_cached_at(&f, &mut buf, offset).ok()? {
+        return None;
+    }
+    // Changed while read: not what the list vouched for.
+    f.metadata()
+        .is_ok_and(|m| Stat::of(&m) == before)
+        .then_some(buf)
 }
 
 /// Keeps the chunk list of `path` in folder `row` in `served`, if the index

@@ -93,6 +93,12 @@ impl Drop for Loading<'_> {
 }
 
 impl Served {
+    /// Whether a list is kept for `path` of folder `row`, whatever its stat.
+    pub fn lists(&self, row: i64, path: &str) -> bool {
+        let files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        files.iter().any(|e| e.row == row && e.path == path)
+    }
+
     /// Whether `path` of folder `row`, with `stat` now, holds the chunk
     /// `hash` of `len` bytes at `offset` by its recorded list. `None`: no
     /// list is kept for the file with that stat.
