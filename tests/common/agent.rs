@@ -573,22 +573,39 @@ pub fn tree(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
+/// The tree can change while it is walked (an agent applying deletes, a
+/// conflict copy appearing): an entry that vanishes between `read_dir` and
+/// its `lstat` or read is left out of this snapshot, as if the walk had come
+/// a moment later; callers that wait for two trees to match simply look
+/// again. Any other error is a test failure.
 fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-    for e in fs::read_dir(dir).expect("read dir") {
-        let e = e.expect("dir entry");
+    let Some(entries) = gone_is_none(fs::read_dir(dir), "read dir") else {
+        return;
+    };
+    for e in entries {
+        let Some(e) = gone_is_none(e, "dir entry") else {
+            continue;
+        };
         let p = e.path();
         let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
         if rel == ".ferry" {
             continue;
         }
-        let m = fs::symlink_metadata(&p).expect("lstat");
+        let Some(m) = gone_is_none(fs::symlink_metadata(&p), "lstat") else {
+            continue;
+        };
         let desc = if m.file_type().is_symlink() {
-            format!("link -> {}", fs::read_link(&p).unwrap().display())
+            let Some(target) = gone_is_none(fs::read_link(&p), "readlink") else {
+                continue;
+            };
+            format!("link -> {}", target.display())
         } else if m.is_dir() {
             walk(root, &p, out);
             format!("dir {:o}", m.mode() & 0o7777)
         } else {
-            let bytes = fs::read(&p).expect("read file");
+            let Some(bytes) = gone_is_none(fs::read(&p), "read file") else {
+                continue;
+            };
             format!(
                 "file {:o} mtime {}.{:09} {}",
                 m.mode() & 0o7777,
@@ -598,6 +615,16 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
             )
         };
         out.insert(rel, desc);
+    }
+}
+
+/// `Some(value)`, `None` when the entry no longer exists, a panic naming
+/// `what` for any other error.
+fn gone_is_none<T>(r: std::io::Result<T>, what: &str) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("{what}: {e}"),
     }
 }
 
