@@ -365,36 +365,32 @@ async fn serve_one(
             // hash check makes the hint safe to follow; no symlinked parents).
             // A large file unchanged since it was hashed is vouched for by its
             // recorded chunk list instead (see `served`).
-            let cached = RelPath::new(&path).ok().and_then(|rel| {
-                read_vouched_cached(&engine.served, row, &root, &rel, offset, size, &hash)
-            });
-            let hinted = if let Some(bytes) = cached {
-                Some(Hinted {
-                    bytes: Some(bytes),
-                    unlisted: None,
-                })
-            } else {
-                let root = root.clone();
-                let path = path.clone();
-                let engine = engine.clone();
-                tokio::task::spawn_blocking(move || {
-                    let rel = RelPath::new(&path).ok()?;
-                    if !no_symlink_parents(&root, &rel) {
-                        return None;
+            // First on this worker if nothing in it can be slow, else on a
+            // blocking thread (see `Reach`).
+            let hinted = match RelPath::new(&path) {
+                Ok(rel) => match read_hinted(
+                    &engine.served,
+                    row,
+                    &root,
+                    &rel,
+                    offset,
+                    size,
+                    &hash,
+                    Reach::Cached,
+                ) {
+                    Some(h) => Some(h),
+                    None => {
+                        let (root, engine) = (root.clone(), engine.clone());
+                        tokio::task::spawn_blocking(move || {
+                            let served = &engine.served;
+                            read_hinted(served, row, &root, &rel, offset, size, &hash, Reach::Any)
+                        })
+                        .await
+                        .ok()
+                        .flatten()
                     }
-                    read_hinted(
-                        &engine.served,
-                        row,
-                        &rel.to_fs(&root),
-                        &path,
-                        offset,
-                        size,
-                        &hash,
-                    )
-                })
-                .await
-                .ok()
-                .flatten()
+                },
+                Err(_) => None,
             };
             // A large file with no list kept for its stat: keep its list for
             // the next requests (this one was checked by hash).
@@ -671,44 +667,28 @@ struct Hinted {
     unlisted: Option<Stat>,
 }
 
-/// Reads the chunk at `offset` of the file at `abs` (never following a
-/// symlink there). A large file whose list in `served` has the chunk there,
-/// and whose stat did not change while it was read, gives the bytes unhashed;
-/// any other bytes are checked against `hash`.
-fn read_hinted(
-    served: &Served,
-    row: i64,
-    abs: &std::path::Path,
-    path: &str,
-    offset: u64,
-    size: u32,
-    hash: &ChunkHash,
-) -> Option<Hinted> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f: File = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(abs)
-        .ok()?;
-    let before = Stat::of(&f.metadata().ok()?);
-    let listed = (before.size() >= SERVED_MIN_SIZE)
-        .then(|| served.vouches(row, path, before, offset, size, hash));
-    let unlisted = matches!(listed, Some(None)).then_some(before);
-    let mut buf = vec![0u8; size as usize];
-    f.read_exact_at(&mut buf, offset).ok()?;
-    let vouched = listed == Some(Some(true)) && f.metadata().is_ok_and(|m| Stat::of(&m) == before);
-    let bytes = (vouched || blake3::hash(&buf).as_bytes() == &hash.0).then_some(buf);
-    Some(Hinted { bytes, unlisted })
+/// How far a read of the place a chunk request names may go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Only what can be done right on the async worker: the file's recorded
+    /// chunk list vouches for the chunk (no hash needed) and its bytes are in
+    /// the page cache (`preadv2` with `RWF_NOWAIT`: no wait on the disk).
+    /// Handing every chunk of a large file to a blocking thread cost a wake-up
+    /// and a context switch each way: about 0.25 s of the sender's CPU per GiB
+    /// on loopback.
+    Cached,
+    /// Anything: on a blocking thread.
+    Any,
 }
 
-/// The chunk a request names, read right here on the async worker when
-/// nothing in it can be slow: the file's recorded chunk list vouches for the
-/// chunk (so it needs no hash) and its bytes are in the page cache (so the read
-/// does not wait on the disk). Handing every chunk of a large file to a
-/// blocking thread cost a wake-up and a context switch each way: about 0.25 s
-/// of the sender's CPU per GiB on loopback. Otherwise `None`, and the request
-/// takes the blocking path ([`read_hinted`]), which checks the same things.
-fn read_vouched_cached(
+/// Reads the chunk at `offset` of `rel` under `root` (no symlinked parents,
+/// never following a symlink at the end). A large file whose list in `served`
+/// has the chunk there, and whose stat did not change while it was read, gives
+/// the bytes unhashed; any other bytes are checked against `hash`. With
+/// [`Reach::Cached`], `None` unless the bytes came that first way from the
+/// page cache.
+#[allow(clippy::too_many_arguments)]
+fn read_hinted(
     served: &Served,
     row: i64,
     root: &std::path::Path,
@@ -716,9 +696,12 @@ fn read_vouched_cached(
     offset: u64,
     size: u32,
     hash: &ChunkHash,
-) -> Option<Vec<u8>> {
+    reach: Reach,
+) -> Option<Hinted> {
     use std::os::unix::fs::OpenOptionsExt;
-    if !served.lists(row, rel.as_str()) || !no_symlink_parents(root, rel) {
+    let quick = reach == Reach::Cached;
+    let path = rel.as_str();
+    if (quick && !served.lists(row, path)) || !no_symlink_parents(root, rel) {
         return None;
     }
     let f: File = std::fs::OpenOptions::new()
@@ -727,17 +710,26 @@ fn read_vouched_cached(
         .open(rel.to_fs(root))
         .ok()?;
     let before = Stat::of(&f.metadata().ok()?);
-    if served.vouches(row, rel.as_str(), before, offset, size, hash) != Some(true) {
+    let listed = (before.size() >= SERVED_MIN_SIZE)
+        .then(|| served.vouches(row, path, before, offset, size, hash));
+    if quick && listed != Some(Some(true)) {
         return None;
     }
+    let unlisted = matches!(listed, Some(None)).then_some(before);
     let mut buf = vec![0u8; size as usize];
-    if !crate::disk::read_cached_at(&f, &mut buf, offset).ok()? {
+    if quick {
+        if !crate::disk::read_cached_at(&f, &mut buf, offset).ok()? {
+            return None;
+        }
+    } else {
+        f.read_exact_at(&mut buf, offset).ok()?;
+    }
+    let vouched = listed == Some(Some(true)) && f.metadata().is_ok_and(|m| Stat::of(&m) == before);
+    if quick && !vouched {
         return None;
     }
-    // Changed while read: not what the list vouched for.
-    f.metadata()
-        .is_ok_and(|m| Stat::of(&m) == before)
-        .then_some(buf)
+    let bytes = (vouched || blake3::hash(&buf).as_bytes() == &hash.0).then_some(buf);
+    Some(Hinted { bytes, unlisted })
 }
 
 /// Keeps the chunk list of `path` in folder `row` in `served`, if the index
