@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::{Index, IndexError, Result, now_secs};
 use crate::device::DeviceId;
@@ -106,7 +106,11 @@ impl Index {
 
     /// Records that a peer was connected now, at `addr` if direct.
     pub fn peer_seen(&self, id: &DeviceId, addr: Option<SocketAddr>) -> Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
+        // Immediate: a read-then-write transaction that starts as a reader
+        // fails at once (not after the busy timeout) when another connection
+        // commits between its read and its write; at link-up the link's first
+        // index update often does.
+        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
         let old: Option<String> = tx
             .query_row(
                 "SELECT addresses FROM devices WHERE device_id = ?1 AND is_local = 0",
@@ -200,7 +204,8 @@ impl Index {
     /// this device already has as a folder or vault, or declined. Returns how
     /// many offers are new.
     pub fn record_offers(&self, device: &DeviceId, offers: &[super::Offered]) -> Result<usize> {
-        let tx = self.conn.unchecked_transaction()?;
+        // Immediate, as in `peer_seen`: it reads before it writes.
+        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
         let mut added = 0;
         for o in offers {
             let (folder_id, label, encrypted) = (&o.id, &o.label, o.encrypted);
@@ -267,5 +272,44 @@ impl Index {
             [id],
         )?;
         Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// At link-up the agent records the peer (a read, then a write) while the
+    /// link's first index update commits on another connection: recording
+    /// must wait for that writer, not fail with "database is locked" at once.
+    #[test]
+    fn recording_a_link_waits_for_a_writer_that_commits_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("index.db");
+        let idx = Index::open(&db, Duration::from_secs(5)).unwrap();
+        let peer: DeviceId = "11".repeat(32).parse().unwrap();
+        idx.add_peer(peer, "laptop", &[]).unwrap();
+
+        let writer = Index::open(&db, Duration::from_secs(5)).unwrap();
+        writer.conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        writer
+            .conn
+            .execute(
+                "UPDATE devices SET name = 'renamed' WHERE device_id = ?1",
+                [peer.to_string()],
+            )
+            .unwrap();
+        let commit = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            writer.conn.execute_batch("COMMIT").unwrap();
+        });
+        let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        idx.peer_seen(&peer, Some(addr)).unwrap();
+        commit.join().unwrap();
+
+        let seen = idx.peer(&peer).unwrap().expect("still paired");
+        assert_eq!(seen.name, "renamed", "the other writer's change was kept");
+        assert_eq!(seen.addresses, vec![addr]);
     }
 }
