@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, params};
 
 use super::{Index, IndexError, Result, now_secs};
 use crate::device::DeviceId;
@@ -106,11 +106,7 @@ impl Index {
 
     /// Records that a peer was connected now, at `addr` if direct.
     pub fn peer_seen(&self, id: &DeviceId, addr: Option<SocketAddr>) -> Result<()> {
-        // Immediate: a read-then-write transaction that starts as a reader
-        // fails at once (not after the busy timeout) when another connection
-        // commits between its read and its write; at link-up the link's first
-        // index update often does.
-        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let tx = self.conn.unchecked_transaction()?;
         let old: Option<String> = tx
             .query_row(
                 "SELECT addresses FROM devices WHERE device_id = ?1 AND is_local = 0",
@@ -204,8 +200,7 @@ impl Index {
     /// this device already has as a folder or vault, or declined. Returns how
     /// many offers are new.
     pub fn record_offers(&self, device: &DeviceId, offers: &[super::Offered]) -> Result<usize> {
-        // Immediate, as in `peer_seen`: it reads before it writes.
-        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let tx = self.conn.unchecked_transaction()?;
         let mut added = 0;
         for o in offers {
             let (folder_id, label, encrypted) = (&o.id, &o.label, o.encrypted);

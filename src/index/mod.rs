@@ -295,6 +295,12 @@ impl Index {
         };
         let mut conn = Connection::open(path).map_err(not_ferry)?;
         conn.busy_timeout(busy_timeout)?;
+        // Every transaction takes the write lock when it begins. A deferred
+        // one that reads before it writes fails at once, without waiting out
+        // the busy timeout, when another connection commits between its read
+        // and its write (SQLITE_BUSY_SNAPSHOT): at link-up the link's first
+        // index update used to do that to the recording of the link.
+        conn.set_transaction_behavior(TransactionBehavior::Immediate);
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(not_ferry)?;
         let mode: String = conn

@@ -562,6 +562,11 @@ impl Index {
         reserved: Option<i64>,
         place: impl FnOnce(Option<i64>) -> std::io::Result<Option<FileMeta>>,
     ) -> Result<()> {
+        if self.conn.is_autocommit() {
+            // On its own: a savepoint would begin a deferred transaction,
+            // which reads before it writes (see `Index::open`).
+            return self.batch(|i| i.record_pulled_reserved(folder, path, pulled, reserved, place));
+        }
         let tx = self.conn.savepoint()?;
         if let Some(id) = reserved {
             let found: Option<bool> = tx

@@ -367,30 +367,32 @@ async fn serve_one(
             // recorded chunk list instead (see `served`).
             // First on this worker if nothing in it can be slow, else on a
             // blocking thread (see `Reach`).
-            let hinted = match RelPath::new(&path) {
-                Ok(rel) => match read_hinted(
+            let rel = RelPath::new(&path).ok();
+            let cached = rel.as_ref().and_then(|rel| {
+                read_hinted(
                     &engine.served,
                     row,
                     &root,
-                    &rel,
+                    rel,
                     offset,
                     size,
                     &hash,
                     Reach::Cached,
-                ) {
-                    Some(h) => Some(h),
-                    None => {
-                        let (root, engine) = (root.clone(), engine.clone());
-                        tokio::task::spawn_blocking(move || {
-                            let served = &engine.served;
-                            read_hinted(served, row, &root, &rel, offset, size, &hash, Reach::Any)
-                        })
-                        .await
-                        .ok()
-                        .flatten()
-                    }
-                },
-                Err(_) => None,
+                )
+            });
+            let hinted = match (cached, rel) {
+                (Some(h), _) => Some(h),
+                (None, Some(rel)) => {
+                    let (root, engine) = (root.clone(), engine.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let served = &engine.served;
+                        read_hinted(served, row, &root, &rel, offset, size, &hash, Reach::Any)
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                }
+                (None, None) => None,
             };
             // A large file with no list kept for its stat: keep its list for
             // the next requests (this one was checked by hash).
