@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{Config, EventKindMask, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::folder::marker_dir;
@@ -43,11 +44,20 @@ pub fn watch(
 ) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<()>), WatchError> {
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
     let marker = marker_dir(root);
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+    let handler = move |res: notify::Result<notify::Event>| {
         let relevant = match &res {
             // Opening or reading a file changes nothing (and the scanner's own
             // walk opens every directory: counting those would rescan forever).
-            Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => false,
+            // The kernel is not asked for these (below); a backend that
+            // filters in user space may still pass one. Closing a file opened
+            // for writing counts: a write through a memory map gives no other
+            // event.
+            Ok(ev)
+                if matches!(ev.kind, notify::EventKind::Access(a)
+                    if a != AccessKind::Close(AccessMode::Write)) =>
+            {
+                false
+            }
             // Our own versions live under the marker, and pulls assemble in
             // `.ferry-tmp-*` files (renaming one into place still counts, by
             // its target).
@@ -65,8 +75,20 @@ pub fn watch(
         if relevant {
             let _ = raw_tx.send(());
         }
-    })
-    .map_err(|e| to_error(root, e))?;
+    };
+    // Changes and closes after writing only: by default inotify also queues
+    // an event for every open, and serving a large file to a peer opens it
+    // once per chunk (about 13,000 wake-ups of the watcher thread per GiB,
+    // each stealing a core from the transfer, and a risk of overflowing the
+    // kernel's queue).
+    // And a symlink to a directory is a link, not part of the folder: notify
+    // would otherwise watch the tree it points to (all of `/`, for a link
+    // there), using up the watch limit on changes that are not ours.
+    let config = Config::default()
+        .with_event_kinds(EventKindMask::CORE | EventKindMask::ACCESS_CLOSE)
+        .with_follow_symlinks(false);
+    let mut watcher =
+        notify::RecommendedWatcher::new(handler, config).map_err(|e| to_error(root, e))?;
     watcher
         .watch(root, RecursiveMode::Recursive)
         .map_err(|e| to_error(root, e))?;
@@ -128,6 +150,60 @@ mod tests {
                 .is_err(),
             "reads woke the folder"
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_through_a_memory_map_is_noticed_when_the_file_closes() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(marker_dir(dir.path())).unwrap();
+        let path = dir.path().join("mapped");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let (_w, mut rx) = watch(dir.path(), 100).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // SAFETY: a shared mapping of the file's first 4 KiB, written once and
+        // unmapped before the file closes.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            *(p as *mut u8) = 7;
+            assert_eq!(libc::munmap(p, 4096), 0);
+        }
+        drop(f);
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(got.unwrap(), Some(()), "the mapped write was not noticed");
+        assert_eq!(std::fs::read(&path).unwrap()[0], 7);
+    }
+
+    #[tokio::test]
+    async fn changes_behind_a_symlinked_directory_are_not_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(marker_dir(dir.path())).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        let (_w, mut rx) = watch(dir.path(), 100).unwrap();
+        std::fs::write(outside.path().join("elsewhere"), b"x").unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(600), rx.recv())
+                .await
+                .is_err(),
+            "a write outside the folder, behind a link, woke it"
+        );
+        // The link itself is watched as an entry of the folder.
+        std::fs::remove_file(dir.path().join("link")).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(got.unwrap(), Some(()));
     }
 
     #[tokio::test]
