@@ -13,6 +13,7 @@
 
 pub mod backup;
 pub mod conflict;
+mod gather;
 mod history_hooks;
 pub mod holder;
 pub mod link;

@@ -18,6 +18,7 @@ use iroh::endpoint::Connection;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::conflict::{conflict_path, wins};
+use super::gather::{Gather, WRITEBACK_EVERY};
 use super::link::{FetchError, fetch_chunk, fetch_groups, read_verified};
 use super::verifier::{Marker, Verifier};
 use super::{Engine, FolderActivity, FolderHandle, NeedItem};
@@ -1403,11 +1404,6 @@ fn copy_local(
     copy_local_verified(file, missed, marker)
 }
 
-/// Bytes written to a file being assembled between two calls asking the
-/// kernel to start writing them to disk, so the final fsync finds little
-/// left to do.
-const WRITEBACK_EVERY: u64 = 16 << 20;
-
 /// [`copy_local`] with each chunk read and checked against its hash.
 fn copy_local_verified(
     file: &File,
@@ -1725,6 +1721,11 @@ async fn assemble(
             }
         }
     }
+    // The chunks still gathered, checked ones all: written even when the
+    // pull failed, for the next try to resume with.
+    if let Err(e) = fetcher.writes.flush() {
+        first_err.get_or_insert(e.into());
+    }
     if let Some(e) = first_err {
         // The chunks that arrived stay in the temp file for the next try.
         return Err(e);
@@ -1795,9 +1796,7 @@ struct Fetcher {
     good: usize,
     folder_id: String,
     path: RelPath,
-    file: Arc<File>,
-    marker: Marker,
-    unflushed: Arc<std::sync::atomic::AtomicU64>,
+    writes: Arc<Gather>,
 }
 
 impl Fetcher {
@@ -1823,9 +1822,7 @@ impl Fetcher {
             good,
             folder_id: folder.id.to_string(),
             path: remote.path.clone(),
-            file,
-            marker,
-            unflushed: Arc::default(),
+            writes: Arc::new(Gather::new(file, marker)),
         }
     }
 
@@ -1847,9 +1844,7 @@ impl Fetcher {
         let conns = self.conns.clone();
         let good = self.good;
         let engine = self.engine.clone();
-        let file = self.file.clone();
-        let marker = self.marker.clone();
-        let unflushed = self.unflushed.clone();
+        let writes = self.writes.clone();
         let folder_id = self.folder_id.clone();
         let path = self.path.clone();
         set.spawn(async move {
@@ -1869,15 +1864,10 @@ impl Fetcher {
                             .counters(dev)
                             .chunk_bytes_in
                             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        for c in &places {
-                            file.write_all_at(&bytes, c.offset)?;
-                            marker.filled(c.offset, bytes.len() as u64);
+                        for c in &places[1..] {
+                            writes.put(c.offset, bytes.clone())?;
                         }
-                        let n = (bytes.len() * places.len()) as u64;
-                        let before = unflushed.fetch_add(n, Ordering::Relaxed);
-                        if before % WRITEBACK_EVERY + n >= WRITEBACK_EVERY {
-                            start_writeback(&file);
-                        }
+                        writes.put(first.offset, bytes)?;
                         return Ok(());
                     }
                     Err(FetchError::Corrupt) => {

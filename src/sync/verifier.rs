@@ -175,15 +175,7 @@ mod tests {
     use crate::chunking::pseudo_random;
 
     fn temp_file(len: usize) -> (tempfile::TempDir, Arc<File>) {
-        let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("f"))
-            .unwrap();
-        f.set_len(len as u64).unwrap();
+        let (dir, f) = crate::disk::temp_rw_file(len as u64);
         (dir, Arc::new(f))
     }
 
