@@ -173,16 +173,22 @@ pub fn write_all_vectored_at(file: &File, parts: &[&[u8]], offset: u64) -> io::R
             return Err(io::ErrorKind::WriteZero.into());
         }
         offset += n as u64;
-        // Step over what was written.
-        let mut left = n as usize;
-        while part < parts.len() && left >= parts[part].len() - skip {
-            left -= parts[part].len() - skip;
-            part += 1;
-            skip = 0;
-        }
-        skip += left;
+        (part, skip) = step_over(parts, part, skip, n as usize);
     }
     Ok(())
+}
+
+/// Where the unwritten bytes of `parts` start (a part and an offset into
+/// it) once `n` more bytes, from part `part` at offset `skip`, are written.
+/// A part left with nothing to write is stepped over.
+fn step_over(parts: &[&[u8]], mut part: usize, mut skip: usize, n: usize) -> (usize, usize) {
+    let mut left = n;
+    while part < parts.len() && left >= parts[part].len() - skip {
+        left -= parts[part].len() - skip;
+        part += 1;
+        skip = 0;
+    }
+    (part, skip + left)
 }
 
 /// The most parts [`write_all_vectored_at`] passes to one `pwritev`
@@ -296,6 +302,19 @@ mod tests {
         f.read_exact_at(&mut back, 11).unwrap();
         assert_eq!(back, data[..at]);
         assert_eq!(f.metadata().unwrap().len(), 11 + at as u64);
+    }
+
+    #[test]
+    fn a_short_write_resumes_inside_the_part_it_stopped_in() {
+        let (a, b, c) = ([1u8; 10], [2u8; 0], [3u8; 5]);
+        let parts: Vec<&[u8]> = vec![&a, &b, &c];
+        // Into the first part, to its end (the empty one is stepped over too),
+        // into the last, and all of it.
+        assert_eq!(step_over(&parts, 0, 0, 4), (0, 4));
+        assert_eq!(step_over(&parts, 0, 4, 6), (2, 0));
+        assert_eq!(step_over(&parts, 2, 0, 3), (2, 3));
+        assert_eq!(step_over(&parts, 0, 0, 15), (3, 0));
+        assert_eq!(step_over(&parts, 0, 3, 0), (0, 3));
     }
 
     #[test]

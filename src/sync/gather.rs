@@ -76,13 +76,16 @@ impl Gather {
         self.write(p)
     }
 
-    /// Writes each run of adjacent chunks in `p` with one vectored write.
+    /// Writes each run of adjacent chunks in `p` with one vectored write;
+    /// one that fails does not stop the others (each chunk on disk is one a
+    /// resumed pull need not fetch again). Returns the first error.
     fn write(&self, p: Pending) -> io::Result<()> {
+        let mut result = Ok(());
         let mut run: Vec<&[u8]> = Vec::new();
         let (mut start, mut end) = (0u64, 0u64);
         for (&off, bytes) in &p.chunks {
             if !run.is_empty() && (off != end || run.len() >= MAX_PARTS) {
-                self.write_run(&run, start, end)?;
+                result = result.and(self.write_run(&run, start, end));
                 run.clear();
             }
             if run.is_empty() {
@@ -92,9 +95,9 @@ impl Gather {
             end = off + bytes.len() as u64;
         }
         if !run.is_empty() {
-            self.write_run(&run, start, end)?;
+            result = result.and(self.write_run(&run, start, end));
         }
-        Ok(())
+        result
     }
 
     fn write_run(&self, parts: &[&[u8]], start: u64, end: u64) -> io::Result<()> {
@@ -106,6 +109,14 @@ impl Gather {
             start_writeback(&self.file);
         }
         Ok(())
+    }
+}
+
+impl Drop for Gather {
+    /// A pull that ends early (a local copy failed while fetches ran) still
+    /// writes the checked chunks it gathered, for the next try to resume with.
+    fn drop(&mut self) {
+        let _ = self.flush();
     }
 }
 
@@ -166,6 +177,17 @@ mod tests {
             prop_assert!(back == data);
             prop_assert_eq!(v.finish().unwrap(), blake3::hash(&data));
         }
+    }
+
+    #[test]
+    fn chunks_still_gathered_are_written_when_the_pull_lets_go() {
+        let (_dir, file) = temp_file(100);
+        let g = Gather::new(file.clone(), Marker::default());
+        g.put(40, vec![8u8; 20]).unwrap();
+        drop(g);
+        let mut b = [0u8; 20];
+        file.read_exact_at(&mut b, 40).unwrap();
+        assert_eq!(b, [8u8; 20]);
     }
 
     #[test]
