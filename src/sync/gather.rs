@@ -26,6 +26,9 @@ pub const WRITEBACK_EVERY: u64 = 16 << 20;
 pub struct Gather {
     file: Arc<File>,
     marker: Marker,
+    /// Bytes gathered before they are written: [`GATHER`], or less for a
+    /// smaller file, whose chunks then go out as soon as all have come.
+    gather: u64,
     pending: Mutex<Pending>,
     written: AtomicU64,
 }
@@ -38,12 +41,13 @@ struct Pending {
 }
 
 impl Gather {
-    /// Gathers writes to `file`, reporting each range to `marker` once it is
-    /// written.
-    pub fn new(file: Arc<File>, marker: Marker) -> Self {
+    /// Gathers writes to `file`, `size` bytes long, reporting each range to
+    /// `marker` once it is written.
+    pub fn new(file: Arc<File>, marker: Marker, size: u64) -> Self {
         Self {
             file,
             marker,
+            gather: size.clamp(1, GATHER),
             pending: Mutex::default(),
             written: AtomicU64::new(0),
         }
@@ -63,7 +67,7 @@ impl Gather {
             let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
             p.bytes += len;
             p.chunks.insert(offset, bytes);
-            (p.bytes >= GATHER).then(|| std::mem::take(&mut *p))
+            (p.bytes >= self.gather).then(|| std::mem::take(&mut *p))
         };
         // Taken out whole, so disjoint from anything gathered after: written
         // outside the lock.
@@ -149,7 +153,7 @@ mod tests {
             let data = pseudo_random(total, seed);
             let (_dir, file) = temp_file(total as u64);
             let v = crate::sync::verifier::Verifier::start(file.clone(), total as u64).unwrap();
-            let g = Gather::new(file.clone(), v.marker());
+            let g = Gather::new(file.clone(), v.marker(), total as u64);
             let mut pieces = Vec::new();
             let mut at = 0;
             for c in &cuts {
@@ -180,9 +184,25 @@ mod tests {
     }
 
     #[test]
+    fn a_small_file_is_written_as_soon_as_all_of_it_has_come() {
+        let (_dir, file) = temp_file(30);
+        let g = Gather::new(file.clone(), Marker::default(), 30);
+        g.put(10, vec![2u8; 20]).unwrap();
+        let mut b = [0u8; 30];
+        file.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(b, [0u8; 30], "written before all of it came");
+        g.put(0, vec![1u8; 10]).unwrap();
+        file.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(&b[..10], &[1u8; 10]);
+        assert_eq!(&b[10..], &[2u8; 20]);
+        // Nothing is left to write (nor kept in memory).
+        assert!(g.pending.lock().unwrap().chunks.is_empty());
+    }
+
+    #[test]
     fn chunks_still_gathered_are_written_when_the_pull_lets_go() {
         let (_dir, file) = temp_file(100);
-        let g = Gather::new(file.clone(), Marker::default());
+        let g = Gather::new(file.clone(), Marker::default(), 100);
         g.put(40, vec![8u8; 20]).unwrap();
         drop(g);
         let mut b = [0u8; 20];
@@ -193,7 +213,7 @@ mod tests {
     #[test]
     fn chunks_are_written_once_a_mebibyte_is_gathered_or_at_flush() {
         let (_dir, file) = temp_file(4 << 20);
-        let g = Gather::new(file.clone(), Marker::default());
+        let g = Gather::new(file.clone(), Marker::default(), 4 << 20);
         let chunk = vec![9u8; 300_000];
         // Three chunks: under GATHER, nothing written yet.
         for i in 0..3u64 {

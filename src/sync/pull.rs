@@ -1822,7 +1822,7 @@ impl Fetcher {
             good,
             folder_id: folder.id.to_string(),
             path: remote.path.clone(),
-            writes: Arc::new(Gather::new(file, marker)),
+            writes: Arc::new(Gather::new(file, marker, remote.size)),
         }
     }
 
