@@ -36,6 +36,9 @@ pub struct Marker(Option<Arc<Shared>>);
 struct Shared {
     state: Mutex<State>,
     changed: Condvar,
+    /// Tests: called with every range reported filled, before it counts.
+    #[cfg(test)]
+    observe: Option<Box<dyn Fn(u64, u64) + Send + Sync>>,
 }
 
 #[derive(Default)]
@@ -102,6 +105,10 @@ impl Marker {
         if len == 0 {
             return;
         }
+        #[cfg(test)]
+        if let Some(observe) = self.0.as_ref().and_then(|s| s.observe.as_ref()) {
+            observe(offset, len);
+        }
         self.update(|s| {
             let end = offset + len;
             let e = s.ahead.entry(offset).or_insert(end);
@@ -114,6 +121,16 @@ impl Marker {
                 s.ahead.pop_first();
             }
         });
+    }
+
+    /// Tests: a marker that calls `observe` with every range reported
+    /// filled (and hashes nothing).
+    #[cfg(test)]
+    pub fn observed(observe: impl Fn(u64, u64) + Send + Sync + 'static) -> Self {
+        Marker(Some(Arc::new(Shared {
+            observe: Some(Box::new(observe)),
+            ..Shared::default()
+        })))
     }
 
     fn update(&self, f: impl FnOnce(&mut State)) {
