@@ -227,6 +227,10 @@ pub fn free_space(path: &Path) -> io::Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
+/// Bytes written to a file being assembled between two calls to
+/// [`start_writeback`], so the final fsync finds little left to do.
+pub const WRITEBACK_EVERY: u64 = 16 << 20;
+
 /// Starts writing `file`'s dirty pages to disk without waiting for them, so a
 /// later fsync has little left to do. A hint only: the fsync reports errors.
 pub fn start_writeback(file: &File) {

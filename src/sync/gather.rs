@@ -12,15 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::verifier::Marker;
-use crate::disk::{MAX_PARTS, start_writeback, write_all_vectored_at};
+use crate::disk::{MAX_PARTS, WRITEBACK_EVERY, start_writeback, write_all_vectored_at};
 
 /// Bytes gathered before they are written.
 pub const GATHER: u64 = 1 << 20;
-
-/// Bytes written to a file being assembled between two calls asking the
-/// kernel to start writing them to disk, so the final fsync finds little
-/// left to do.
-pub const WRITEBACK_EVERY: u64 = 16 << 20;
 
 /// The gathered writes of one file; shared by the tasks fetching its chunks.
 pub struct Gather {

@@ -18,13 +18,15 @@ use iroh::endpoint::Connection;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::conflict::{conflict_path, wins};
-use super::gather::{Gather, WRITEBACK_EVERY};
+use super::gather::Gather;
 use super::link::{FetchError, fetch_chunk, fetch_groups, read_verified};
 use super::verifier::{Marker, Verifier};
 use super::{Engine, FolderActivity, FolderHandle, NeedItem};
 use crate::chunking::{ChunkHash, ChunkInfo, FileHash, group_hash, group_ranges};
 use crate::device::{DeviceId, ShortId};
-use crate::disk::{copy_range, hash_file, mtime_ns, start_writeback, sync_dir, system_time};
+use crate::disk::{
+    WRITEBACK_EVERY, copy_range, hash_file, mtime_ns, start_writeback, sync_dir, system_time,
+};
 use crate::folder::{check_root, marker_dir};
 use crate::index::{
     FileKind, FileMeta, Folder, Index, LocalFile, Pulled, RemoteFile, SharedIndex, Superseded,
