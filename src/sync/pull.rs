@@ -1375,24 +1375,42 @@ fn copy_local(
         }
         let run = &pieces[i..j];
         let len: u64 = run.iter().map(|p| p.len).sum();
-        let copied = match &files[run[0].src] {
-            Some(src) => copy_range(src, run[0].src_off, file, run[0].dst_off, len),
-            None => Ok(0),
-        };
-        match copied {
-            Ok(n) if n == len => marker.filled(run[0].dst_off, len),
-            Ok(_) => run.iter().for_each(|p| failed[p.job] = true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Err(e),
-            Err(_) => {
-                // A source that cannot be read is not asked again.
-                files[run[0].src] = None;
-                run.iter().for_each(|p| failed[p.job] = true);
+        // In steps, each reported as it lands: the verifier hashes one step
+        // while the next is copied, instead of reading a run of half the
+        // file back after it (a 100-byte insert is two such runs).
+        let mut done = 0u64;
+        while done < len {
+            let step = (len - done).min(WRITEBACK_EVERY);
+            let copied = match &files[run[0].src] {
+                Some(src) => copy_range(
+                    src,
+                    run[0].src_off + done,
+                    file,
+                    run[0].dst_off + done,
+                    step,
+                ),
+                None => Ok(0),
+            };
+            match copied {
+                Ok(n) if n == step => marker.filled(run[0].dst_off + done, step),
+                Ok(_) => {
+                    run.iter().for_each(|p| failed[p.job] = true);
+                    break;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Err(e),
+                Err(_) => {
+                    // A source that cannot be read is not asked again.
+                    files[run[0].src] = None;
+                    run.iter().for_each(|p| failed[p.job] = true);
+                    break;
+                }
             }
-        }
-        written += len;
-        if written >= WRITEBACK_EVERY {
-            start_writeback(file);
-            written = 0;
+            done += step;
+            written += step;
+            if written >= WRITEBACK_EVERY {
+                start_writeback(file);
+                written = 0;
+            }
         }
         i = j;
     }
@@ -2198,5 +2216,100 @@ mod tests {
             })
             .collect();
         assert_eq!(order, ["d", "d/f", "e/f", "e"]);
+    }
+
+    /// An old file of 1 MiB chunks and the jobs to copy them into a new one
+    /// with `INSERT` bytes put in at `HALF` (the edit of a large file).
+    fn shifted_copy_jobs(old: &Path, data: &[u8]) -> Vec<LocalCopy> {
+        const MIB: usize = 1 << 20;
+        data.chunks(MIB)
+            .enumerate()
+            .map(|(n, c)| {
+                let offset = (n * MIB) as u64;
+                let hash = ChunkHash(*blake3::hash(c).as_bytes());
+                let to = if offset < HALF {
+                    offset
+                } else {
+                    offset + INSERT
+                };
+                let place = ChunkInfo {
+                    offset: to,
+                    len: c.len() as u32,
+                    hash,
+                };
+                let source = crate::index::ChunkSource {
+                    path: old.to_path_buf(),
+                    offset,
+                    size: c.len() as u32,
+                };
+                (hash, vec![place], vec![source])
+            })
+            .collect()
+    }
+    const HALF: u64 = 20 << 20;
+    const INSERT: u64 = 100;
+
+    #[test]
+    fn a_long_local_copy_lands_in_place_and_is_reported_in_steps() {
+        let data = crate::chunking::pseudo_random(40 << 20, 3);
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        fs::write(&old, &data).unwrap();
+        let (_d, new) = crate::disk::temp_rw_file(data.len() as u64 + INSERT);
+        let reported = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r = reported.clone();
+        let marker = Marker::observed(move |o, l| r.lock().unwrap().push((o, l)));
+
+        let missed = copy_local(&new, shifted_copy_jobs(&old, &data), false, &marker).unwrap();
+
+        assert!(missed.is_empty());
+        let mut got = vec![0u8; data.len() + INSERT as usize];
+        new.read_exact_at(&mut got, 0).unwrap();
+        let half = HALF as usize;
+        assert_eq!(got[..half], data[..half]);
+        assert_eq!(got[half + INSERT as usize..], data[half..]);
+        // Two runs (before and after the insert), each reported in steps of
+        // at most WRITEBACK_EVERY as they land, together covering both.
+        let reported = reported.lock().unwrap().clone();
+        assert!(reported.iter().all(|&(_, l)| l <= WRITEBACK_EVERY));
+        assert!(reported.len() >= 4, "{reported:?}");
+        let mut covered: Vec<(u64, u64)> = Vec::new();
+        for (o, l) in reported {
+            match covered.last_mut() {
+                Some(last) if last.1 == o => last.1 = o + l,
+                _ => covered.push((o, o + l)),
+            }
+        }
+        let end = data.len() as u64 + INSERT;
+        assert_eq!(covered, [(0, HALF), (HALF + INSERT, end)]);
+    }
+
+    #[test]
+    fn a_local_copy_from_a_source_that_ended_early_misses_only_what_is_gone() {
+        let data = crate::chunking::pseudo_random(40 << 20, 4);
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        // The source lost its last 10 MiB since it was indexed.
+        let kept = 30 << 20;
+        fs::write(&old, &data[..kept]).unwrap();
+        let (_d, new) = crate::disk::temp_rw_file(data.len() as u64 + INSERT);
+
+        let missed = copy_local(
+            &new,
+            shifted_copy_jobs(&old, &data),
+            false,
+            &Marker::default(),
+        )
+        .unwrap();
+
+        // The chunks past the end are missed (to be fetched); the rest of
+        // the run they were in is copied, checked, after all.
+        let mut missed: Vec<u64> = missed.iter().map(|(_, p)| p[0].offset).collect();
+        missed.sort_unstable();
+        let want: Vec<u64> = (30..40).map(|n| (n << 20) + INSERT).collect();
+        assert_eq!(missed, want);
+        let mut got = vec![0u8; kept - HALF as usize];
+        new.read_exact_at(&mut got, HALF + INSERT).unwrap();
+        assert_eq!(got, data[HALF as usize..kept]);
     }
 }
