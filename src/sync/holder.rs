@@ -191,7 +191,7 @@ async fn answer(
             match bytes {
                 Some(b) => {
                     let size = b.len() as u32;
-                    reply(send, &Reply::VaultBytes { size }, Some(&b)).await
+                    reply(send, &Reply::VaultBytes { size }, Some(b)).await
                 }
                 None => reply(send, &unavailable("not in this vault"), None).await,
             }

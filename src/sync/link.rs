@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
 use iroh::endpoint::{Connection, RecvStream, SendStream};
 
 use super::Engine;
@@ -20,8 +21,8 @@ use crate::device::DeviceId;
 use crate::index::{FileKind, IndexError};
 use crate::protocol::{
     IndexMessage, IndexState, MAX_CHUNKS_PER_REPLY, MAX_FRAME, MAX_GROUPS_PER_REQUEST,
-    MAX_VERSIONS_PER_REPLY, ProtocolError, Reply, Request, WireChunk, WireVersion, read_msg,
-    write_msg,
+    MAX_VERSIONS_PER_REPLY, ProtocolError, Reply, Request, WireChunk, WireVersion, encode,
+    read_msg, write_msg,
 };
 use crate::relpath::RelPath;
 
@@ -430,7 +431,7 @@ async fn serve_one(
                         .counters(&peer)
                         .chunk_bytes_out
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    reply(&mut send, &Reply::Chunk { size }, Some(&bytes)).await
+                    reply(&mut send, &Reply::Chunk { size }, Some(bytes)).await
                 }
                 None => {
                     reply(
@@ -638,14 +639,18 @@ pub(super) async fn history_chunk(
 pub(super) async fn reply(
     send: &mut SendStream,
     msg: &Reply,
-    data: Option<&[u8]>,
+    data: Option<Vec<u8>>,
 ) -> Result<(), ServeError> {
     let link = |e: &dyn std::fmt::Display| ServeError::Link(e.to_string());
-    write_msg(send, msg).await.map_err(|e| link(&e))?;
-    if let Some(d) = data {
-        tokio::io::AsyncWriteExt::write_all(send, d)
+    match data {
+        // Handed over whole, frame and bytes: the stream keeps them as they
+        // are instead of copying them into its buffer (a chunk is up to 1 MiB,
+        // and serving a large file is bound by the sender's CPU).
+        Some(d) => send
+            .write_all_chunks(&mut [Bytes::from(encode(msg)), Bytes::from(d)])
             .await
-            .map_err(|e| link(&e))?;
+            .map_err(|e| link(&e))?,
+        None => write_msg(send, msg).await.map_err(|e| link(&e))?,
     }
     send.finish().map_err(|e| link(&e))?;
     Ok(())
