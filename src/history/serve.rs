@@ -62,3 +62,39 @@ pub fn read_chunk(
         (blake3::hash(&buf).as_bytes() == &hash.0).then_some(buf)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::chunking::{DEFAULT_PARAMS, chunk_bytes, pseudo_random};
+    use crate::history::ingest::{ingest_pending, tests::fixture};
+
+    #[test]
+    fn a_version_stored_after_it_was_found_pending_is_read_once_found_again() {
+        let mut f = fixture();
+        let v1 = pseudo_random(300_000, 5);
+        f.record("a.bin", &v1);
+        f.replace("a.bin", b"second");
+        let c = chunk_bytes(&v1, DEFAULT_PARAMS).chunks[1];
+        let found = locate_chunk(&f.index, f.folder.row, &c.hash, c.len).unwrap();
+        assert!(found.stored.is_none() && !found.versions.is_empty());
+
+        // The history task moves the version into the store in between.
+        ingest_pending(&mut f.index, &f.store, &mut HashSet::new(), &|| false).unwrap();
+
+        // What was found is gone from where it was found (why serving a
+        // chunk looks again, once, when a pending version could not be read)...
+        assert_eq!(
+            read_chunk(&f.store, &f.folder.path, &found, &c.hash, c.len),
+            None
+        );
+        // ... and found again, it is read from the store.
+        let again = locate_chunk(&f.index, f.folder.row, &c.hash, c.len).unwrap();
+        assert!(again.stored.is_some());
+        let want = &v1[c.offset as usize..][..c.len as usize];
+        let got = read_chunk(&f.store, &f.folder.path, &again, &c.hash, c.len).unwrap();
+        assert_eq!(got, want);
+    }
+}
