@@ -1,11 +1,12 @@
 //! Watches a folder for changes (notify) and turns bursts of events into one
 //! "scan now" signal after the burst settles.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
-use notify::{Config, EventKindMask, RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+use notify::{Config, EventKind, EventKindMask, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::folder::marker_dir;
@@ -35,6 +36,10 @@ pub enum WatchError {
     },
 }
 
+/// Moves out of our own files remembered at once (their cookies): far more
+/// than the renames in flight between the kernel's two halves of one.
+const PLACED_COOKIES: usize = 64;
+
 /// Starts watching `root` recursively. Each message on the returned channel
 /// means "something changed; the burst has been quiet for `debounce_ms`". The
 /// watcher stops when the returned handle is dropped.
@@ -44,6 +49,18 @@ pub fn watch(
 ) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<()>), WatchError> {
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
     let marker = marker_dir(root);
+    let ours = move |p: &Path| {
+        p.starts_with(&marker)
+            || p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(TEMP_PREFIX))
+    };
+    // Rename cookies of moves out of our own files: a pull placing a file
+    // renames its temp file into place, and its index record is committed
+    // with it, so a scan would find nothing. Without this, the watcher
+    // rescanned the whole folder every debounce all through an initial sync,
+    // stat-ing every file placed so far and holding the folder's disk lock
+    // (which the pull's placements wait for).
+    let mut placed: VecDeque<usize> = VecDeque::with_capacity(PLACED_COOKIES);
     let handler = move |res: notify::Result<notify::Event>| {
         let relevant = match &res {
             // Opening or reading a file changes nothing (and the scanner's own
@@ -53,23 +70,40 @@ pub fn watch(
             // for writing counts: a write through a memory map gives no other
             // event.
             Ok(ev)
-                if matches!(ev.kind, notify::EventKind::Access(a)
+                if matches!(ev.kind, EventKind::Access(a)
                     if a != AccessKind::Close(AccessMode::Write)) =>
             {
                 false
             }
-            // Our own versions live under the marker, and pulls assemble in
-            // `.ferry-tmp-*` files (renaming one into place still counts, by
-            // its target).
-            Ok(ev) => {
-                ev.need_rescan()
-                    || ev.paths.iter().any(|p| {
-                        !p.starts_with(&marker)
-                            && !p
-                                .file_name()
-                                .is_some_and(|n| n.to_string_lossy().starts_with(TEMP_PREFIX))
-                    })
+            // A move out of one of our files: remember its cookie; the move's
+            // other halves (its destination, and the pair) carry the same one.
+            Ok(ev)
+                if matches!(
+                    ev.kind,
+                    EventKind::Modify(ModifyKind::Name(RenameMode::From))
+                ) =>
+            {
+                if let Some(cookie) = ev.tracker()
+                    && ev.paths.iter().all(|p| ours(p))
+                {
+                    if placed.len() == PLACED_COOKIES {
+                        placed.pop_front();
+                    }
+                    placed.push_back(cookie);
+                    false
+                } else {
+                    true
+                }
             }
+            Ok(ev)
+                if matches!(ev.kind, EventKind::Modify(ModifyKind::Name(_)))
+                    && ev.tracker().is_some_and(|c| placed.contains(&c)) =>
+            {
+                false
+            }
+            // Our own versions live under the marker, and pulls assemble in
+            // `.ferry-tmp-*` files.
+            Ok(ev) => ev.need_rescan() || ev.paths.iter().any(|p| !ours(p)),
             Err(_) => true,
         };
         if relevant {
@@ -132,6 +166,13 @@ fn to_error(root: &Path, e: notify::Error) -> WatchError {
 mod tests {
     use super::*;
 
+    /// Whether no signal comes for 600 ms.
+    async fn quiet(rx: &mut mpsc::Receiver<()>) -> bool {
+        tokio::time::timeout(Duration::from_millis(600), rx.recv())
+            .await
+            .is_err()
+    }
+
     #[tokio::test]
     async fn reading_files_and_listing_directories_is_not_a_change() {
         let dir = tempfile::tempdir().unwrap();
@@ -184,6 +225,45 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
         assert_eq!(got.unwrap(), Some(()), "the mapped write was not noticed");
         assert_eq!(std::fs::read(&path).unwrap()[0], 7);
+    }
+
+    #[tokio::test]
+    async fn a_temp_file_renamed_into_place_is_not_a_change_but_other_renames_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(marker_dir(dir.path())).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let (_w, mut rx) = watch(dir.path(), 100).unwrap();
+        // What a pull does (its temp file's writes are not changes either).
+        for n in 0..20 {
+            let tmp = dir.path().join(format!("sub/{TEMP_PREFIX}{n}.part"));
+            std::fs::write(&tmp, b"pulled").unwrap();
+            std::fs::rename(&tmp, dir.path().join(format!("sub/f{n}"))).unwrap();
+        }
+        assert!(quiet(&mut rx).await, "placing pulled files woke the folder");
+
+        // A user's rename inside the folder, and a move in from outside it.
+        std::fs::rename(dir.path().join("sub/f0"), dir.path().join("sub/g0")).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(got.unwrap(), Some(()), "a rename was missed");
+        assert!(quiet(&mut rx).await);
+        let from = outside.path().join("brought");
+        std::fs::write(&from, b"x").unwrap();
+        std::fs::rename(&from, dir.path().join("sub/brought")).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(got.unwrap(), Some(()), "a move into the folder was missed");
+        assert!(quiet(&mut rx).await);
+        // A temp file renamed over, then a user's edit of the same file.
+        let tmp = dir.path().join(format!("sub/{TEMP_PREFIX}x.part"));
+        std::fs::write(&tmp, b"pulled again").unwrap();
+        std::fs::rename(&tmp, dir.path().join("sub/f1")).unwrap();
+        std::fs::write(dir.path().join("sub/f1"), b"edited").unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(
+            got.unwrap(),
+            Some(()),
+            "an edit after a placement was missed"
+        );
     }
 
     #[tokio::test]
