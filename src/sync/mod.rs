@@ -134,6 +134,9 @@ pub struct FolderHandle {
     /// Temp files of pulls that did not finish (found by scans, or left by
     /// failed pulls): removed once no pull needs them.
     pub leftover_temps: Mutex<HashSet<PathBuf>>,
+    /// The temp files pulls are renaming into place (the watcher ignores
+    /// those renames).
+    pub placing: watch::Placing,
     stop: CancellationToken,
 }
 
@@ -258,6 +261,7 @@ impl Engine {
                             revert: std::sync::atomic::AtomicBool::new(false),
                             pulling: std::sync::atomic::AtomicBool::new(false),
                             leftover_temps: Mutex::new(HashSet::new()),
+                            placing: watch::Placing::default(),
                             case_insensitive: case_insensitive(&f.path),
                             normalizing: normalizing(&f.path),
                             stop: self.shutdown.child_token(),
@@ -558,7 +562,7 @@ impl Engine {
         Option<notify::RecommendedWatcher>,
         Option<tokio::sync::mpsc::Receiver<()>>,
     ) {
-        match watch::watch(root, debounce_ms) {
+        match watch::watch(root, debounce_ms, h.placing.clone()) {
             Ok((w, rx)) => (Some(w), Some(rx)),
             Err(e) => {
                 tracing::warn!(folder = %h.folder().id, "{e}; falling back to periodic scans");

@@ -430,6 +430,7 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
         requests: Arc::new(Semaphore::new(sync_cfg.requests_in_flight)),
         commits: Committer::start(engine.index.clone(), h.clone()),
         reads: Reads::start(engine.index.clone()),
+        placing: h.placing.clone(),
     });
     let mut stage_no = 0;
     let mut set = tokio::task::JoinSet::new();
@@ -766,6 +767,8 @@ async fn take(
     // one that recorded a local change since makes this a conflict to plan
     // again, not a file to replace.
     let seen = local.as_ref().map(|l| l.record.sequence);
+    // Its rename into place is recorded with it: not a change to scan for.
+    let _placing = staged.as_deref().map(|tmp| pass.placing.start(tmp));
     pass.commits
         .commit(reserve, move |i, reserved, dirs| {
             if i.local_sequence(row, &path)? != seen {
@@ -827,6 +830,8 @@ struct Pass {
     requests: Arc<Semaphore>,
     commits: Committer,
     reads: Reads,
+    /// Where the temp files being renamed into place are registered.
+    placing: super::watch::Placing,
 }
 
 /// A read of the index on behalf of one pull.

@@ -1,9 +1,10 @@
 //! Watches a folder for changes (notify) and turns bursts of events into one
 //! "scan now" signal after the burst settles.
 
-use std::collections::VecDeque;
-use std::path::Path;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{Config, EventKind, EventKindMask, RecursiveMode, Watcher};
@@ -40,12 +41,68 @@ pub enum WatchError {
 /// than the renames in flight between the kernel's two halves of one.
 const PLACED_COOKIES: usize = 64;
 
+/// The temp files a pull is renaming into place, each with its index record
+/// committed in the same step: the watcher does not count those renames as
+/// changes. Only these: the agent's other renames out of temp files (a
+/// restore `--to` a path inside a folder, `ferry recover --into`) and a
+/// user's rename of a leftover temp file are not recorded, and count.
+#[derive(Clone, Default)]
+pub struct Placing(Arc<Mutex<HashMap<PathBuf, Option<Instant>>>>);
+
+/// How long a placement stays known after its pull step ends: the watcher
+/// reads the kernel's events a little later, more so on a busy machine.
+const LINGER: Duration = Duration::from_secs(5);
+
+impl Placing {
+    /// Registers `tmp` while the returned guard lives (and [`LINGER`] after).
+    pub fn start(&self, tmp: &Path) -> PlacingGuard {
+        let mut m = self.lock();
+        m.retain(|_, released| released.is_none_or(|t| t.elapsed() < LINGER));
+        m.insert(tmp.to_path_buf(), None);
+        PlacingGuard {
+            placing: self.clone(),
+            tmp: tmp.to_path_buf(),
+        }
+    }
+
+    /// Whether `tmp` is being placed; a placement is seen once.
+    fn take(&self, tmp: &Path) -> bool {
+        let mut m = self.lock();
+        match m.get(tmp) {
+            Some(released) if released.is_none_or(|t| t.elapsed() < LINGER) => {
+                m.remove(tmp);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Option<Instant>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Keeps a temp file registered in [`Placing`] while it lives.
+pub struct PlacingGuard {
+    placing: Placing,
+    tmp: PathBuf,
+}
+
+impl Drop for PlacingGuard {
+    fn drop(&mut self) {
+        if let Some(released) = self.placing.lock().get_mut(&self.tmp) {
+            *released = Some(Instant::now());
+        }
+    }
+}
+
 /// Starts watching `root` recursively. Each message on the returned channel
 /// means "something changed; the burst has been quiet for `debounce_ms`". The
 /// watcher stops when the returned handle is dropped.
 pub fn watch(
     root: &Path,
     debounce_ms: u64,
+    placing: Placing,
 ) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<()>), WatchError> {
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
     let marker = marker_dir(root);
@@ -54,12 +111,12 @@ pub fn watch(
             || p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with(TEMP_PREFIX))
     };
-    // Rename cookies of moves out of our own files: a pull placing a file
-    // renames its temp file into place, and its index record is committed
-    // with it, so a scan would find nothing. Without this, the watcher
-    // rescanned the whole folder every debounce all through an initial sync,
-    // stat-ing every file placed so far and holding the folder's disk lock
-    // (which the pull's placements wait for).
+    // Rename cookies of moves out of the temp files a pull is placing (see
+    // `Placing`): its index record is committed with the rename, so a scan
+    // would find nothing. Without this, the watcher rescanned the whole
+    // folder every debounce all through an initial sync, stat-ing every file
+    // placed so far and holding the folder's disk lock (which the pull's
+    // placements wait for).
     let mut placed: VecDeque<usize> = VecDeque::with_capacity(PLACED_COOKIES);
     let handler = move |res: notify::Result<notify::Event>| {
         let relevant = match &res {
@@ -75,8 +132,8 @@ pub fn watch(
             {
                 false
             }
-            // A move out of one of our files: remember its cookie; the move's
-            // other halves (its destination, and the pair) carry the same one.
+            // A pull placing a file: remember the move's cookie; its other
+            // halves (the destination, and the pair) carry the same one.
             Ok(ev)
                 if matches!(
                     ev.kind,
@@ -84,7 +141,8 @@ pub fn watch(
                 ) =>
             {
                 if let Some(cookie) = ev.tracker()
-                    && ev.paths.iter().all(|p| ours(p))
+                    && let [tmp] = &ev.paths[..]
+                    && placing.take(tmp)
                 {
                     if placed.len() == PLACED_COOKIES {
                         placed.pop_front();
@@ -179,7 +237,7 @@ mod tests {
         std::fs::create_dir_all(marker_dir(dir.path())).unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("sub/f"), b"x").unwrap();
-        let (_w, mut rx) = watch(dir.path(), 100).unwrap();
+        let (_w, mut rx) = watch(dir.path(), 100, Placing::default()).unwrap();
         for _ in 0..5 {
             let _ = std::fs::read_dir(dir.path()).unwrap().count();
             let _ = std::fs::read_dir(dir.path().join("sub")).unwrap().count();
@@ -200,7 +258,7 @@ mod tests {
         std::fs::create_dir_all(marker_dir(dir.path())).unwrap();
         let path = dir.path().join("mapped");
         std::fs::write(&path, [0u8; 4096]).unwrap();
-        let (_w, mut rx) = watch(dir.path(), 100).unwrap();
+        let (_w, mut rx) = watch(dir.path(), 100, Placing::default()).unwrap();
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -228,20 +286,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_temp_file_renamed_into_place_is_not_a_change_but_other_renames_are() {
+    async fn a_pull_placing_a_file_is_not_a_change_but_other_renames_are() {
         let dir = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(marker_dir(dir.path())).unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        let (_w, mut rx) = watch(dir.path(), 100).unwrap();
+        let placing = Placing::default();
+        let (_w, mut rx) = watch(dir.path(), 100, placing.clone()).unwrap();
+        let tmp = |n: &str| dir.path().join(format!("sub/{TEMP_PREFIX}{n}.part"));
         // What a pull does (its temp file's writes are not changes either).
         for n in 0..20 {
-            let tmp = dir.path().join(format!("sub/{TEMP_PREFIX}{n}.part"));
-            std::fs::write(&tmp, b"pulled").unwrap();
-            std::fs::rename(&tmp, dir.path().join(format!("sub/f{n}"))).unwrap();
+            std::fs::write(tmp(&n.to_string()), b"pulled").unwrap();
+            let _placing = placing.start(&tmp(&n.to_string()));
+            std::fs::rename(tmp(&n.to_string()), dir.path().join(format!("sub/f{n}"))).unwrap();
         }
         assert!(quiet(&mut rx).await, "placing pulled files woke the folder");
 
+        // A temp file renamed into the folder by anything else (a restore
+        // `--to` a path here, a user tidying up): nothing recorded it.
+        std::fs::write(tmp("restored"), b"old bytes").unwrap();
+        std::fs::rename(tmp("restored"), dir.path().join("sub/restored")).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(got.unwrap(), Some(()), "an unrecorded placement was missed");
+        assert!(quiet(&mut rx).await);
         // A user's rename inside the folder, and a move in from outside it.
         std::fs::rename(dir.path().join("sub/f0"), dir.path().join("sub/g0")).unwrap();
         let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
@@ -253,10 +320,12 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
         assert_eq!(got.unwrap(), Some(()), "a move into the folder was missed");
         assert!(quiet(&mut rx).await);
-        // A temp file renamed over, then a user's edit of the same file.
-        let tmp = dir.path().join(format!("sub/{TEMP_PREFIX}x.part"));
-        std::fs::write(&tmp, b"pulled again").unwrap();
-        std::fs::rename(&tmp, dir.path().join("sub/f1")).unwrap();
+        // A pull's placement, then a user's edit of the same file.
+        std::fs::write(tmp("x"), b"pulled again").unwrap();
+        {
+            let _placing = placing.start(&tmp("x"));
+            std::fs::rename(tmp("x"), dir.path().join("sub/f1")).unwrap();
+        }
         std::fs::write(dir.path().join("sub/f1"), b"edited").unwrap();
         let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
         assert_eq!(
@@ -272,7 +341,7 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(marker_dir(dir.path())).unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
-        let (_w, mut rx) = watch(dir.path(), 100).unwrap();
+        let (_w, mut rx) = watch(dir.path(), 100, Placing::default()).unwrap();
         std::fs::write(outside.path().join("elsewhere"), b"x").unwrap();
         assert!(
             tokio::time::timeout(Duration::from_millis(600), rx.recv())
@@ -290,7 +359,7 @@ mod tests {
     async fn a_burst_of_writes_gives_one_signal_and_marker_writes_none() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(marker_dir(dir.path())).unwrap();
-        let (_w, mut rx) = watch(dir.path(), 100).unwrap();
+        let (_w, mut rx) = watch(dir.path(), 100, Placing::default()).unwrap();
         std::fs::write(marker_dir(dir.path()).join("tmp"), b"x").unwrap();
         std::fs::write(dir.path().join(format!("{TEMP_PREFIX}x.part")), b"x").unwrap();
         assert!(
