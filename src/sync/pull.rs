@@ -1396,20 +1396,20 @@ fn copy_local(
                 ),
                 None => Ok(0),
             };
-            match copied {
-                Ok(n) if n == step => marker.filled(run[0].dst_off + done, step),
-                Ok(_) => {
-                    run.iter().for_each(|p| failed[p.job] = true);
-                    break;
-                }
+            let whole = match copied {
+                Ok(n) => n == step,
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Err(e),
                 Err(_) => {
                     // A source that cannot be read is not asked again.
                     files[run[0].src] = None;
-                    run.iter().for_each(|p| failed[p.job] = true);
-                    break;
+                    false
                 }
+            };
+            if !whole {
+                run.iter().for_each(|p| failed[p.job] = true);
+                break;
             }
+            marker.filled(run[0].dst_off + done, step);
             done += step;
             written += step;
             if written >= WRITEBACK_EVERY {
