@@ -679,14 +679,30 @@ fn a_file_under_a_symlink_from_a_peer_is_never_written_through_it() {
 
 #[test]
 fn a_corrupt_chunk_is_discarded_counted_and_never_written() {
+    let evil = Content::new(pseudo_random(300 * 1024, 0x5eed));
+    let chunks = evil.digest.chunks.len();
+    assert!(chunks >= 2, "{chunks} chunks");
+    corrupt_chunks_are_refused(evil);
+}
+
+#[test]
+fn a_corrupt_file_of_one_chunk_is_discarded_counted_and_never_written() {
+    // Most small files: fetched into memory and written in one step.
+    let evil = Content::new(pseudo_random(20 * 1024, 0x5eed));
+    assert_eq!(evil.digest.chunks.len(), 1);
+    corrupt_chunks_are_refused(evil);
+}
+
+/// Mallory announces `evil` and serves it corrupt: Alice counts every bad
+/// chunk, writes none of it, says why the file is not in sync, and keeps the
+/// link; once Mallory serves the right bytes, exactly those land.
+fn corrupt_chunks_are_refused(evil: Content) {
     let lab = Lab::new();
     let (a, m, _agent_a, docs) = alice_and_mallory(&lab);
     let m_id = m.id();
     let rt = runtime();
     let mallory = Mallory::new(&rt, &m, &a);
-    let evil = Content::new(pseudo_random(300 * 1024, 0x5eed));
     let chunks = evil.digest.chunks.len() as u64;
-    assert!(chunks >= 2, "{chunks} chunks");
     let target = docs.join("evil.bin");
 
     let honest = Arc::new(AtomicBool::new(false));
