@@ -63,6 +63,29 @@ pub fn read_chunk(
     })
 }
 
+/// Looks a chunk up (`locate`, [`locate_chunk`] with the index at hand) and
+/// reads it (`read`, [`read_chunk`]). When it was found in a version still
+/// pending and could not be read, it looks once more: the history task may
+/// have moved that version into the store in between, and it commits the
+/// rows before it deletes the file, so the second lookup finds it stored.
+pub fn find_chunk<E>(
+    mut locate: impl FnMut() -> Result<Found, E>,
+    mut read: impl FnMut(&Found) -> Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    for _ in 0..2 {
+        let found = locate().ok()?;
+        if found.versions.is_empty() {
+            return None;
+        }
+        let pending = found.versions.iter().any(|v| !v.stored);
+        let data = read(&found);
+        if data.is_some() || !pending {
+            return data;
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -96,5 +119,56 @@ mod tests {
         let want = &v1[c.offset as usize..][..c.len as usize];
         let got = read_chunk(&f.store, &f.folder.path, &again, &c.hash, c.len).unwrap();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_chunk_whose_version_moves_into_the_store_while_it_is_read_is_still_served() {
+        let mut f = fixture();
+        let v1 = pseudo_random(300_000, 6);
+        f.record("a.bin", &v1);
+        f.replace("a.bin", b"second");
+        let c = chunk_bytes(&v1, DEFAULT_PARAMS).chunks[1];
+        let want = &v1[c.offset as usize..][..c.len as usize];
+        let (row, root) = (f.folder.row, f.folder.path.clone());
+
+        // The race, made to happen every time: the history task ingests the
+        // version right after the first lookup found it pending.
+        let (mut lookups, mut reads) = (0, 0);
+        let index = std::cell::RefCell::new(&mut f.index);
+        let got = find_chunk(
+            || {
+                lookups += 1;
+                let found = locate_chunk(&index.borrow(), row, &c.hash, c.len);
+                if lookups == 1 {
+                    assert!(found.as_ref().is_ok_and(|x| x.stored.is_none()));
+                    ingest_pending(
+                        &mut index.borrow_mut(),
+                        &f.store,
+                        &mut HashSet::new(),
+                        &|| false,
+                    )
+                    .unwrap();
+                }
+                found
+            },
+            |found| {
+                reads += 1;
+                read_chunk(&f.store, &root, found, &c.hash, c.len)
+            },
+        );
+        assert_eq!(got.as_deref(), Some(want));
+        assert_eq!((lookups, reads), (2, 2));
+
+        // A chunk no version holds is not looked up twice.
+        let mut lookups = 0;
+        let missing = ChunkHash([7; 32]);
+        let got = find_chunk(
+            || {
+                lookups += 1;
+                locate_chunk(&index.borrow(), row, &missing, c.len)
+            },
+            |found| read_chunk(&f.store, &root, found, &missing, c.len),
+        );
+        assert_eq!((got, lookups), (None, 1));
     }
 }

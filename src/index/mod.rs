@@ -768,6 +768,13 @@ impl SharedIndex {
         Self(std::sync::Arc::new(std::sync::Mutex::new(index)))
     }
 
+    /// Runs `f` with the index on this thread: for code already on the
+    /// blocking pool.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Index) -> R) -> R {
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
     /// Runs `f` with the index on the blocking pool.
     pub async fn run<R: Send + 'static>(
         &self,

@@ -618,32 +618,19 @@ pub(super) async fn history_chunk(
     hash: ChunkHash,
     size: u32,
 ) -> Option<Vec<u8>> {
+    use crate::history::serve::{find_chunk, locate_chunk, read_chunk};
     let store =
         crate::history::store::ChunkStore::attach(&crate::history::store_dir(engine.home.root()));
-    // Twice: a version set aside by a pull can move into the store (and its
-    // file go) between finding it and reading it; found again, it is there.
-    for _ in 0..2 {
-        let found = engine
-            .index
-            .run(move |i| crate::history::serve::locate_chunk(i, row, &hash, size))
-            .await
-            .ok()?;
-        if found.versions.is_empty() {
-            return None;
-        }
-        let pending = found.versions.iter().any(|v| !v.stored);
-        let (store, root) = (store.clone(), root.clone());
-        let read = tokio::task::spawn_blocking(move || {
-            crate::history::serve::read_chunk(&store, &root, &found, &hash, size)
-        })
-        .await
-        .ok()
-        .flatten();
-        if read.is_some() || !pending {
-            return read;
-        }
-    }
-    None
+    let index = engine.index.clone();
+    tokio::task::spawn_blocking(move || {
+        find_chunk(
+            || index.with(|i| locate_chunk(i, row, &hash, size)),
+            |found| read_chunk(&store, &root, found, &hash, size),
+        )
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 pub(super) async fn reply(
