@@ -769,6 +769,10 @@ async fn take(
     let seen = local.as_ref().map(|l| l.record.sequence);
     // Its rename into place is recorded with it: not a change to scan for.
     let _placing = staged.as_deref().map(|tmp| pass.placing.start(tmp));
+    // Nor is the move of the file it replaces or deletes into the history
+    // (if that move fails, the pull fails as a local change, which rescans).
+    let _setting_aside = (superseded.is_some() && local_kind == Some(FileKind::File))
+        .then(|| pass.placing.start(&remote.path.to_fs(&folder.path)));
     pass.commits
         .commit(reserve, move |i, reserved, dirs| {
             if i.local_sequence(row, &path)? != seen {

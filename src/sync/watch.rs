@@ -41,11 +41,13 @@ pub enum WatchError {
 /// than the renames in flight between the kernel's two halves of one.
 const PLACED_COOKIES: usize = 64;
 
-/// The temp files a pull is renaming into place, each with its index record
-/// committed in the same step: the watcher does not count those renames as
-/// changes. Only these: the agent's other renames out of temp files (a
-/// restore `--to` a path inside a folder, `ferry recover --into`) and a
-/// user's rename of a leftover temp file are not recorded, and count.
+/// The paths a pull moves in the step that commits their index record: the
+/// temp file it renames into place, and the file that one replaces (or a
+/// remote delete removes), which it moves into the history first. The
+/// watcher does not count those moves as changes. Only these: the agent's
+/// other renames out of temp files (a restore `--to` a path inside a
+/// folder, `ferry recover --into`) and a user's rename of a leftover temp
+/// file are not recorded, and count.
 #[derive(Clone, Default)]
 pub struct Placing(Arc<Mutex<HashMap<PathBuf, Option<Instant>>>>);
 
@@ -300,6 +302,27 @@ mod tests {
             std::fs::rename(tmp(&n.to_string()), dir.path().join(format!("sub/f{n}"))).unwrap();
         }
         assert!(quiet(&mut rx).await, "placing pulled files woke the folder");
+        // A pull replacing them: each old version is moved into the history,
+        // then the new one placed.
+        let versions = marker_dir(dir.path()).join("versions");
+        std::fs::create_dir_all(&versions).unwrap();
+        for n in 0..20 {
+            let (t, target) = (tmp(&n.to_string()), dir.path().join(format!("sub/f{n}")));
+            std::fs::write(&t, b"pulled, second version").unwrap();
+            let _placing = placing.start(&t);
+            let _setting_aside = placing.start(&target);
+            std::fs::rename(&target, versions.join(n.to_string())).unwrap();
+            std::fs::rename(&t, &target).unwrap();
+        }
+        assert!(
+            quiet(&mut rx).await,
+            "replacing pulled files woke the folder"
+        );
+        // A user moving a file into the marker directory is not the agent.
+        std::fs::rename(dir.path().join("sub/f19"), versions.join("mine")).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(got.unwrap(), Some(()), "a file moved away was missed");
+        assert!(quiet(&mut rx).await);
 
         // A temp file renamed into the folder by anything else (a restore
         // `--to` a path here, a user tidying up): nothing recorded it.
