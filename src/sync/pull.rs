@@ -767,13 +767,19 @@ async fn take(
     // one that recorded a local change since makes this a conflict to plan
     // again, not a file to replace.
     let seen = local.as_ref().map(|l| l.record.sequence);
-    // Its rename into place is recorded with it: not a change to scan for.
-    let _placing = staged.as_deref().map(|tmp| pass.placing.start(tmp));
-    // Nor is the move of the file it replaces or deletes into the history
-    // (if that move fails, the pull fails as a local change, which rescans).
-    let _setting_aside = (superseded.is_some() && local_kind == Some(FileKind::File))
-        .then(|| pass.placing.start(&remote.path.to_fs(&folder.path)));
-    pass.commits
+    // Its rename into place is recorded with it: not a change to scan for;
+    // nor is the move of the file it replaces or deletes into the history.
+    let moves: Vec<_> = staged
+        .as_deref()
+        .map(|tmp| pass.placing.start(tmp))
+        .into_iter()
+        .chain(
+            (superseded.is_some() && local_kind == Some(FileKind::File))
+                .then(|| pass.placing.start(&remote.path.to_fs(&folder.path))),
+        )
+        .collect();
+    let committed = pass
+        .commits
         .commit(reserve, move |i, reserved, dirs| {
             if i.local_sequence(row, &path)? != seen {
                 return Err(crate::index::IndexError::Io(io::Error::other(
@@ -802,19 +808,25 @@ async fn take(
                 )
             })
         })
-        .await
-        .map_err(|e| match e {
-            crate::index::IndexError::Io(io) if io.to_string() == LOCAL_CHANGED => {
-                PullError::LocalChanged
-            }
-            crate::index::IndexError::Io(io) if io.to_string().starts_with(UNSAFE) => {
-                PullError::Unsafe(io.to_string())
-            }
-            crate::index::IndexError::Io(io) if io.to_string() == NOT_EMPTY => {
-                PullError::Fetch(NOT_EMPTY.into())
-            }
-            other => PullError::Index(other),
-        })?;
+        .await;
+    if committed.is_err() {
+        // Nothing was recorded: whatever moved meanwhile is for a scan to see.
+        moves
+            .into_iter()
+            .for_each(super::watch::PlacingGuard::cancel);
+    }
+    committed.map_err(|e| match e {
+        crate::index::IndexError::Io(io) if io.to_string() == LOCAL_CHANGED => {
+            PullError::LocalChanged
+        }
+        crate::index::IndexError::Io(io) if io.to_string().starts_with(UNSAFE) => {
+            PullError::Unsafe(io.to_string())
+        }
+        crate::index::IndexError::Io(io) if io.to_string() == NOT_EMPTY => {
+            PullError::Fetch(NOT_EMPTY.into())
+        }
+        other => PullError::Index(other),
+    })?;
     if let Some((copy, device)) = conflict {
         let path = remote.path.clone();
         let lv = local.map(|l| l.record.version).unwrap_or_default();

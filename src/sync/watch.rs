@@ -56,23 +56,23 @@ pub struct Placing(Arc<Mutex<HashMap<PathBuf, Option<Instant>>>>);
 const LINGER: Duration = Duration::from_secs(5);
 
 impl Placing {
-    /// Registers `tmp` while the returned guard lives (and [`LINGER`] after).
-    pub fn start(&self, tmp: &Path) -> PlacingGuard {
+    /// Registers `path` while the returned guard lives (and [`LINGER`] after).
+    pub fn start(&self, path: &Path) -> PlacingGuard {
         let mut m = self.lock();
         m.retain(|_, released| live(*released));
-        m.insert(tmp.to_path_buf(), None);
+        m.insert(path.to_path_buf(), None);
         PlacingGuard {
             placing: self.clone(),
-            tmp: tmp.to_path_buf(),
+            path: path.to_path_buf(),
         }
     }
 
-    /// Whether `tmp` is being placed; a placement is seen once.
-    fn take(&self, tmp: &Path) -> bool {
+    /// Whether `path` is being moved by a pull; a move is seen once.
+    fn take(&self, path: &Path) -> bool {
         let mut m = self.lock();
-        let placed = m.get(tmp).is_some_and(|released| live(*released));
+        let placed = m.get(path).is_some_and(|released| live(*released));
         if placed {
-            m.remove(tmp);
+            m.remove(path);
         }
         placed
     }
@@ -88,15 +88,24 @@ fn live(released: Option<Instant>) -> bool {
     released.is_none_or(|t| t.elapsed() < LINGER)
 }
 
-/// Keeps a temp file registered in [`Placing`] while it lives.
+/// Keeps a path registered in [`Placing`] while it lives.
 pub struct PlacingGuard {
     placing: Placing,
-    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl PlacingGuard {
+    /// Forgets the path at once, for a step that failed: nothing was
+    /// recorded, so a later move of the path (a user's) is a change, and so
+    /// is one the step made before it failed, unless already seen.
+    pub fn cancel(self) {
+        self.placing.lock().remove(&self.path);
+    }
 }
 
 impl Drop for PlacingGuard {
     fn drop(&mut self) {
-        if let Some(released) = self.placing.lock().get_mut(&self.tmp) {
+        if let Some(released) = self.placing.lock().get_mut(&self.path) {
             *released = Some(Instant::now());
         }
     }
@@ -138,8 +147,9 @@ pub fn watch(
             {
                 false
             }
-            // A pull placing a file: remember the move's cookie; its other
-            // halves (the destination, and the pair) carry the same one.
+            // A pull placing a file (or setting aside the one it replaces):
+            // remember the move's cookie; its other halves (the destination,
+            // and the pair) carry the same one.
             Ok(ev)
                 if matches!(
                     ev.kind,
@@ -147,8 +157,8 @@ pub fn watch(
                 ) =>
             {
                 if let Some(cookie) = ev.tracker()
-                    && let [tmp] = &ev.paths[..]
-                    && placing.take(tmp)
+                    && let [from] = &ev.paths[..]
+                    && placing.take(from)
                 {
                     if placed.len() == PLACED_COOKIES {
                         placed.pop_front();
@@ -318,6 +328,18 @@ mod tests {
             quiet(&mut rx).await,
             "replacing pulled files woke the folder"
         );
+        // A pull step that failed before it moved anything: a user's rename
+        // of the same path right after is a change (a registration left to
+        // linger would have hidden it).
+        placing.start(&dir.path().join("sub/f3")).cancel();
+        std::fs::rename(dir.path().join("sub/f3"), dir.path().join("sub/g3")).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(
+            got.unwrap(),
+            Some(()),
+            "a rename after a failed step was missed"
+        );
+        assert!(quiet(&mut rx).await);
         // A user moving a file into the marker directory is not the agent.
         std::fs::rename(dir.path().join("sub/f19"), versions.join("mine")).unwrap();
         let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
