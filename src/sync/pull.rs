@@ -450,6 +450,12 @@ pub async fn pull_folder(engine: &Arc<Engine>, h: &Arc<FolderHandle>) -> Result<
             _ => &files,
         };
         let permit = pool.clone().acquire_owned().await.expect("semaphore open");
+        // Take in the pulls that finished meanwhile: a finished task keeps
+        // its memory (a few KiB) until it is joined, and a folder can have
+        // a great many files to pull in one stage.
+        while let Some(r) = set.try_join_next() {
+            tally.add(r);
+        }
         let engine = engine.clone();
         let folder = folder.clone();
         let pass = pass.clone();
