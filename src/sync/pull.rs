@@ -1620,6 +1620,16 @@ async fn assemble(
 ) -> Result<PathBuf, PullError> {
     let root = folder.path.clone();
     let tmp = temp_path(&root, remote, "part");
+    // A file of one chunk (most small files) is that chunk, checked against
+    // its hash before it is written; any other file is checked whole: a
+    // small one after it is written, a larger one as it fills.
+    let expect: FileHash = remote.hash.expect("files have a hash");
+    let one_chunk = matches!(chunks, [c] if c.hash.0 == expect.0 && c.len as u64 == remote.size);
+    if one_chunk && prefetched.get(&chunks[0].hash).is_some_and(Vec::is_empty) {
+        // Looked up and not here: nothing to resume or copy.
+        let peers = Peers::new(engine, folder, remote, sources);
+        return assemble_fetched(peers, &root, remote, chunks[0], pass, tmp).await;
+    }
     // Making the parents and the file waits on the filesystem (inode
     // allocation, directory locks): not on an async worker.
     let (file, resumed) = {
@@ -1640,11 +1650,6 @@ async fn assemble(
         .map_err(|e| io::Error::other(e.to_string()))??
     };
     let file = Arc::new(file);
-    // A file of one chunk (most small files) is that chunk, checked against
-    // its hash before it is written; any other file is checked whole: a
-    // small one after it is written, a larger one as it fills.
-    let expect: FileHash = remote.hash.expect("files have a hash");
-    let one_chunk = matches!(chunks, [c] if c.hash.0 == expect.0 && c.len as u64 == remote.size);
     let verifier = if !one_chunk && remote.size > SMALL_FILE {
         Some(Verifier::start(file.clone(), remote.size)?)
     } else {
@@ -1721,13 +1726,18 @@ async fn assemble(
             copy_local(&f, local_jobs, verify, &m).map(|missed| (missed, t.elapsed()))
         })
     });
-    let fetcher = Fetcher::new(engine, folder, remote, sources, file.clone(), marker);
+    let fetcher = Fetcher::new(
+        Peers::new(engine, folder, remote, sources),
+        file.clone(),
+        marker,
+        remote.size,
+    );
     let mut fetches = tokio::task::JoinSet::new();
     // In file order: the verifier follows the filled prefix, and the disk is
     // written front to back.
     remote_todo.sort_by_key(|(_, places)| places[0].offset);
     let mut asked = 0;
-    if !remote_todo.is_empty() && fetcher.conns.is_empty() {
+    if !remote_todo.is_empty() && fetcher.peers.conns.is_empty() {
         if let Some(c) = copying {
             // The copy writes into the temp file: let it end first.
             let _ = c.await;
@@ -1744,7 +1754,7 @@ async fn assemble(
     if let Some(c) = copying {
         let (missed, took) = c.await.map_err(|e| io::Error::other(e.to_string()))??;
         local_took = took;
-        if !missed.is_empty() && fetcher.conns.is_empty() {
+        if !missed.is_empty() && fetcher.peers.conns.is_empty() {
             return Err(PullError::NoSource);
         }
         let mut missed = missed;
@@ -1833,27 +1843,66 @@ async fn assemble(
     Ok(tmp)
 }
 
-/// Fetches chunks of one file from the peers that have its version, each
-/// request on a task of its own, bounded by the pass's requests in flight.
-struct Fetcher {
+/// Builds a file of one chunk found nowhere here (most small files): the
+/// chunk is fetched (and checked against its hash, which is the file's) into
+/// memory, then written to the temp path, given its metadata and fsynced in
+/// one blocking step, instead of a step to make the file before the fetch
+/// and another to finish it after. A leftover temp file is overwritten: it
+/// holds at most this one chunk.
+async fn assemble_fetched(
+    peers: Peers,
+    root: &Path,
+    remote: &RemoteFile,
+    chunk: ChunkInfo,
+    pass: &Pass,
+    tmp: PathBuf,
+) -> Result<PathBuf, PullError> {
+    if peers.conns.is_empty() {
+        return Err(PullError::NoSource);
+    }
+    let bytes = {
+        let _slot = pass.requests.acquire().await.expect("semaphore open");
+        peers.fetch(0, chunk.hash, chunk).await?
+    };
+    let root = root.to_path_buf();
+    let (rel, at) = (remote.path.clone(), tmp.clone());
+    let (mtime, perms) = (system_time(remote.mtime_ns), remote.permissions);
+    tokio::task::spawn_blocking(move || -> Result<(), PullError> {
+        parents(&root, &rel)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&at)?;
+        file.write_all_at(&bytes, 0)?;
+        // Metadata first, so the one fsync makes it durable too.
+        file.set_modified(mtime)?;
+        fs::set_permissions(&at, fs::Permissions::from_mode(perms))?;
+        file.sync_all()?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| io::Error::other(e.to_string()))??;
+    Ok(tmp)
+}
+
+/// The peers a file's chunks are asked from, and how one chunk is asked.
+struct Peers {
     engine: Arc<Engine>,
     /// The peers to ask, those that have sent corrupt chunks or stalled last.
-    conns: Arc<Vec<(DeviceId, Connection)>>,
+    conns: Vec<(DeviceId, Connection)>,
     /// How many of `conns` have not.
     good: usize,
     folder_id: String,
     path: RelPath,
-    writes: Arc<Gather>,
 }
 
-impl Fetcher {
+impl Peers {
     fn new(
         engine: &Arc<Engine>,
         folder: &Folder,
         remote: &RemoteFile,
         sources: &[DeviceId],
-        file: Arc<File>,
-        marker: Marker,
     ) -> Self {
         let mut conns: Vec<(DeviceId, Connection)> = sources
             .iter()
@@ -1865,11 +1914,70 @@ impl Fetcher {
         let good = conns.iter().filter(|(d, _)| !suspect(engine, d)).count();
         Self {
             engine: engine.clone(),
-            conns: Arc::new(conns),
+            conns,
             good,
             folder_id: folder.id.to_string(),
             path: remote.path.clone(),
-            writes: Arc::new(Gather::new(file, marker, remote.size)),
+        }
+    }
+
+    /// The bytes of chunk `h` (the `n`th asked for this file), read at
+    /// `first` in the peer's copy and checked against its hash: from the
+    /// peer whose turn it is, then from the others. A corrupt chunk or an
+    /// unanswered request counts against the peer that sent it.
+    async fn fetch(&self, n: usize, h: ChunkHash, first: ChunkInfo) -> Result<Vec<u8>, PullError> {
+        let engine = &self.engine;
+        let mut last = PullError::NoSource;
+        for i in ask_order(n, self.good, self.conns.len()) {
+            let (dev, conn) = &self.conns[i];
+            let fetch = fetch_chunk(
+                conn,
+                &self.folder_id,
+                &self.path,
+                first.offset,
+                first.len,
+                &h,
+            );
+            let Ok(fetched) = tokio::time::timeout(engine.request_timeout(), fetch).await else {
+                last = stalled(engine, dev);
+                continue;
+            };
+            match fetched {
+                Ok(bytes) => {
+                    engine
+                        .counters(dev)
+                        .chunk_bytes_in
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    return Ok(bytes);
+                }
+                Err(FetchError::Corrupt) => {
+                    let bad = engine
+                        .counters(dev)
+                        .bad_chunks
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
+                    tracing::warn!(device = %dev, bad_chunks = bad, "a chunk failed its hash check; fetching it again");
+                    last = PullError::Fetch(format!("device {dev} sent a corrupt chunk"));
+                }
+                Err(e) => last = PullError::Fetch(format!("device {dev}: {e}")),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Fetches chunks of one file from the peers that have its version, each
+/// request on a task of its own, bounded by the pass's requests in flight.
+struct Fetcher {
+    peers: Arc<Peers>,
+    writes: Arc<Gather>,
+}
+
+impl Fetcher {
+    fn new(peers: Peers, file: Arc<File>, marker: Marker, size: u64) -> Self {
+        Self {
+            peers: Arc::new(peers),
+            writes: Arc::new(Gather::new(file, marker, size)),
         }
     }
 
@@ -1888,44 +1996,16 @@ impl Fetcher {
             .acquire_owned()
             .await
             .expect("semaphore open");
-        let conns = self.conns.clone();
-        let good = self.good;
-        let engine = self.engine.clone();
+        let peers = self.peers.clone();
         let writes = self.writes.clone();
-        let folder_id = self.folder_id.clone();
-        let path = self.path.clone();
         set.spawn(async move {
             let _permit = permit;
-            let first = places[0];
-            let mut last = PullError::NoSource;
-            for i in ask_order(n, good, conns.len()) {
-                let (dev, conn) = &conns[i];
-                let fetch = fetch_chunk(conn, &folder_id, &path, first.offset, first.len, &h);
-                let Ok(fetched) = tokio::time::timeout(engine.request_timeout(), fetch).await else {
-                    last = stalled(&engine, dev);
-                    continue;
-                };
-                match fetched {
-                    Ok(bytes) => {
-                        engine
-                            .counters(dev)
-                            .chunk_bytes_in
-                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        for c in &places[1..] {
-                            writes.put(c.offset, bytes.clone())?;
-                        }
-                        writes.put(first.offset, bytes)?;
-                        return Ok(());
-                    }
-                    Err(FetchError::Corrupt) => {
-                        let bad = engine.counters(dev).bad_chunks.fetch_add(1, Ordering::Relaxed) + 1;
-                        tracing::warn!(device = %dev, bad_chunks = bad, "a chunk failed its hash check; fetching it again");
-                        last = PullError::Fetch(format!("device {dev} sent a corrupt chunk"));
-                    }
-                    Err(e) => last = PullError::Fetch(format!("device {dev}: {e}")),
-                }
+            let bytes = peers.fetch(n, h, places[0]).await?;
+            for c in &places[1..] {
+                writes.put(c.offset, bytes.clone())?;
             }
-            Err(last)
+            writes.put(places[0].offset, bytes)?;
+            Ok(())
         });
     }
 }
