@@ -1744,11 +1744,17 @@ async fn assemble(
         }
         return Err(PullError::NoSource);
     }
+    // Finished fetches are taken in as more start: a finished task keeps
+    // its memory until it is joined, and a GiB is about 13,000 chunks.
+    let mut first_err = None;
     for (h, places) in remote_todo {
         fetcher
             .spawn(&mut fetches, &pass.requests, asked, h, places)
             .await;
         asked += 1;
+        while let Some(r) = fetches.try_join_next() {
+            fetched(r, &mut first_err);
+        }
     }
     let mut local_took = std::time::Duration::ZERO;
     if let Some(c) = copying {
@@ -1764,19 +1770,13 @@ async fn assemble(
                 .spawn(&mut fetches, &pass.requests, asked, h, places)
                 .await;
             asked += 1;
+            while let Some(r) = fetches.try_join_next() {
+                fetched(r, &mut first_err);
+            }
         }
     }
-    let mut first_err = None;
     while let Some(r) = fetches.join_next().await {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                first_err.get_or_insert(e);
-            }
-            Err(e) => {
-                first_err.get_or_insert(PullError::Fetch(e.to_string()));
-            }
-        }
+        fetched(r, &mut first_err);
     }
     // The chunks still gathered, checked ones all: written even when the
     // pull failed, for the next try to resume with.
@@ -1841,6 +1841,22 @@ async fn assemble(
         "file assembled"
     );
     Ok(tmp)
+}
+
+/// Takes in a finished chunk fetch, keeping the first failure.
+fn fetched(
+    r: Result<Result<(), PullError>, tokio::task::JoinError>,
+    first_err: &mut Option<PullError>,
+) {
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            first_err.get_or_insert(e);
+        }
+        Err(e) => {
+            first_err.get_or_insert(PullError::Fetch(e.to_string()));
+        }
+    }
 }
 
 /// Builds a file of one chunk found nowhere here (most small files): the
