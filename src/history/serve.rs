@@ -91,16 +91,25 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
+    use crate::chunking::ChunkInfo;
     use crate::chunking::{DEFAULT_PARAMS, chunk_bytes, pseudo_random};
-    use crate::history::ingest::{ingest_pending, tests::fixture};
+    use crate::history::ingest::ingest_pending;
+    use crate::history::ingest::tests::{Fixture, fixture};
 
-    #[test]
-    fn a_version_stored_after_it_was_found_pending_is_read_once_found_again() {
+    /// A folder where `a.bin` was replaced, its first version still pending
+    /// in the history; that version and its second chunk.
+    fn replaced(seed: u64) -> (Fixture, Vec<u8>, ChunkInfo) {
         let mut f = fixture();
-        let v1 = pseudo_random(300_000, 5);
+        let v1 = pseudo_random(300_000, seed);
         f.record("a.bin", &v1);
         f.replace("a.bin", b"second");
         let c = chunk_bytes(&v1, DEFAULT_PARAMS).chunks[1];
+        (f, v1, c)
+    }
+
+    #[test]
+    fn a_version_stored_after_it_was_found_pending_is_read_once_found_again() {
+        let (mut f, v1, c) = replaced(5);
         let found = locate_chunk(&f.index, f.folder.row, &c.hash, c.len).unwrap();
         assert!(found.stored.is_none() && !found.versions.is_empty());
 
@@ -123,11 +132,7 @@ mod tests {
 
     #[test]
     fn a_chunk_whose_version_moves_into_the_store_while_it_is_read_is_still_served() {
-        let mut f = fixture();
-        let v1 = pseudo_random(300_000, 6);
-        f.record("a.bin", &v1);
-        f.replace("a.bin", b"second");
-        let c = chunk_bytes(&v1, DEFAULT_PARAMS).chunks[1];
+        let (mut f, v1, c) = replaced(6);
         let want = &v1[c.offset as usize..][..c.len as usize];
         let (row, root) = (f.folder.row, f.folder.path.clone());
 

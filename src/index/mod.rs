@@ -771,6 +771,8 @@ impl SharedIndex {
     /// Runs `f` with the index on this thread: for code already on the
     /// blocking pool.
     pub fn with<R>(&self, f: impl FnOnce(&mut Index) -> R) -> R {
+        // A panic while holding the lock leaves the index itself consistent
+        // (SQLite rolled back), so keep using it.
         let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard)
     }
@@ -780,15 +782,10 @@ impl SharedIndex {
         &self,
         f: impl FnOnce(&mut Index) -> R + Send + 'static,
     ) -> R {
-        let inner = self.0.clone();
-        tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock leaves the index itself consistent
-            // (SQLite rolled back), so keep using it.
-            let mut guard = inner.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard)
-        })
-        .await
-        .expect("index task panicked")
+        let index = self.clone();
+        tokio::task::spawn_blocking(move || index.with(f))
+            .await
+            .expect("index task panicked")
     }
 }
 

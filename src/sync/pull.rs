@@ -1795,9 +1795,7 @@ async fn assemble(
     let size = remote.size;
     let tmp2 = tmp.clone();
     let ok = tokio::task::spawn_blocking(move || -> io::Result<bool> {
-        // Metadata first, so the one fsync makes it durable too.
-        file.set_modified(mtime)?;
-        fs::set_permissions(&tmp2, fs::Permissions::from_mode(perms))?;
+        stamp(&file, &tmp2, mtime, perms)?;
         match verifier {
             None if one_chunk => {
                 file.sync_all()?;
@@ -1841,6 +1839,13 @@ async fn assemble(
         "file assembled"
     );
     Ok(tmp)
+}
+
+/// Gives an assembled temp file its mtime and permissions; done before its
+/// fsync, so the one fsync makes them durable too.
+fn stamp(file: &File, path: &Path, mtime: std::time::SystemTime, perms: u32) -> io::Result<()> {
+    file.set_modified(mtime)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(perms))
 }
 
 /// Takes in a finished chunk fetch, keeping the first failure.
@@ -1891,9 +1896,7 @@ async fn assemble_fetched(
             .truncate(true)
             .open(&at)?;
         file.write_all_at(&bytes, 0)?;
-        // Metadata first, so the one fsync makes it durable too.
-        file.set_modified(mtime)?;
-        fs::set_permissions(&at, fs::Permissions::from_mode(perms))?;
+        stamp(&file, &at, mtime, perms)?;
         file.sync_all()?;
         Ok(())
     })
