@@ -104,13 +104,11 @@ impl Default for SyncConfig {
         Self {
             debounce_ms: 200,
             rescan_interval_secs: 3600,
-            // Measured with benches/sync.sh on loopback: 12 pull a 1 GiB
-            // file in 3.1-3.3 s, 24 in 7.4-8.1 s. More in flight is slower
-            // because the receiving link's driver falls behind and iroh 1.4
-            // drops the datagrams (acks, requests) it then sends: tokio's
-            // cooperative budget makes the UDP send pending and iroh counts
-            // a pending send as lost, so the requester's congestion window
-            // collapses to its minimum.
+            // Measured with benches/sync.sh on loopback (3 alternated
+            // pairs): 12 pull the 1 GiB file in 1.78-2.11 s, 24 in
+            // 2.00-2.19 s. Before netwatch was patched (vendor/README.md),
+            // more in flight made iroh drop the requester's packets and 48
+            // took 4.5-5.2 s; now 48 takes 1.9-2.1 s, no faster than 12.
             requests_in_flight: 12,
             parallel_files: 8,
             request_timeout_secs: 60,
