@@ -48,7 +48,13 @@ pub(super) fn daemon(
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // TOKIO_WORKER_THREADS, when set, is read by tokio itself.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        builder.worker_threads(async_workers(cores));
+    }
+    let runtime = builder
         .enable_all()
         .thread_name("ferry-agent")
         // Index calls, fsyncs and file hashing run on the blocking pool; a
@@ -59,6 +65,20 @@ pub(super) fn daemon(
         .context("cannot start the async runtime")?;
     runtime.block_on(daemon::run(home.clone(), DaemonOptions { offline, listen }))?;
     Ok(super::EXIT_OK)
+}
+
+/// The agent's async worker threads on a machine with `cores` cores: half of
+/// them, at least one. The async side multiplexes links, streams and timers;
+/// hashing, disk writes, fsyncs and index calls run on the blocking pool and
+/// the verify threads. Measured with `benches/sync.sh` on a 2-core VM, 6
+/// alternated pairs: one worker instead of two took the 1 GiB file in
+/// 1.71-2.27 s instead of 1.99-2.71 s, with about 13% less CPU (median), and
+/// a tenth of the context switches (tokio wakes an idle worker to steal each
+/// task woken); the 10,000 small files took as long, within the noise (8
+/// pairs). One worker carries 700-800 MB/s here, more than a 2.5 Gb/s link.
+/// `TOKIO_WORKER_THREADS` overrides it (docs/cli.md).
+fn async_workers(cores: usize) -> usize {
+    (cores / 2).max(1)
 }
 
 /// Parses `90s`, `10m`, `2h`, `7d` (a bare number is seconds).
@@ -385,6 +405,12 @@ pub(super) fn agent_status(home: &Home) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_takes_half_the_cores_for_async_work_and_at_least_one() {
+        let got: Vec<usize> = [1, 2, 3, 4, 16].map(async_workers).to_vec();
+        assert_eq!(got, [1, 1, 1, 2, 8]);
+    }
 
     #[test]
     fn durations_parse() {
