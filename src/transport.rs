@@ -273,7 +273,7 @@ mod tests {
     /// to a send once the budget was spent; iroh drops a transmit that gets
     /// `Pending`, so the receiver's flow-control updates and requests were
     /// lost on loopback (about 3,000 packets per GiB) and its congestion
-    /// window fell to two packets. See vendor/README.md.
+    /// window stayed at two to four packets. See vendor/README.md.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_busy_receiver_loses_none_of_its_packets_on_loopback() {
         const TOTAL: usize = 256 << 20;

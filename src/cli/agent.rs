@@ -48,13 +48,11 @@ pub(super) fn daemon(
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // TOKIO_WORKER_THREADS, when set, is read by tokio itself.
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        builder.worker_threads(async_workers(cores));
-    }
-    let runtime = builder
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = std::env::var(ASYNC_THREADS_VAR).ok();
+    let workers = async_workers(threads.as_deref(), cores).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .thread_name("ferry-agent")
         // Index calls, fsyncs and file hashing run on the blocking pool; a
@@ -67,18 +65,31 @@ pub(super) fn daemon(
     Ok(super::EXIT_OK)
 }
 
-/// The agent's async worker threads on a machine with `cores` cores: half of
-/// them, at least one. The async side multiplexes links, streams and timers;
-/// hashing, disk writes, fsyncs and index calls run on the blocking pool and
-/// the verify threads. Measured with `benches/sync.sh` on a 2-core VM, 6
-/// alternated pairs: one worker instead of two took the 1 GiB file in
-/// 1.71-2.27 s instead of 1.99-2.71 s, with about 13% less CPU (median), and
-/// a tenth of the context switches (tokio wakes an idle worker to steal each
-/// task woken); the 10,000 small files took as long, within the noise (8
-/// pairs). One worker carries 700-800 MB/s here, more than a 2.5 Gb/s link.
-/// `TOKIO_WORKER_THREADS` overrides it (docs/cli.md).
-fn async_workers(cores: usize) -> usize {
-    (cores / 2).max(1)
+/// The environment variable that sets the agent's async worker threads.
+const ASYNC_THREADS_VAR: &str = "FERRY_ASYNC_THREADS";
+
+/// The agent's async worker threads: `set` (from [`ASYNC_THREADS_VAR`]) or,
+/// unset, half of the machine's `cores`, at least one. The async side
+/// multiplexes links, streams and timers; hashing, disk writes, fsyncs and
+/// index calls run on the blocking pool and the verify threads. Measured
+/// with `benches/sync.sh` on a 2-core VM, 6 alternated pairs: one worker
+/// instead of two took the 1 GiB file in 1.71-2.27 s instead of 1.99-2.71 s,
+/// with about 13% less CPU (median), and a tenth of the context switches
+/// (tokio wakes an idle worker to steal each task woken); the 10,000 small
+/// files took as long, within the noise (8 pairs). One worker carries
+/// 700-800 MB/s here, more than a 2.5 Gb/s link.
+fn async_workers(set: Option<&str>, cores: usize) -> Result<usize, String> {
+    match set {
+        None => Ok((cores / 2).max(1)),
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "{ASYNC_THREADS_VAR}={v:?} is not a number of threads: use 1 to 1024, \
+                 or leave it unset for half the cores ({})",
+                (cores / 2).max(1)
+            )),
+        },
+    }
 }
 
 /// Parses `90s`, `10m`, `2h`, `7d` (a bare number is seconds).
@@ -407,9 +418,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_agent_takes_half_the_cores_for_async_work_and_at_least_one() {
-        let got: Vec<usize> = [1, 2, 3, 4, 16].map(async_workers).to_vec();
+    fn the_agent_takes_half_the_cores_for_async_work_unless_told() {
+        let got: Vec<usize> = [1, 2, 3, 4, 16]
+            .map(|cores| async_workers(None, cores).unwrap())
+            .to_vec();
         assert_eq!(got, [1, 1, 1, 2, 8]);
+        assert_eq!(async_workers(Some("3"), 2), Ok(3));
+        for bad in ["0", "-1", "two", "", "5000"] {
+            let e = async_workers(Some(bad), 4).unwrap_err();
+            assert!(
+                e.contains("FERRY_ASYNC_THREADS") && e.contains("1 to 1024"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
