@@ -1758,6 +1758,17 @@ async fn assemble(
     }
     let mut local_took = std::time::Duration::ZERO;
     if let Some(c) = copying {
+        // The fetched chunks go in while the copy goes on: gathered, a few
+        // of them (an edit) would wait for the end of the copy, and the
+        // verifier with them, at their place, hashing all the file after
+        // them only once the copy is done (a 100-byte insert in 1 GiB: half
+        // a GiB, about 100 ms, after the last byte was copied).
+        while let Some(r) = fetches.join_next().await {
+            fetched(r, &mut first_err);
+        }
+        if let Err(e) = fetcher.writes.flush() {
+            first_err.get_or_insert(e.into());
+        }
         let (missed, took) = c.await.map_err(|e| io::Error::other(e.to_string()))??;
         local_took = took;
         if !missed.is_empty() && fetcher.peers.conns.is_empty() {
