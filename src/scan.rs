@@ -8,18 +8,27 @@
 //! be read, and ignored entries, are never recorded as deleted. A large file
 //! that changed is re-cut with the help of its recorded chunk list, which the
 //! worker asks the scanning thread for (it holds the index).
+//!
+//! The agent hashes large files named by the watcher while its debounce runs
+//! ([`prehash`]); a scan takes such a digest instead of reading the file again
+//! when the file still shows the state (size, mtime, inode, device) it was
+//! hashed in, which is what the scan trusts for every file it does not read.
 
+use std::collections::HashMap;
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use serde::Serialize;
 
-use crate::chunking::{ChunkInfo, ChunkParams, DEFAULT_PARAMS, chunk_reader_reusing};
+use crate::chunking::{
+    ChunkInfo, ChunkParams, DEFAULT_PARAMS, FileDigest, ReuseStats, chunk_reader_reusing,
+};
 use crate::config::ScanConfig;
 use crate::device::ShortId;
 use crate::folder::{FolderError, check_root};
@@ -46,6 +55,134 @@ pub struct ScanOptions {
     pub hold_deletes_min: u64,
     /// Record held-back deletes now (`ferry folder confirm-deletes`).
     pub confirm_deletes: bool,
+    /// Digests hashed ahead of this scan, to take where they still hold.
+    pub prehashed: Option<Arc<Prehashed>>,
+}
+
+/// Digests of files hashed ahead of a scan ([`prehash`]), by path, each with
+/// the state its file was in. A scan takes what it can use and drops the rest.
+#[derive(Default)]
+pub struct Prehashed(Mutex<HashMap<RelPath, (FileState, FileDigest, ReuseStats)>>);
+
+impl std::fmt::Debug for Prehashed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().unwrap_or_else(PoisonError::into_inner).len();
+        write!(f, "Prehashed({n} files)")
+    }
+}
+
+impl Prehashed {
+    fn put(&self, path: RelPath, state: FileState, digest: FileDigest, stats: ReuseStats) {
+        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        m.insert(path, (state, digest, stats));
+    }
+
+    /// The digest of `path` if it was taken in the state `now` shows.
+    fn take(&self, path: &RelPath, now: &Metadata) -> Option<(FileDigest, ReuseStats)> {
+        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (state, ..) = m.get(path)?;
+        if *state != FileState::of(now) {
+            m.remove(path);
+            return None;
+        }
+        m.remove(path).map(|(_, d, s)| (d, s))
+    }
+
+    /// Forgets everything (a scan has run: what it did not take is stale).
+    pub fn clear(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// The stat fields a scan compares to decide a file is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileState {
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+    ino: u64,
+    dev: u64,
+}
+
+impl FileState {
+    fn of(m: &Metadata) -> Self {
+        Self {
+            size: m.len(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+            ino: m.ino(),
+            dev: m.dev(),
+        }
+    }
+}
+
+/// Files from this size are hashed ahead; smaller ones hash in a few
+/// milliseconds during the scan.
+pub const PREHASH_MIN: u64 = 4 << 20;
+
+/// Hashes, into `into`, those of `paths` (relative to `folder`'s root, as the
+/// watcher saw them) that are regular files of at least [`PREHASH_MIN`] bytes
+/// not as the index last saw them: the work the next scan would do for them,
+/// done while the watcher waits for quiet. Records nothing. Returns how many
+/// files were hashed.
+pub fn prehash(
+    index: &Index,
+    folder: &Folder,
+    paths: &[RelPath],
+    params: ChunkParams,
+    into: &Prehashed,
+) -> usize {
+    let mut hashed = 0;
+    for path in paths {
+        let abs = path.to_fs(&folder.path);
+        // Only what looks like a regular file is opened (never a fifo or a
+        // device), and only without following a link.
+        match fs::symlink_metadata(&abs) {
+            Ok(m) if m.is_file() && m.len() >= PREHASH_MIN => {}
+            _ => continue,
+        }
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&abs)
+        else {
+            continue;
+        };
+        let Ok(before) = file.metadata() else {
+            continue;
+        };
+        if !before.is_file() || before.len() < PREHASH_MIN {
+            continue;
+        }
+        let now = stat_meta(&before, FileKind::File);
+        let known = index.local_file(folder.row, path).ok().flatten();
+        let old = match &known {
+            Some(k)
+                if k.meta.size == now.size
+                    && k.meta.mtime_ns == now.mtime_ns
+                    && k.meta.inode == now.inode
+                    && k.meta.dev == now.dev =>
+            {
+                // As the index has it: the scan will not read it.
+                continue;
+            }
+            Some(k) if k.meta.kind == FileKind::File && before.len() >= REUSE_MIN => {
+                index.file_chunks(folder.row, path).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        let Ok((digest, stats)) = chunk_reader_reusing(&file, params, &old) else {
+            continue;
+        };
+        if unchanged_since(&file, &abs, &before, digest.size) {
+            into.put(path.clone(), FileState::of(&before), digest, stats);
+            hashed += 1;
+        }
+    }
+    hashed
 }
 
 impl From<&ScanConfig> for ScanOptions {
@@ -58,6 +195,7 @@ impl From<&ScanConfig> for ScanOptions {
             hold_deletes_percent: c.hold_deletes_percent,
             hold_deletes_min: c.hold_deletes_min,
             confirm_deletes: false,
+            prehashed: None,
         }
     }
 }
@@ -109,6 +247,9 @@ pub struct ScanReport {
     /// Chunks of changed large files taken over from their previous chunk
     /// lists instead of being cut again.
     pub reused_chunks: u64,
+    /// Of the files hashed, those hashed ahead of the scan, while the
+    /// watcher's debounce ran (see [`prehash`]), and not read again.
+    pub prehashed_files: u64,
     /// Files that kept changing while hashed; left for the next scan.
     pub changing: Vec<String>,
     /// Paths that could not be scanned.
@@ -241,6 +382,8 @@ enum HashOutcome {
         change: LocalChange,
         is_new: bool,
         reused: u64,
+        /// Hashed ahead of the scan (see [`prehash`]).
+        ahead: bool,
     },
     Changing(RelPath),
     Gone(RelPath),
@@ -431,8 +574,10 @@ pub fn scan(
                 change,
                 is_new,
                 reused,
+                ahead,
             } => {
                 report.hashed_files += 1;
+                report.prehashed_files += u64::from(ahead);
                 report.reused_chunks += reused;
                 report.hashed_bytes += change.meta.size;
                 if change.change != Change::Refresh {
@@ -654,9 +799,17 @@ fn hash_one(
             Ok(_) => return HashOutcome::Changing(job.path.clone()),
             Err(e) => return HashOutcome::Failed(job.path.clone(), e),
         };
-        let (digest, stats) = match chunk_reader_reusing(&file, opts.params, &old) {
-            Ok(d) => d,
-            Err(e) => return HashOutcome::Failed(job.path.clone(), e),
+        let ahead = opts
+            .prehashed
+            .as_ref()
+            .and_then(|p| p.take(&job.path, &before));
+        let taken = ahead.is_some();
+        let (digest, stats) = match ahead {
+            Some(d) => d,
+            None => match chunk_reader_reusing(&file, opts.params, &old) {
+                Ok(d) => d,
+                Err(e) => return HashOutcome::Failed(job.path.clone(), e),
+            },
         };
         progress.hashed(&abs, digest.size);
         if !unchanged_since(&file, &abs, &before, digest.size) {
@@ -685,6 +838,7 @@ fn hash_one(
             },
             is_new: job.known.is_none(),
             reused: stats.reused,
+            ahead: taken,
         };
     }
     HashOutcome::Changing(job.path.clone())

@@ -8,7 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use common::Device;
@@ -258,6 +258,75 @@ fn a_large_file_edited_mid_way_is_recut_from_its_old_chunk_list_into_the_chunks_
         "{reused} of {} chunks reused",
         fresh.len()
     );
+}
+
+/// A large file hashed ahead of the scan (while the watcher's debounce runs)
+/// is not read again by the scan when it still shows the state it was hashed
+/// in; the index gets what a scan of its own would have recorded.
+#[test]
+fn a_file_hashed_ahead_is_taken_by_the_scan_only_while_it_shows_the_same_state() {
+    let mut d = Device::with_folder();
+    let data = pseudo_random(12 << 20, 5);
+    d.write("big.bin", &data);
+    d.write("small.txt", b"small");
+    set_mtime(&d.path("big.bin"), at(1_700_000_000, 0));
+    scan(&mut d);
+
+    let ahead = Arc::new(scan::Prehashed::default());
+    let paths = [rel("big.bin"), rel("small.txt"), rel("gone.bin")];
+    // As the index has them, small, or missing: nothing to do.
+    assert_eq!(
+        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead),
+        0
+    );
+
+    let mut edited = data.clone();
+    edited.splice(6 << 20..6 << 20, [7u8; 100]);
+    d.write("big.bin", &edited);
+    set_mtime(&d.path("big.bin"), at(1_700_000_100, 0));
+    assert_eq!(
+        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead),
+        1
+    );
+    let opts = ScanOptions {
+        prehashed: Some(ahead.clone()),
+        ..ScanOptions::default()
+    };
+    let report = scan_with(&mut d, &opts, &NoProgress).unwrap();
+    assert_eq!(
+        (report.changed, report.hashed_files, report.prehashed_files),
+        (1, 1, 1)
+    );
+    assert_content(&d, "big.bin", &edited);
+    assert_eq!(
+        d.index.file_chunks(d.folder.row, &rel("big.bin")).unwrap(),
+        chunk_bytes(&edited, DEFAULT_PARAMS).chunks,
+        "the cut points a scan of its own gives"
+    );
+    assert!(
+        report.reused_chunks > 0,
+        "the old list helped hashing ahead"
+    );
+
+    // Changed again after it was hashed ahead: the scan reads it itself.
+    let mut again = edited.clone();
+    again[1 << 20] ^= 0xff;
+    d.write("big.bin", &again);
+    set_mtime(&d.path("big.bin"), at(1_700_000_200, 0));
+    assert_eq!(
+        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead),
+        1
+    );
+    let mut last = again.clone();
+    last[2 << 20] ^= 0xff;
+    d.write("big.bin", &last);
+    set_mtime(&d.path("big.bin"), at(1_700_000_400, 0));
+    let report = scan_with(&mut d, &opts, &NoProgress).unwrap();
+    assert_eq!(
+        (report.changed, report.hashed_files, report.prehashed_files),
+        (1, 1, 0)
+    );
+    assert_content(&d, "big.bin", &last);
 }
 
 #[test]

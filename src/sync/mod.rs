@@ -120,6 +120,11 @@ pub struct FolderHandle {
     /// The scanner's own index connection (so a scan never blocks the
     /// agent's other index work), opened at the first scan.
     scanner: Arc<Mutex<Option<crate::index::Index>>>,
+    /// Large files the watcher named, hashed while its debounce runs; the
+    /// next scan takes those still in the state they were hashed in.
+    prehashed: Arc<crate::scan::Prehashed>,
+    /// The index connection that hashing ahead reads old chunk lists with.
+    prehasher: Arc<Mutex<Option<crate::index::Index>>>,
     /// Live state.
     pub status: Mutex<FolderStatus>,
     /// The folder's filesystem treats names differing by case as one.
@@ -249,6 +254,8 @@ impl Engine {
                             scan_now: Notify::new(),
                             disk: tokio::sync::Mutex::new(()),
                             scanner: Arc::new(Mutex::new(None)),
+                            prehashed: Arc::default(),
+                            prehasher: Arc::new(Mutex::new(None)),
                             status: Mutex::new(FolderStatus {
                                 state: FolderActivity::Idle,
                                 error: None,
@@ -465,9 +472,15 @@ impl Engine {
         // are scanned (and recorded, and kept in the history) while a long
         // pull waits on the network; one pass at a time.
         let mut pulling: Option<tokio::task::JoinHandle<Result<pull::Outcome, String>>> = None;
+        // Hashing ahead of the next scan (see `prehash`).
+        let mut prehashing: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             if scan_due {
                 scan_due = false;
+                // The scan takes what it hashed rather than read it again.
+                if let Some(task) = prehashing.take() {
+                    let _ = task.await;
+                }
                 self.scan_folder(&h, false).await;
                 pull_due = true;
             }
@@ -544,7 +557,12 @@ impl Engine {
                         None => std::future::pending().await,
                     }
                 } => match ev {
-                    Some(()) => scan_due = true,
+                    Some(watch::Watched::Changed) => scan_due = true,
+                    Some(watch::Watched::Paused(paths)) => {
+                        if prehashing.as_ref().is_none_or(|t| t.is_finished()) {
+                            prehashing = Some(self.prehash(&h, paths));
+                        }
+                    }
                     None => events = None,
                 },
             }
@@ -560,7 +578,7 @@ impl Engine {
         debounce_ms: u64,
     ) -> (
         Option<notify::RecommendedWatcher>,
-        Option<tokio::sync::mpsc::Receiver<()>>,
+        Option<tokio::sync::mpsc::Receiver<watch::Watched>>,
     ) {
         match watch::watch(root, debounce_ms, h.placing.clone()) {
             Ok((w, rx)) => (Some(w), Some(rx)),
@@ -572,6 +590,48 @@ impl Engine {
         }
     }
 
+    /// Hashes the large files among `paths` (which the watcher saw written
+    /// or moved in) for the next scan, on a blocking thread, while the
+    /// watcher's debounce runs: a saved file then reaches peers sooner by
+    /// about its hashing time (a quarter second per GiB here). Nothing is
+    /// recorded; the scan checks each file still shows the state it was
+    /// hashed in (see `scan::prehash`). Takes no disk lock: it only reads.
+    fn prehash(&self, h: &Arc<FolderHandle>, paths: Vec<PathBuf>) -> tokio::task::JoinHandle<()> {
+        let folder = h.folder();
+        let rel: Vec<crate::relpath::RelPath> = paths
+            .iter()
+            .filter_map(|p| p.strip_prefix(&folder.path).ok())
+            .filter_map(|r| crate::relpath::RelPath::from_fs(r).ok())
+            .collect();
+        let params = ScanOptions::from(&self.home.config().scan).params;
+        let (home, slot, into) = (self.home.clone(), h.prehasher.clone(), h.prehashed.clone());
+        tokio::task::spawn_blocking(move || {
+            if rel.is_empty() {
+                return;
+            }
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            let index = match slot.as_mut() {
+                Some(i) => i,
+                None => match home.index() {
+                    Ok(i) => slot.insert(i),
+                    Err(e) => {
+                        tracing::debug!(folder = %folder.id, "not hashing ahead: {e}");
+                        return;
+                    }
+                },
+            };
+            let started = std::time::Instant::now();
+            let files = crate::scan::prehash(index, &folder, &rel, params, &into);
+            if files > 0 {
+                tracing::debug!(
+                    folder = %folder.id, files,
+                    ms = started.elapsed().as_millis() as u64,
+                    "hashed ahead of the scan"
+                );
+            }
+        })
+    }
+
     /// Scans a folder with its own index connection (so the agent's other work
     /// is not blocked), then wakes the link senders.
     pub async fn scan_folder(&self, h: &Arc<FolderHandle>, confirm_deletes: bool) -> Option<u64> {
@@ -581,16 +641,20 @@ impl Engine {
         let home = self.home.clone();
         let mut opts = ScanOptions::from(&self.home.config().scan);
         opts.confirm_deletes = confirm_deletes;
+        opts.prehashed = Some(h.prehashed.clone());
         let me = self.me.short();
         let scanner = h.scanner.clone();
+        let prehashed = h.prehashed.clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut slot = scanner.lock().unwrap_or_else(|p| p.into_inner());
             let index = match slot.as_mut() {
                 Some(i) => i,
                 None => slot.insert(home.index().map_err(|e| e.to_string())?),
             };
-            crate::scan::scan(index, &folder, me, &opts, &crate::scan::NoProgress)
-                .map_err(|e| e.to_string())
+            let report = crate::scan::scan(index, &folder, me, &opts, &crate::scan::NoProgress);
+            // What the scan did not take no longer describes the folder.
+            prehashed.clear();
+            report.map_err(|e| e.to_string())
         })
         .await
         .unwrap_or_else(|e| Err(format!("scan task failed: {e}")));
@@ -628,6 +692,7 @@ impl Engine {
                     tracing::debug!(
                         folder = %h.folder().id,
                         hashed_bytes = report.hashed_bytes, reused_chunks = report.reused_chunks,
+                        prehashed_files = report.prehashed_files,
                         "scan read"
                     );
                     drop(st);

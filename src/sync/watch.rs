@@ -1,5 +1,6 @@
 //! Watches a folder for changes (notify) and turns bursts of events into one
-//! "scan now" signal after the burst settles.
+//! "scan now" signal after the burst settles, with an early hint naming the
+//! changed files once the burst pauses (see [`Watched`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -36,6 +37,25 @@ pub enum WatchError {
         message: String,
     },
 }
+
+/// What the watcher tells the folder task.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// The burst has paused for [`SETTLE`]: these files changed in it (a
+    /// burst naming more than [`HINT_PATHS`] gives none). Once per burst;
+    /// the folder task may hash them while the debounce runs on.
+    Paused(Vec<PathBuf>),
+    /// Something changed and the burst has been quiet for the debounce:
+    /// scan now.
+    Changed,
+}
+
+/// The pause after which a burst's files are named ([`Watched::Paused`]): a
+/// program saving a file is done with it by then far more often than not.
+pub const SETTLE: Duration = Duration::from_millis(20);
+
+/// Most files one hint names.
+pub const HINT_PATHS: usize = 16;
 
 /// Moves out of our own files remembered at once (their cookies): far more
 /// than the renames in flight between the kernel's two halves of one.
@@ -111,15 +131,18 @@ impl Drop for PlacingGuard {
     }
 }
 
-/// Starts watching `root` recursively. Each message on the returned channel
-/// means "something changed; the burst has been quiet for `debounce_ms`". The
-/// watcher stops when the returned handle is dropped.
+/// Starts watching `root` recursively. The returned channel gives
+/// [`Watched::Changed`] when something changed and the burst has been quiet
+/// for `debounce_ms`, and before that, once per burst, [`Watched::Paused`]
+/// with the files written or moved in (when the debounce is longer than
+/// [`SETTLE`]). The watcher stops when the returned handle is dropped.
 pub fn watch(
     root: &Path,
     debounce_ms: u64,
     placing: Placing,
-) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<()>), WatchError> {
-    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
+) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<Watched>), WatchError> {
+    // Each relevant event, with the file it wrote or moved in, if any.
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<Option<PathBuf>>();
     let marker = marker_dir(root);
     let ours = move |p: &Path| {
         p.starts_with(&marker)
@@ -181,7 +204,25 @@ pub fn watch(
             Err(_) => true,
         };
         if relevant {
-            let _ = raw_tx.send(());
+            // The file a write or a move in left behind, for the hint.
+            let written = match &res {
+                Ok(ev)
+                    if matches!(
+                        ev.kind,
+                        EventKind::Create(_)
+                            | EventKind::Modify(ModifyKind::Data(_))
+                            | EventKind::Modify(ModifyKind::Any)
+                            | EventKind::Modify(ModifyKind::Name(
+                                RenameMode::To | RenameMode::Both
+                            ))
+                            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+                    ) =>
+                {
+                    ev.paths.last().filter(|p| !ours(p)).cloned()
+                }
+                _ => None,
+            };
+            let _ = raw_tx.send(written);
         }
     };
     // Changes and closes after writing only: by default inotify also queues
@@ -201,20 +242,51 @@ pub fn watch(
         .watch(root, RecursiveMode::Recursive)
         .map_err(|e| to_error(root, e))?;
 
-    let (tx, rx) = mpsc::channel(1);
+    let (tx, rx) = mpsc::channel(2);
     let debounce = Duration::from_millis(debounce_ms);
     tokio::spawn(async move {
-        while raw_rx.recv().await.is_some() {
-            // Wait until the burst is quiet, but not forever while it goes on.
+        while let Some(first) = raw_rx.recv().await {
+            // Wait until the burst is quiet, but not forever while it goes on;
+            // name its files once it first pauses for SETTLE.
             let start = tokio::time::Instant::now();
+            let mut last = start;
+            let mut paths: Option<Vec<PathBuf>> = Some(Vec::new());
+            let note = |paths: &mut Option<Vec<PathBuf>>, p: Option<PathBuf>| {
+                if let (Some(list), Some(p)) = (paths.as_mut(), p)
+                    && !list.contains(&p)
+                {
+                    list.push(p);
+                    if list.len() > HINT_PATHS {
+                        *paths = None;
+                    }
+                }
+            };
+            note(&mut paths, first);
+            let mut hinted = debounce <= SETTLE;
             loop {
-                match tokio::time::timeout(debounce, raw_rx.recv()).await {
-                    Ok(Some(())) if start.elapsed() < debounce * 10 => continue,
+                let wait = if hinted { debounce } else { SETTLE };
+                let quiet_until = last + wait;
+                match tokio::time::timeout_at(quiet_until, raw_rx.recv()).await {
+                    Ok(Some(p)) => {
+                        note(&mut paths, p);
+                        last = tokio::time::Instant::now();
+                        if last - start < debounce * 10 {
+                            continue;
+                        }
+                        break;
+                    }
                     Ok(None) => return,
-                    _ => break,
+                    Err(_) if !hinted => {
+                        hinted = true;
+                        if let Some(list) = paths.take().filter(|l| !l.is_empty()) {
+                            // A hint only: dropped when the task is behind.
+                            let _ = tx.try_send(Watched::Paused(list));
+                        }
+                    }
+                    Err(_) => break,
                 }
             }
-            if tx.send(()).await.is_err() {
+            if tx.send(Watched::Changed).await.is_err() {
                 return;
             }
         }
@@ -240,11 +312,27 @@ fn to_error(root: &Path, e: notify::Error) -> WatchError {
 mod tests {
     use super::*;
 
-    /// Whether no signal comes for 600 ms.
-    async fn quiet(rx: &mut mpsc::Receiver<()>) -> bool {
+    /// Whether no signal (not even a hint) comes for 600 ms.
+    async fn quiet(rx: &mut mpsc::Receiver<Watched>) -> bool {
         tokio::time::timeout(Duration::from_millis(600), rx.recv())
             .await
             .is_err()
+    }
+
+    /// The next signal within 10 s that is not a hint.
+    async fn changed(rx: &mut mpsc::Receiver<Watched>) -> Option<Watched> {
+        let next = async {
+            loop {
+                match rx.recv().await {
+                    Some(Watched::Paused(_)) => continue,
+                    other => return other,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), next)
+            .await
+            .ok()
+            .flatten()
     }
 
     #[tokio::test]
@@ -291,8 +379,11 @@ mod tests {
             assert_eq!(libc::munmap(p, 4096), 0);
         }
         drop(f);
-        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
-        assert_eq!(got.unwrap(), Some(()), "the mapped write was not noticed");
+        assert_eq!(
+            changed(&mut rx).await,
+            Some(Watched::Changed),
+            "the mapped write was not noticed"
+        );
         assert_eq!(std::fs::read(&path).unwrap()[0], 7);
     }
 
@@ -333,36 +424,47 @@ mod tests {
         // linger would have hidden it).
         placing.start(&dir.path().join("sub/f3")).cancel();
         std::fs::rename(dir.path().join("sub/f3"), dir.path().join("sub/g3")).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
         assert_eq!(
-            got.unwrap(),
-            Some(()),
+            changed(&mut rx).await,
+            Some(Watched::Changed),
             "a rename after a failed step was missed"
         );
         assert!(quiet(&mut rx).await);
         // A user moving a file into the marker directory is not the agent.
         std::fs::rename(dir.path().join("sub/f19"), versions.join("mine")).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
-        assert_eq!(got.unwrap(), Some(()), "a file moved away was missed");
+        assert_eq!(
+            changed(&mut rx).await,
+            Some(Watched::Changed),
+            "a file moved away was missed"
+        );
         assert!(quiet(&mut rx).await);
 
         // A temp file renamed into the folder by anything else (a restore
         // `--to` a path here, a user tidying up): nothing recorded it.
         std::fs::write(tmp("restored"), b"old bytes").unwrap();
         std::fs::rename(tmp("restored"), dir.path().join("sub/restored")).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
-        assert_eq!(got.unwrap(), Some(()), "an unrecorded placement was missed");
+        assert_eq!(
+            changed(&mut rx).await,
+            Some(Watched::Changed),
+            "an unrecorded placement was missed"
+        );
         assert!(quiet(&mut rx).await);
         // A user's rename inside the folder, and a move in from outside it.
         std::fs::rename(dir.path().join("sub/f0"), dir.path().join("sub/g0")).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
-        assert_eq!(got.unwrap(), Some(()), "a rename was missed");
+        assert_eq!(
+            changed(&mut rx).await,
+            Some(Watched::Changed),
+            "a rename was missed"
+        );
         assert!(quiet(&mut rx).await);
         let from = outside.path().join("brought");
         std::fs::write(&from, b"x").unwrap();
         std::fs::rename(&from, dir.path().join("sub/brought")).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
-        assert_eq!(got.unwrap(), Some(()), "a move into the folder was missed");
+        assert_eq!(
+            changed(&mut rx).await,
+            Some(Watched::Changed),
+            "a move into the folder was missed"
+        );
         assert!(quiet(&mut rx).await);
         // A pull's placement, then a user's edit of the same file.
         std::fs::write(tmp("x"), b"pulled again").unwrap();
@@ -371,10 +473,9 @@ mod tests {
             std::fs::rename(tmp("x"), dir.path().join("sub/f1")).unwrap();
         }
         std::fs::write(dir.path().join("sub/f1"), b"edited").unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
         assert_eq!(
-            got.unwrap(),
-            Some(()),
+            changed(&mut rx).await,
+            Some(Watched::Changed),
             "an edit after a placement was missed"
         );
     }
@@ -393,8 +494,7 @@ mod tests {
         );
         // The link itself is watched as an entry of the folder.
         std::fs::remove_file(dir.path().join("link")).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
-        assert_eq!(got.unwrap(), Some(()));
+        assert_eq!(changed(&mut rx).await, Some(Watched::Changed));
     }
 
     #[tokio::test]
@@ -413,13 +513,66 @@ mod tests {
         for i in 0..20 {
             std::fs::write(dir.path().join(format!("f{i}")), b"x").unwrap();
         }
-        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
-        assert_eq!(got.unwrap(), Some(()));
+        assert_eq!(changed(&mut rx).await, Some(Watched::Changed));
         assert!(
             tokio::time::timeout(Duration::from_millis(500), rx.recv())
                 .await
                 .is_err(),
             "one burst gave two signals"
         );
+    }
+
+    #[tokio::test]
+    async fn a_pause_names_the_files_written_or_moved_in_before_the_scan_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(marker_dir(dir.path())).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let (_w, mut rx) = watch(dir.path(), 1000, Placing::default()).unwrap();
+        // A file written, then one moved in (as editors save), each a burst.
+        let written = dir.path().join("sub/written");
+        let brought = outside.path().join("new");
+        std::fs::write(&brought, b"saved elsewhere").unwrap();
+        let moved = dir.path().join("moved-in");
+        for (path, make) in [
+            (
+                &written,
+                Box::new(|| std::fs::write(&written, b"saved").unwrap()) as Box<dyn Fn()>,
+            ),
+            (
+                &moved,
+                Box::new(|| std::fs::rename(&brought, &moved).unwrap()),
+            ),
+        ] {
+            make();
+            let first = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+            let Ok(Some(Watched::Paused(paths))) = first else {
+                panic!("no hint before the scan signal: {first:?}");
+            };
+            assert_eq!(&paths, std::slice::from_ref(path));
+            assert_eq!(changed(&mut rx).await, Some(Watched::Changed));
+            assert!(quiet(&mut rx).await, "one burst gave a second signal");
+        }
+
+        // More files than a hint names: the scan signal alone.
+        for i in 0..(HINT_PATHS + 5) {
+            std::fs::write(dir.path().join(format!("f{i}")), b"x").unwrap();
+        }
+        let mut hinted = Vec::new();
+        let last = loop {
+            match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+                Ok(Some(Watched::Paused(p))) => hinted.extend(p),
+                other => break other,
+            }
+        };
+        assert_eq!(last, Ok(Some(Watched::Changed)));
+        assert!(hinted.len() <= HINT_PATHS, "{hinted:?}");
+
+        // A debounce no longer than the pause: no hints at all.
+        let (_w2, mut rx2) =
+            watch(dir.path(), SETTLE.as_millis() as u64, Placing::default()).unwrap();
+        std::fs::write(&written, b"saved again").unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx2.recv()).await;
+        assert_eq!(got.ok().flatten(), Some(Watched::Changed));
     }
 }
