@@ -174,7 +174,10 @@ pub fn prehash(
             }
             _ => Vec::new(),
         };
-        let Ok((digest, stats)) = chunk_reader_reusing(&file, params, &old) else {
+        // No further than the size it had: a file still growing (a long
+        // copy that paused) is not followed to its end, and fails the check.
+        let bounded = std::io::Read::take(&file, before.len() + 1);
+        let Ok((digest, stats)) = chunk_reader_reusing(bounded, params, &old) else {
             continue;
         };
         if unchanged_since(&file, &abs, &before, digest.size) {
