@@ -62,38 +62,72 @@ pub struct ScanOptions {
 /// Digests of files hashed ahead of a scan ([`prehash`]), by path, each with
 /// the state its file was in. A scan takes what it can use and drops the rest.
 #[derive(Default)]
-pub struct Prehashed(Mutex<HashMap<RelPath, (FileState, FileDigest, ReuseStats)>>);
+pub struct Prehashed(Mutex<PrehashedInner>);
+
+#[derive(Default)]
+struct PrehashedInner {
+    /// Bumped by every [`Prehashed::clear`]: a hashing ahead that started
+    /// before it stores nothing.
+    generation: u64,
+    files: HashMap<RelPath, (FileState, FileDigest, ReuseStats)>,
+}
 
 impl std::fmt::Debug for Prehashed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().unwrap_or_else(PoisonError::into_inner).len();
+        let n = self.lock().files.len();
         write!(f, "Prehashed({n} files)")
     }
 }
 
 impl Prehashed {
-    fn put(&self, path: RelPath, state: FileState, digest: FileDigest, stats: ReuseStats) {
-        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        m.insert(path, (state, digest, stats));
+    fn lock(&self) -> std::sync::MutexGuard<'_, PrehashedInner> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn put(
+        &self,
+        generation: u64,
+        path: RelPath,
+        state: FileState,
+        digest: FileDigest,
+        stats: ReuseStats,
+    ) -> bool {
+        let mut m = self.lock();
+        if m.generation != generation {
+            return false;
+        }
+        m.files.insert(path, (state, digest, stats));
+        true
     }
 
     /// The digest of `path` if it was taken in the state `now` shows.
     fn take(&self, path: &RelPath, now: &Metadata) -> Option<(FileDigest, ReuseStats)> {
-        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let (state, ..) = m.get(path)?;
-        if *state != FileState::of(now) {
-            m.remove(path);
-            return None;
-        }
-        m.remove(path).map(|(_, d, s)| (d, s))
+        let (state, digest, stats) = self.lock().files.remove(path)?;
+        (state == FileState::of(now)).then_some((digest, stats))
     }
 
-    /// Forgets everything (a scan has run: what it did not take is stale).
+    /// Forgets everything, and whatever a hashing ahead under way would
+    /// still store: a scan has run (what it did not take is stale), or the
+    /// watcher saw files change again after it named them.
     pub fn clear(&self) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        let mut m = self.lock();
+        m.generation += 1;
+        m.files.clear();
+    }
+}
+
+/// A reader that fails once `stop` says so.
+struct Stoppable<'a, R> {
+    inner: R,
+    stop: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl<R: std::io::Read> std::io::Read for Stoppable<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if (self.stop)() {
+            return Err(std::io::Error::other("stopped"));
+        }
+        self.inner.read(buf)
     }
 }
 
@@ -124,19 +158,34 @@ impl FileState {
 pub const PREHASH_MIN: u64 = 4 << 20;
 
 /// Hashes, into `into`, those of `paths` (relative to `folder`'s root, as the
-/// watcher saw them) that are regular files of at least [`PREHASH_MIN`] bytes
-/// not as the index last saw them: the work the next scan would do for them,
-/// done while the watcher waits for quiet. Records nothing. Returns how many
-/// files were hashed.
+/// watcher saw them) that are regular files of at least [`PREHASH_MIN`] bytes,
+/// not ignored, and not as the index last saw them: the work the next scan
+/// would do for them, done while the watcher waits for quiet. Records
+/// nothing. Stops early once `stop` says so (the agent is stopping). Returns
+/// how many files were hashed.
 pub fn prehash(
     index: &Index,
     folder: &Folder,
     paths: &[RelPath],
     params: ChunkParams,
     into: &Prehashed,
+    stop: &(dyn Fn() -> bool + Sync),
 ) -> usize {
+    let generation = into.lock().generation;
+    let Ok(ignores) = load_ignores(&folder.path) else {
+        return 0;
+    };
     let mut hashed = 0;
     for path in paths {
+        if stop() {
+            break;
+        }
+        if ignores
+            .matched_path_or_any_parents(path.as_str(), false)
+            .is_ignore()
+        {
+            continue;
+        }
         let abs = path.to_fs(&folder.path);
         // Only what looks like a regular file is opened (never a fifo or a
         // device), and only without following a link.
@@ -176,12 +225,22 @@ pub fn prehash(
         };
         // No further than the size it had: a file still growing (a long
         // copy that paused) is not followed to its end, and fails the check.
-        let bounded = std::io::Read::take(&file, before.len() + 1);
+        let bounded = Stoppable {
+            inner: std::io::Read::take(&file, before.len() + 1),
+            stop,
+        };
         let Ok((digest, stats)) = chunk_reader_reusing(bounded, params, &old) else {
             continue;
         };
-        if unchanged_since(&file, &abs, &before, digest.size) {
-            into.put(path.clone(), FileState::of(&before), digest, stats);
+        if unchanged_since(&file, &abs, &before, digest.size)
+            && into.put(
+                generation,
+                path.clone(),
+                FileState::of(&before),
+                digest,
+                stats,
+            )
+        {
             hashed += 1;
         }
     }

@@ -273,10 +273,11 @@ fn a_file_hashed_ahead_is_taken_by_the_scan_only_while_it_shows_the_same_state()
     scan(&mut d);
 
     let ahead = Arc::new(scan::Prehashed::default());
+    let never = || false;
     let paths = [rel("big.bin"), rel("small.txt"), rel("gone.bin")];
     // As the index has them, small, or missing: nothing to do.
     assert_eq!(
-        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead),
+        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead, &never),
         0
     );
 
@@ -285,7 +286,7 @@ fn a_file_hashed_ahead_is_taken_by_the_scan_only_while_it_shows_the_same_state()
     d.write("big.bin", &edited);
     set_mtime(&d.path("big.bin"), at(1_700_000_100, 0));
     assert_eq!(
-        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead),
+        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead, &never),
         1
     );
     let opts = ScanOptions {
@@ -314,7 +315,7 @@ fn a_file_hashed_ahead_is_taken_by_the_scan_only_while_it_shows_the_same_state()
     d.write("big.bin", &again);
     set_mtime(&d.path("big.bin"), at(1_700_000_200, 0));
     assert_eq!(
-        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead),
+        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead, &never),
         1
     );
     let mut last = again.clone();
@@ -327,6 +328,81 @@ fn a_file_hashed_ahead_is_taken_by_the_scan_only_while_it_shows_the_same_state()
         (1, 1, 0)
     );
     assert_content(&d, "big.bin", &last);
+
+    // Swapped for another file of the same size and mtime (a new inode):
+    // not taken either.
+    let mut swapped = last.clone();
+    swapped[3 << 20] ^= 0xff;
+    d.write("big.bin", &swapped);
+    set_mtime(&d.path("big.bin"), at(1_700_000_500, 0));
+    assert_eq!(
+        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead, &never),
+        1
+    );
+    let mut other = swapped.clone();
+    other[4 << 20] ^= 0xff;
+    d.write("big.new", &other);
+    set_mtime(&d.path("big.new"), at(1_700_000_500, 0));
+    fs::rename(d.path("big.new"), d.path("big.bin")).unwrap();
+    let report = scan_with(&mut d, &opts, &NoProgress).unwrap();
+    assert_eq!(report.prehashed_files, 0);
+    assert_content(&d, "big.bin", &other);
+}
+
+/// Hashing ahead skips ignored files, stops when told, and stores nothing
+/// once the cache was cleared while it ran (the watcher saw the file change
+/// again, or a scan ran).
+#[test]
+fn hashing_ahead_skips_ignored_files_stops_when_told_and_stores_nothing_after_a_clear() {
+    let mut d = Device::with_folder();
+    d.write(".ferryignore", b"*.img\n");
+    d.write("vm.img", &pseudo_random(8 << 20, 1));
+    d.write("big.bin", &pseudo_random(8 << 20, 2));
+    scan(&mut d);
+    d.write("vm.img", &pseudo_random(8 << 20, 3));
+    d.write("big.bin", &pseudo_random(8 << 20, 4));
+    set_mtime(&d.path("big.bin"), at(1_700_000_000, 0));
+    let paths = [rel("vm.img"), rel("big.bin")];
+    let ahead = scan::Prehashed::default();
+
+    let stopped = || true;
+    assert_eq!(
+        scan::prehash(
+            &d.index,
+            &d.folder,
+            &paths,
+            DEFAULT_PARAMS,
+            &ahead,
+            &stopped
+        ),
+        0
+    );
+    // Cleared while it reads (the check for a stop is called on every read).
+    let cleared = std::sync::atomic::AtomicBool::new(false);
+    let clear_once = || {
+        if !cleared.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            ahead.clear();
+        }
+        false
+    };
+    assert_eq!(
+        scan::prehash(
+            &d.index,
+            &d.folder,
+            &paths,
+            DEFAULT_PARAMS,
+            &ahead,
+            &clear_once
+        ),
+        0
+    );
+    assert!(cleared.load(std::sync::atomic::Ordering::SeqCst));
+    let never = || false;
+    assert_eq!(
+        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead, &never),
+        1,
+        "big.bin only: vm.img is ignored"
+    );
 }
 
 #[test]

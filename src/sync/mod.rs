@@ -557,7 +557,14 @@ impl Engine {
                         None => std::future::pending().await,
                     }
                 } => match ev {
-                    Some(watch::Watched::Changed) => scan_due = true,
+                    Some(watch::Watched::Changed { after_hint }) => {
+                        if after_hint {
+                            // Also drops what a hashing ahead under way
+                            // would still store.
+                            h.prehashed.clear();
+                        }
+                        scan_due = true;
+                    }
                     Some(watch::Watched::Paused(paths)) => {
                         if prehashing.as_ref().is_none_or(|t| t.is_finished()) {
                             prehashing = Some(self.prehash(&h, paths));
@@ -604,7 +611,12 @@ impl Engine {
             .filter_map(|r| crate::relpath::RelPath::from_fs(r).ok())
             .collect();
         let params = ScanOptions::from(&self.home.config().scan).params;
-        let (home, slot, into) = (self.home.clone(), h.prehasher.clone(), h.prehashed.clone());
+        let (home, slot, into, stop) = (
+            self.home.clone(),
+            h.prehasher.clone(),
+            h.prehashed.clone(),
+            h.stop.clone(),
+        );
         tokio::task::spawn_blocking(move || {
             if rel.is_empty() {
                 return;
@@ -621,7 +633,8 @@ impl Engine {
                 },
             };
             let started = std::time::Instant::now();
-            let files = crate::scan::prehash(index, &folder, &rel, params, &into);
+            let stopped = || stop.is_cancelled();
+            let files = crate::scan::prehash(index, &folder, &rel, params, &into, &stopped);
             if files > 0 {
                 tracing::debug!(
                     folder = %folder.id, files,

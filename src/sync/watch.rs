@@ -46,8 +46,13 @@ pub enum Watched {
     /// the folder task may hash them while the debounce runs on.
     Paused(Vec<PathBuf>),
     /// Something changed and the burst has been quiet for the debounce:
-    /// scan now.
-    Changed,
+    /// scan now. `after_hint`: the burst went on after its hint, so what was
+    /// hashed for the hint may be out of date (a rewrite within the same
+    /// mtime tick keeps size and mtime) and must not be used.
+    Changed {
+        /// Events came after the hint.
+        after_hint: bool,
+    },
 }
 
 /// The pause after which a burst's files are named ([`Watched::Paused`]): a
@@ -263,11 +268,14 @@ pub fn watch(
             };
             note(&mut paths, first);
             let mut hinted = debounce <= SETTLE;
+            let mut sent_hint = false;
+            let mut after_hint = false;
             loop {
                 let wait = if hinted { debounce } else { SETTLE };
                 let quiet_until = last + wait;
                 match tokio::time::timeout_at(quiet_until, raw_rx.recv()).await {
                     Ok(Some(p)) => {
+                        after_hint |= sent_hint;
                         note(&mut paths, p);
                         last = tokio::time::Instant::now();
                         if last - start < debounce * 10 {
@@ -280,13 +288,13 @@ pub fn watch(
                         hinted = true;
                         if let Some(list) = paths.take().filter(|l| !l.is_empty()) {
                             // A hint only: dropped when the task is behind.
-                            let _ = tx.try_send(Watched::Paused(list));
+                            sent_hint = tx.try_send(Watched::Paused(list)).is_ok();
                         }
                     }
                     Err(_) => break,
                 }
             }
-            if tx.send(Watched::Changed).await.is_err() {
+            if tx.send(Watched::Changed { after_hint }).await.is_err() {
                 return;
             }
         }
@@ -319,8 +327,8 @@ mod tests {
             .is_err()
     }
 
-    /// The next signal within 10 s that is not a hint.
-    async fn changed(rx: &mut mpsc::Receiver<Watched>) -> Option<Watched> {
+    /// Whether a scan signal comes within 10 s (past any hint before it).
+    async fn changed(rx: &mut mpsc::Receiver<Watched>) -> bool {
         let next = async {
             loop {
                 match rx.recv().await {
@@ -329,10 +337,10 @@ mod tests {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(10), next)
-            .await
-            .ok()
-            .flatten()
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), next).await,
+            Ok(Some(Watched::Changed { .. }))
+        )
     }
 
     #[tokio::test]
@@ -379,11 +387,7 @@ mod tests {
             assert_eq!(libc::munmap(p, 4096), 0);
         }
         drop(f);
-        assert_eq!(
-            changed(&mut rx).await,
-            Some(Watched::Changed),
-            "the mapped write was not noticed"
-        );
+        assert!(changed(&mut rx).await, "the mapped write was not noticed");
         assert_eq!(std::fs::read(&path).unwrap()[0], 7);
     }
 
@@ -424,47 +428,30 @@ mod tests {
         // linger would have hidden it).
         placing.start(&dir.path().join("sub/f3")).cancel();
         std::fs::rename(dir.path().join("sub/f3"), dir.path().join("sub/g3")).unwrap();
-        assert_eq!(
+        assert!(
             changed(&mut rx).await,
-            Some(Watched::Changed),
             "a rename after a failed step was missed"
         );
         assert!(quiet(&mut rx).await);
         // A user moving a file into the marker directory is not the agent.
         std::fs::rename(dir.path().join("sub/f19"), versions.join("mine")).unwrap();
-        assert_eq!(
-            changed(&mut rx).await,
-            Some(Watched::Changed),
-            "a file moved away was missed"
-        );
+        assert!(changed(&mut rx).await, "a file moved away was missed");
         assert!(quiet(&mut rx).await);
 
         // A temp file renamed into the folder by anything else (a restore
         // `--to` a path here, a user tidying up): nothing recorded it.
         std::fs::write(tmp("restored"), b"old bytes").unwrap();
         std::fs::rename(tmp("restored"), dir.path().join("sub/restored")).unwrap();
-        assert_eq!(
-            changed(&mut rx).await,
-            Some(Watched::Changed),
-            "an unrecorded placement was missed"
-        );
+        assert!(changed(&mut rx).await, "an unrecorded placement was missed");
         assert!(quiet(&mut rx).await);
         // A user's rename inside the folder, and a move in from outside it.
         std::fs::rename(dir.path().join("sub/f0"), dir.path().join("sub/g0")).unwrap();
-        assert_eq!(
-            changed(&mut rx).await,
-            Some(Watched::Changed),
-            "a rename was missed"
-        );
+        assert!(changed(&mut rx).await, "a rename was missed");
         assert!(quiet(&mut rx).await);
         let from = outside.path().join("brought");
         std::fs::write(&from, b"x").unwrap();
         std::fs::rename(&from, dir.path().join("sub/brought")).unwrap();
-        assert_eq!(
-            changed(&mut rx).await,
-            Some(Watched::Changed),
-            "a move into the folder was missed"
-        );
+        assert!(changed(&mut rx).await, "a move into the folder was missed");
         assert!(quiet(&mut rx).await);
         // A pull's placement, then a user's edit of the same file.
         std::fs::write(tmp("x"), b"pulled again").unwrap();
@@ -473,9 +460,8 @@ mod tests {
             std::fs::rename(tmp("x"), dir.path().join("sub/f1")).unwrap();
         }
         std::fs::write(dir.path().join("sub/f1"), b"edited").unwrap();
-        assert_eq!(
+        assert!(
             changed(&mut rx).await,
-            Some(Watched::Changed),
             "an edit after a placement was missed"
         );
     }
@@ -494,7 +480,7 @@ mod tests {
         );
         // The link itself is watched as an entry of the folder.
         std::fs::remove_file(dir.path().join("link")).unwrap();
-        assert_eq!(changed(&mut rx).await, Some(Watched::Changed));
+        assert!(changed(&mut rx).await);
     }
 
     #[tokio::test]
@@ -513,7 +499,7 @@ mod tests {
         for i in 0..20 {
             std::fs::write(dir.path().join(format!("f{i}")), b"x").unwrap();
         }
-        assert_eq!(changed(&mut rx).await, Some(Watched::Changed));
+        assert!(changed(&mut rx).await);
         assert!(
             tokio::time::timeout(Duration::from_millis(500), rx.recv())
                 .await
@@ -550,9 +536,26 @@ mod tests {
                 panic!("no hint before the scan signal: {first:?}");
             };
             assert_eq!(&paths, std::slice::from_ref(path));
-            assert_eq!(changed(&mut rx).await, Some(Watched::Changed));
+            let next = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+            assert_eq!(
+                next.ok().flatten(),
+                Some(Watched::Changed { after_hint: false })
+            );
             assert!(quiet(&mut rx).await, "one burst gave a second signal");
         }
+
+        // Written again after its hint, within the debounce: the scan signal
+        // says what was hashed for the hint may be out of date.
+        std::fs::write(&written, b"saved, v2").unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert!(matches!(first, Ok(Some(Watched::Paused(_)))), "{first:?}");
+        std::fs::write(&written, b"saved, v3").unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(
+            next.ok().flatten(),
+            Some(Watched::Changed { after_hint: true })
+        );
+        assert!(quiet(&mut rx).await);
 
         // More files than a hint names: the scan signal alone.
         for i in 0..(HINT_PATHS + 5) {
@@ -565,7 +568,10 @@ mod tests {
                 other => break other,
             }
         };
-        assert_eq!(last, Ok(Some(Watched::Changed)));
+        assert!(
+            matches!(last, Ok(Some(Watched::Changed { .. }))),
+            "{last:?}"
+        );
         assert!(hinted.len() <= HINT_PATHS, "{hinted:?}");
 
         // A debounce no longer than the pause: no hints at all.
@@ -573,6 +579,9 @@ mod tests {
             watch(dir.path(), SETTLE.as_millis() as u64, Placing::default()).unwrap();
         std::fs::write(&written, b"saved again").unwrap();
         let got = tokio::time::timeout(Duration::from_secs(10), rx2.recv()).await;
-        assert_eq!(got.ok().flatten(), Some(Watched::Changed));
+        assert_eq!(
+            got.ok().flatten(),
+            Some(Watched::Changed { after_hint: false })
+        );
     }
 }
