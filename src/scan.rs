@@ -69,7 +69,7 @@ struct PrehashedInner {
     /// Bumped by every [`Prehashed::clear`]: a hashing ahead that started
     /// before it stores nothing.
     generation: u64,
-    files: HashMap<RelPath, (FileState, FileDigest, ReuseStats)>,
+    files: HashMap<RelPath, (Metadata, FileDigest, ReuseStats)>,
 }
 
 impl std::fmt::Debug for Prehashed {
@@ -88,7 +88,7 @@ impl Prehashed {
         &self,
         generation: u64,
         path: RelPath,
-        state: FileState,
+        state: Metadata,
         digest: FileDigest,
         stats: ReuseStats,
     ) -> bool {
@@ -103,7 +103,7 @@ impl Prehashed {
     /// The digest of `path` if it was taken in the state `now` shows.
     fn take(&self, path: &RelPath, now: &Metadata) -> Option<(FileDigest, ReuseStats)> {
         let (state, digest, stats) = self.lock().files.remove(path)?;
-        (state == FileState::of(now)).then_some((digest, stats))
+        same_state(&state, now).then_some((digest, stats))
     }
 
     /// Forgets everything, and whatever a hashing ahead under way would
@@ -128,28 +128,6 @@ impl<R: std::io::Read> std::io::Read for Stoppable<'_, R> {
             return Err(std::io::Error::other("stopped"));
         }
         self.inner.read(buf)
-    }
-}
-
-/// The stat fields a scan compares to decide a file is unchanged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileState {
-    size: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-    ino: u64,
-    dev: u64,
-}
-
-impl FileState {
-    fn of(m: &Metadata) -> Self {
-        Self {
-            size: m.len(),
-            mtime: m.mtime(),
-            mtime_nsec: m.mtime_nsec(),
-            ino: m.ino(),
-            dev: m.dev(),
-        }
     }
 }
 
@@ -206,15 +184,9 @@ pub fn prehash(
         if !before.is_file() || before.len() < PREHASH_MIN {
             continue;
         }
-        let now = stat_meta(&before, FileKind::File);
         let known = index.local_file(folder.row, path).ok().flatten();
         let old = match &known {
-            Some(k)
-                if k.meta.size == now.size
-                    && k.meta.mtime_ns == now.mtime_ns
-                    && k.meta.inode == now.inode
-                    && k.meta.dev == now.dev =>
-            {
+            Some(k) if as_recorded(&k.meta, &stat_meta(&before, FileKind::File)) => {
                 // As the index has it: the scan will not read it.
                 continue;
             }
@@ -233,13 +205,7 @@ pub fn prehash(
             continue;
         };
         if unchanged_since(&file, &abs, &before, digest.size)
-            && into.put(
-                generation,
-                path.clone(),
-                FileState::of(&before),
-                digest,
-                stats,
-            )
+            && into.put(generation, path.clone(), before, digest, stats)
         {
             hashed += 1;
         }
@@ -594,13 +560,7 @@ pub fn scan(
                     }
                 }
                 FileKind::File => match &old {
-                    Some(k)
-                        if !is_new
-                            && k.meta.size == now.size
-                            && k.meta.mtime_ns == now.mtime_ns
-                            && k.meta.inode == now.inode
-                            && k.meta.dev == now.dev =>
-                    {
+                    Some(k) if !is_new && as_recorded(&k.meta, &now) => {
                         (k.meta.permissions != now.permissions).then_some(Change::Metadata)
                     }
                     _ => {
@@ -812,6 +772,15 @@ fn hash_all(
     })
 }
 
+/// Whether a file's stat `now` matches what the index recorded: then it is
+/// not read again.
+fn as_recorded(recorded: &FileMeta, now: &FileMeta) -> bool {
+    recorded.size == now.size
+        && recorded.mtime_ns == now.mtime_ns
+        && recorded.inode == now.inode
+        && recorded.dev == now.dev
+}
+
 fn same_state(a: &Metadata, b: &Metadata) -> bool {
     a.len() == b.len()
         && a.mtime() == b.mtime()
@@ -828,7 +797,8 @@ fn hash_one(
     scanner: &SyncSender<FromWorker>,
 ) -> HashOutcome {
     let abs = job.path.to_fs(root);
-    let old = match &job.known {
+    // Asked for only when the file is read here, not taken as hashed ahead.
+    let old_chunks = || match &job.known {
         Some(k) if k.hash.is_some() && job.size >= REUSE_MIN => {
             let (tx, rx) = sync_channel(1);
             let asked = scanner.send(FromWorker::OldChunks(job.path.clone(), tx));
@@ -836,6 +806,7 @@ fn hash_one(
         }
         _ => Vec::new(),
     };
+    let mut old: Option<Vec<ChunkInfo>> = None;
     for attempt in 0..=opts.changing_retries {
         if attempt > 0 {
             std::thread::sleep(Duration::from_millis(50 << attempt.min(5)));
@@ -868,10 +839,12 @@ fn hash_one(
         let taken = ahead.is_some();
         let (digest, stats) = match ahead {
             Some(d) => d,
-            None => match chunk_reader_reusing(&file, opts.params, &old) {
-                Ok(d) => d,
-                Err(e) => return HashOutcome::Failed(job.path.clone(), e),
-            },
+            None => {
+                match chunk_reader_reusing(&file, opts.params, old.get_or_insert_with(old_chunks)) {
+                    Ok(d) => d,
+                    Err(e) => return HashOutcome::Failed(job.path.clone(), e),
+                }
+            }
         };
         progress.hashed(&abs, digest.size);
         if !unchanged_since(&file, &abs, &before, digest.size) {

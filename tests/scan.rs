@@ -275,20 +275,24 @@ fn a_file_hashed_ahead_is_taken_by_the_scan_only_while_it_shows_the_same_state()
     let ahead = Arc::new(scan::Prehashed::default());
     let never = || false;
     let paths = [rel("big.bin"), rel("small.txt"), rel("gone.bin")];
+    let hash_ahead =
+        |d: &Device| scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead, &never);
+    let put = |d: &Device, name: &str, bytes: &[u8], secs: u64| {
+        d.write(name, bytes);
+        set_mtime(&d.path(name), at(secs, 0));
+    };
+    let flipped = |bytes: &[u8], at: usize| {
+        let mut v = bytes.to_vec();
+        v[at] ^= 0xff;
+        v
+    };
     // As the index has them, small, or missing: nothing to do.
-    assert_eq!(
-        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead, &never),
-        0
-    );
+    assert_eq!(hash_ahead(&d), 0);
 
     let mut edited = data.clone();
     edited.splice(6 << 20..6 << 20, [7u8; 100]);
-    d.write("big.bin", &edited);
-    set_mtime(&d.path("big.bin"), at(1_700_000_100, 0));
-    assert_eq!(
-        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead, &never),
-        1
-    );
+    put(&d, "big.bin", &edited, 1_700_000_100);
+    assert_eq!(hash_ahead(&d), 1);
     let opts = ScanOptions {
         prehashed: Some(ahead.clone()),
         ..ScanOptions::default()
@@ -310,18 +314,11 @@ fn a_file_hashed_ahead_is_taken_by_the_scan_only_while_it_shows_the_same_state()
     );
 
     // Changed again after it was hashed ahead: the scan reads it itself.
-    let mut again = edited.clone();
-    again[1 << 20] ^= 0xff;
-    d.write("big.bin", &again);
-    set_mtime(&d.path("big.bin"), at(1_700_000_200, 0));
-    assert_eq!(
-        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead, &never),
-        1
-    );
-    let mut last = again.clone();
-    last[2 << 20] ^= 0xff;
-    d.write("big.bin", &last);
-    set_mtime(&d.path("big.bin"), at(1_700_000_400, 0));
+    let again = flipped(&edited, 1 << 20);
+    put(&d, "big.bin", &again, 1_700_000_200);
+    assert_eq!(hash_ahead(&d), 1);
+    let last = flipped(&again, 2 << 20);
+    put(&d, "big.bin", &last, 1_700_000_400);
     let report = scan_with(&mut d, &opts, &NoProgress).unwrap();
     assert_eq!(
         (report.changed, report.hashed_files, report.prehashed_files),
@@ -331,18 +328,11 @@ fn a_file_hashed_ahead_is_taken_by_the_scan_only_while_it_shows_the_same_state()
 
     // Swapped for another file of the same size and mtime (a new inode):
     // not taken either.
-    let mut swapped = last.clone();
-    swapped[3 << 20] ^= 0xff;
-    d.write("big.bin", &swapped);
-    set_mtime(&d.path("big.bin"), at(1_700_000_500, 0));
-    assert_eq!(
-        scan::prehash(&d.index, &d.folder, &paths, DEFAULT_PARAMS, &ahead, &never),
-        1
-    );
-    let mut other = swapped.clone();
-    other[4 << 20] ^= 0xff;
-    d.write("big.new", &other);
-    set_mtime(&d.path("big.new"), at(1_700_000_500, 0));
+    let swapped = flipped(&last, 3 << 20);
+    put(&d, "big.bin", &swapped, 1_700_000_500);
+    assert_eq!(hash_ahead(&d), 1);
+    let other = flipped(&swapped, 4 << 20);
+    put(&d, "big.new", &other, 1_700_000_500);
     fs::rename(d.path("big.new"), d.path("big.bin")).unwrap();
     let report = scan_with(&mut d, &opts, &NoProgress).unwrap();
     assert_eq!(report.prehashed_files, 0);

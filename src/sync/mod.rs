@@ -622,15 +622,12 @@ impl Engine {
                 return;
             }
             let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-            let index = match slot.as_mut() {
-                Some(i) => i,
-                None => match home.index() {
-                    Ok(i) => slot.insert(i),
-                    Err(e) => {
-                        tracing::debug!(folder = %folder.id, "not hashing ahead: {e}");
-                        return;
-                    }
-                },
+            let index = match opened(&mut slot, &home) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::debug!(folder = %folder.id, "not hashing ahead: {e}");
+                    return;
+                }
             };
             let started = std::time::Instant::now();
             let stopped = || stop.is_cancelled();
@@ -657,16 +654,12 @@ impl Engine {
         opts.prehashed = Some(h.prehashed.clone());
         let me = self.me.short();
         let scanner = h.scanner.clone();
-        let prehashed = h.prehashed.clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut slot = scanner.lock().unwrap_or_else(|p| p.into_inner());
-            let index = match slot.as_mut() {
-                Some(i) => i,
-                None => slot.insert(home.index().map_err(|e| e.to_string())?),
-            };
+            let index = opened(&mut slot, &home).map_err(|e| e.to_string())?;
             let report = crate::scan::scan(index, &folder, me, &opts, &crate::scan::NoProgress);
             // What the scan did not take no longer describes the folder.
-            prehashed.clear();
+            opts.prehashed.iter().for_each(|p| p.clear());
             report.map_err(|e| e.to_string())
         })
         .await
@@ -730,6 +723,17 @@ impl Engine {
 
 /// Whether the filesystem under `root` ignores case in names (probed with a
 /// file in the folder's marker directory).
+/// The index connection kept in `slot`, opened on first use.
+fn opened<'a>(
+    slot: &'a mut Option<crate::index::Index>,
+    home: &Home,
+) -> Result<&'a mut crate::index::Index, crate::home::HomeError> {
+    match slot {
+        Some(i) => Ok(i),
+        None => Ok(slot.insert(home.index()?)),
+    }
+}
+
 fn case_insensitive(root: &std::path::Path) -> bool {
     same_name(root, "CaseProbe", "caseprobe")
 }
